@@ -1,0 +1,47 @@
+"""sdo: gradient-based control of diffusion sampling (Shortcut Diffusion Optimization and its baselines).
+
+    chain = sdo.Chain.from_diffusers(unet, scheduler, 50)
+    x0 = sdo.sample(chain, x_T, strategy="sdo")          # graph of one denoiser call only
+    result = sdo.optimize_latent(chain, x_T, objective)  # Adam on the initial noise
+"""
+
+from .chain import Chain
+from .denoiser import Denoiser
+from .latent import LatentResult, LinfBall, optimize_latent
+from .sampling import sample
+from .solvers import SUPPORTED_SCHEDULERS, Solver, SolverState, solver_from_scheduler
+from .strategies import (
+    Checkpoint,
+    Full,
+    RandomTruncated,
+    Shortcut,
+    Strategy,
+    Truncated,
+    available_strategies,
+    get_strategy,
+    register_strategy,
+)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "Chain",
+    "Denoiser",
+    "Solver",
+    "SolverState",
+    "SUPPORTED_SCHEDULERS",
+    "solver_from_scheduler",
+    "Strategy",
+    "Full",
+    "Checkpoint",
+    "Truncated",
+    "RandomTruncated",
+    "Shortcut",
+    "register_strategy",
+    "get_strategy",
+    "available_strategies",
+    "sample",
+    "optimize_latent",
+    "LatentResult",
+    "LinfBall",
+]

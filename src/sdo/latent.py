@@ -1,0 +1,184 @@
+"""``optimize_latent``: gradient descent on a chain's latent (the initial noise, or the latent at a later step)
+to lower ``objective(x0)`` (Eq. 10 of Dou et al., 2025, over x_N only; Sec. 5.1's tasks)."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+from tqdm.auto import tqdm
+
+from .chain import Chain
+from .sampling import sample, step_range
+from .strategies import Strategy, get_strategy
+
+__all__ = ["LatentResult", "LinfBall", "optimize_latent"]
+
+_OPTIMIZERS = {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW, "sgd": torch.optim.SGD}
+
+
+class LinfBall:
+    """Projection onto the L-infinity ball of ``radius`` around the starting latent (adversarial tasks)."""
+
+    def __init__(self, radius: float):
+        if not radius > 0:
+            raise ValueError(f"radius must be > 0, got {radius}")
+        self.radius = float(radius)
+
+    def __call__(self, latent: torch.Tensor, origin: torch.Tensor) -> torch.Tensor:
+        return origin + (latent - origin).clamp(-self.radius, self.radius)
+
+    def __repr__(self) -> str:
+        return f"LinfBall({self.radius})"
+
+
+@dataclass
+class LatentResult:
+    """What :func:`optimize_latent` found. Losses are per batch item unless the objective returned a scalar."""
+
+    latent: torch.Tensor  # the optimized latent, after the last update (and projection)
+    sample: torch.Tensor  # the sample of ``latent``
+    final_loss: torch.Tensor  # the objective of ``sample``
+    best_sample: torch.Tensor  # per item, the sample with the lowest loss seen (as the paper records)
+    best_loss: torch.Tensor  # per item, that lowest loss
+    losses: list[float] = field(default_factory=list)  # mean loss at each iteration, before its update
+    item_losses: torch.Tensor | None = None  # (iterations, items): every loss seen
+    seconds: float = 0.0  # wall time of the whole optimization
+
+
+def _make_optimizer(optimizer, params, lr):
+    if isinstance(optimizer, str):
+        if optimizer not in _OPTIMIZERS:
+            raise ValueError(f"unknown optimizer {optimizer!r}; use one of {sorted(_OPTIMIZERS)} or a callable")
+        return _OPTIMIZERS[optimizer](params, lr=lr)
+    if callable(optimizer):
+        return optimizer(params, lr=lr)
+    raise TypeError(f"optimizer must be a name or a callable(params, lr=...), got {type(optimizer).__name__}")
+
+
+def _item_losses(loss: torch.Tensor, batch: int, iteration: int) -> torch.Tensor:
+    if not torch.is_tensor(loss):
+        raise TypeError(f"objective must return a tensor, got {type(loss).__name__}")
+    if loss.ndim > 0 and tuple(loss.shape) != (batch,):
+        raise ValueError(f"objective returned shape {tuple(loss.shape)}: expected a scalar or one loss per item, shape ({batch},)")
+    if not torch.isfinite(loss).all():
+        raise ValueError(f"non-finite loss at iteration {iteration}: {loss.detach().flatten().tolist()}")
+    return loss.reshape(-1)
+
+
+def _check_gradient_path(grad: torch.Tensor, grad_x0: torch.Tensor, strategy) -> None:
+    """Items whose loss has a gradient at x0 but whose latent got exactly none: the chain cut the path."""
+    dims = tuple(range(1, grad.ndim))
+    cut = (grad_x0.abs().amax(dim=dims) > 0) & (grad.abs().amax(dim=dims) == 0)
+    if cut.any():
+        raise ValueError(
+            f"the objective has a gradient at the sample but the latent receives none under {strategy!r} "
+            f"(items {cut.nonzero().flatten().tolist()}): some step's update does not depend on its input "
+            "except through a denoiser call kept without a graph (e.g. DDIM with prediction_type='sample' and "
+            "set_alpha_to_one=True at its last step), or a clamp (clip_sample) is active everywhere. Use a "
+            "strategy that keeps that step's graph, such as Truncated(1) or Full"
+        )
+
+
+def optimize_latent(
+    chain: Chain,
+    x: torch.Tensor,
+    objective: Callable[[torch.Tensor], torch.Tensor],
+    *,
+    strategy: str | Strategy = "sdo",
+    start: int = 0,
+    iterations: int = 50,
+    lr: float = 0.01,
+    optimizer: str | Callable = "adam",
+    constraint: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
+    callback: Callable[[int, torch.Tensor, torch.Tensor], bool | None] | None = None,
+    progress: bool = True,
+    generator: torch.Generator | None = None,
+) -> LatentResult:
+    """Optimize the latent ``x`` at step ``start`` so that ``objective(sample(chain, x))`` decreases.
+
+    ``objective(x0)`` returns a scalar or one loss per batch item (summed for the gradient, so items do not
+    interact). Each iteration samples with ``strategy``, takes the gradient with respect to the latent only,
+    and updates it with ``optimizer`` ("adam", "adamw", "sgd" or ``callable(params, lr=...)``); ``constraint``
+    (e.g. :class:`LinfBall`) projects the latent after every update. ``callback(iteration, x0, loss)`` may
+    return True to stop early. Stochastic solvers use the same noise in every iteration (from ``generator``,
+    or a seed drawn once from torch's global RNG).
+    """
+    steps = step_range(chain, start)
+    strategy = get_strategy(strategy)
+    if int(iterations) < 1:
+        raise ValueError(f"iterations must be >= 1, got {iterations}")
+    chain.check(x)
+    if generator is None:
+        generator = torch.Generator().manual_seed(int(torch.randint(0, 2**62, ())))
+    noise_seed = generator.get_state()
+
+    def run(latent):
+        generator.set_state(noise_seed)
+        return sample(chain, latent, strategy=strategy, start=steps.start, generator=generator)
+
+    origin = x.detach().clone()
+    latent = origin.clone().requires_grad_(True)
+    opt = _make_optimizer(optimizer, [latent], lr)
+    batch = x.shape[0]
+    history, best_loss, best_sample = [], None, None
+
+    def track(x0, loss):
+        nonlocal best_loss, best_sample
+        x0 = x0.detach()
+        if best_loss is None:
+            best_loss, best_sample = loss.clone(), x0.clone()
+            return
+        better = loss < best_loss
+        best_loss = torch.where(better, loss, best_loss)
+        if loss.numel() == 1:
+            best_sample = x0.clone() if bool(better) else best_sample
+        else:
+            best_sample = torch.where(better.view(-1, *([1] * (x0.ndim - 1))), x0, best_sample)
+
+    began = time.perf_counter()
+    bar = tqdm(range(int(iterations)), desc=f"optimize_latent[{strategy.name or type(strategy).__name__}]", disable=not progress)
+    for it in bar:
+        opt.zero_grad(set_to_none=True)
+        x0 = run(latent)
+        loss = objective(x0)
+        items = _item_losses(loss, batch, it)
+        if not loss.requires_grad:
+            raise ValueError(
+                "objective(x0) does not depend on the sample: its value carries no gradient. Check that the "
+                "objective uses its argument and does not detach it or run under torch.no_grad()"
+            )
+        grad, grad_x0 = torch.autograd.grad(loss.sum(), [latent, x0], allow_unused=True)
+        if grad is None or grad_x0 is None:
+            raise ValueError("objective(x0) does not depend on the sample: the latent received no gradient")
+        _check_gradient_path(grad, grad_x0, strategy)
+        if not torch.isfinite(grad).all():
+            raise ValueError(f"non-finite gradient at iteration {it}; lower lr or use strategy='sdo'")
+        items = items.detach()
+        history.append(items)
+        track(x0, items)
+        bar.set_postfix(loss=f"{items.mean().item():.4g}")
+        latent.grad = grad
+        opt.step()
+        if constraint is not None:
+            with torch.no_grad():
+                latent.copy_(constraint(latent, origin))
+        if callback is not None and callback(it, x0.detach(), items):
+            break
+    with torch.no_grad():
+        final = run(latent)
+        final_loss = _item_losses(objective(final), batch, len(history))
+    track(final, final_loss)
+    stacked = torch.stack(history)
+    return LatentResult(
+        latent=latent.detach(),
+        sample=final,
+        final_loss=final_loss,
+        best_sample=best_sample,
+        best_loss=best_loss,
+        losses=stacked.mean(dim=1).tolist(),
+        item_losses=stacked,
+        seconds=time.perf_counter() - began,
+    )

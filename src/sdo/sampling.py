@@ -1,0 +1,49 @@
+"""``sample``: run a chain from a latent, differentiable as the chosen strategy allows."""
+
+from __future__ import annotations
+
+import torch
+
+from .chain import Chain
+from .strategies import Strategy, get_strategy
+
+__all__ = ["sample", "step_range"]
+
+
+def step_range(chain: Chain, start: int = 0, stop: int | None = None) -> range:
+    """The steps ``start..stop-1`` of ``chain``, checked: a clear error instead of an empty or short run."""
+    n = len(chain)
+    stop = n if stop is None else stop
+    for name, value in (("start", start), ("stop", stop)):
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise TypeError(f"{name} must be an int step index, got {value!r}")
+    if not 0 <= start < n:
+        raise ValueError(f"start={start} is out of range: the chain has {n} steps (valid: 0..{n - 1})")
+    if not start < stop <= n:
+        raise ValueError(f"stop={stop} is out of range: need start < stop <= {n} (start={start})")
+    return range(start, stop)
+
+
+def sample(
+    chain: Chain,
+    x: torch.Tensor,
+    *,
+    strategy: str | Strategy = "full",
+    start: int = 0,
+    stop: int | None = None,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """Run steps ``start..stop-1`` of ``chain`` from ``x`` and return the latent after them (the sample x0
+    when ``stop`` is None), differentiable with respect to ``x`` and the model's parameters as ``strategy``
+    allows.
+
+    ``x`` is the latent exactly as a hand-written diffusers loop holds it before step ``start`` (for Euler-type
+    schedulers, unit noise times ``chain.init_noise_sigma``). ``generator`` draws the noise of stochastic
+    solvers, once per call and for all steps in order, so one seed gives one trajectory. This function never
+    disables gradients itself: wrap it in ``torch.no_grad()`` for plain sampling.
+    """
+    steps = step_range(chain, start, stop)
+    chain.check(x)
+    strategy = get_strategy(strategy)
+    state = chain.init_state(x, generator)
+    return strategy.run(chain, x, state, steps)

@@ -1,0 +1,177 @@
+"""Gradient strategies: which denoiser evaluations of a chain keep their autograd graph, and how.
+
+Every strategy runs the same forward computation. Solver updates always keep their (cheap) graph, so the
+gradient can flow along the skip path x_{i+1} <- x_i; strategies differ only in which *denoiser* calls
+keep theirs:
+
+===================  ===========================================  =========================================
+name                 denoiser calls with a graph                  reference
+===================  ===========================================  =========================================
+``full``             all                                          backpropagation through time
+``checkpoint``       all, recomputed step by step in backward     Chen et al., 2016
+``truncated``        the last k                                   DRaFT-K (Clark et al., 2024); k=1 is
+                                                                  AlignProp-1 / DRaFT-1
+``random-truncated`` the last k, k ~ U{low..high} per trajectory  AlignProp (Prabhudesai et al., 2023)
+``sdo``              one: the first step run, a random one, or a  SDO (Dou et al., 2025), Eqs. 18-20
+                     given one
+===================  ===========================================  =========================================
+
+For the latent of the first step, ``Shortcut`` gives Eq. 19: dJ/dx0 * (prod of the later solver updates'
+Jacobians with model outputs held fixed) * dx_{i+1}/dx_i; for parameters at step i', Eq. 20.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, ClassVar
+
+import torch
+from torch.utils.checkpoint import checkpoint
+
+__all__ = [
+    "Strategy",
+    "Full",
+    "Checkpoint",
+    "Truncated",
+    "RandomTruncated",
+    "Shortcut",
+    "register_strategy",
+    "get_strategy",
+    "available_strategies",
+]
+
+_REGISTRY: dict[str, type[Strategy]] = {}
+
+
+def register_strategy(name: str) -> Callable[[type], type]:
+    """Class decorator: make a :class:`Strategy` subclass available to :func:`get_strategy` as ``name``."""
+
+    def decorate(cls):
+        if name in _REGISTRY and _REGISTRY[name] is not cls:
+            raise ValueError(f"strategy name {name!r} is already registered to {_REGISTRY[name].__name__}")
+        if not (isinstance(cls, type) and issubclass(cls, Strategy)):
+            raise TypeError("register_strategy decorates Strategy subclasses")
+        cls.name = name
+        _REGISTRY[name] = cls
+        return cls
+
+    return decorate
+
+
+def available_strategies() -> list[str]:
+    return sorted(_REGISTRY)
+
+
+def get_strategy(name: str | Strategy, **kwargs) -> Strategy:
+    """``get_strategy("sdo", at="random")`` -> ``Shortcut(at="random")``; a Strategy instance passes through."""
+    if isinstance(name, Strategy):
+        if kwargs:
+            raise ValueError("keyword arguments are only accepted with a strategy name")
+        return name
+    if name not in _REGISTRY:
+        raise ValueError(f"unknown strategy {name!r}; available: {', '.join(available_strategies())}")
+    return _REGISTRY[name](**kwargs)
+
+
+def _randint(low: int, high: int, generator: torch.Generator | None) -> int:
+    """Uniform integer in [low, high], from ``generator`` (or torch's global RNG)."""
+    return int(torch.randint(low, high + 1, (), generator=generator))
+
+
+class Strategy:
+    """Base class. Subclasses choose the graph-keeping steps in :meth:`select` or override :meth:`run`."""
+
+    name: ClassVar[str] = ""
+
+    def select(self, steps: range) -> range | set[int]:
+        """Indices (within ``steps``) whose denoiser call keeps its graph; random choices are drawn here."""
+        raise NotImplementedError
+
+    def run(self, chain, x: torch.Tensor, state, steps: range) -> torch.Tensor:
+        """Run ``chain`` over ``steps`` from ``x`` and return the last latent."""
+        keep = self.select(steps)
+        grad = torch.is_grad_enabled()
+        for i in steps:
+            with torch.set_grad_enabled(grad and i in keep):
+                out = chain.denoise(i, x)
+            x, state = chain.update(i, x, out, state)
+        return x
+
+    def __repr__(self) -> str:
+        args = ", ".join(f"{k}={v!r}" for k, v in vars(self).items() if k != "generator")
+        return f"{type(self).__name__}({args})"
+
+
+@register_strategy("full")
+class Full(Strategy):
+    """Backpropagation through every step (BPTT): exact, memory grows with the number of steps."""
+
+    def select(self, steps):
+        return steps
+
+
+@register_strategy("checkpoint")
+class Checkpoint(Strategy):
+    """The exact gradient of :class:`Full`; each step is recomputed in backward, so only states are kept."""
+
+    def select(self, steps):
+        return steps
+
+    def run(self, chain, x, state, steps):
+        if not torch.is_grad_enabled():
+            return super().run(chain, x, state, steps)
+        for i in steps:
+            x, state = checkpoint(chain.step, i, x, state, use_reentrant=False)
+        return x
+
+
+@register_strategy("truncated")
+class Truncated(Strategy):
+    """Only the last ``k`` denoiser calls keep a graph (DRaFT-K; ``k=1`` is AlignProp-1 / DRaFT-1)."""
+
+    def __init__(self, k: int = 1):
+        if int(k) < 1:
+            raise ValueError(f"k must be >= 1, got {k}")
+        self.k = int(k)
+
+    def select(self, steps):
+        return range(max(steps.start, steps.stop - self.k), steps.stop)
+
+
+@register_strategy("random-truncated")
+class RandomTruncated(Strategy):
+    """The last k denoiser calls keep a graph, k ~ Uniform{low, ..., high} drawn once per trajectory
+    (AlignProp's randomized truncation; k is capped at the number of steps that run)."""
+
+    def __init__(self, low: int = 1, high: int = 50, generator: torch.Generator | None = None):
+        if not 1 <= int(low) <= int(high):
+            raise ValueError(f"need 1 <= low <= high, got low={low}, high={high}")
+        self.low, self.high, self.generator = int(low), int(high), generator
+
+    def select(self, steps):
+        k = _randint(self.low, self.high, self.generator)
+        return range(max(steps.start, steps.stop - k), steps.stop)
+
+
+@register_strategy("sdo")
+class Shortcut(Strategy):
+    """Shortcut Diffusion Optimization: one denoiser call keeps its graph; the gradient reaches everything
+    else through the solver updates (Eqs. 18-20 of Dou et al., 2025).
+
+    ``at="first"``: the first step that runs (the gradient for the latent being optimized, Eq. 19);
+    ``"random"``: a step drawn uniformly on every run (for parameters, Eqs. 17 and 20); an int: that absolute
+    step index (0 is the first, noisiest step of the chain).
+    """
+
+    def __init__(self, at: str | int = "first", generator: torch.Generator | None = None):
+        if at not in ("first", "random") and not (isinstance(at, int) and not isinstance(at, bool) and at >= 0):
+            raise ValueError(f"at must be 'first', 'random' or a step index >= 0, got {at!r}")
+        self.at, self.generator = at, generator
+
+    def select(self, steps):
+        if self.at == "first":
+            return {steps.start}
+        if self.at == "random":
+            return {_randint(steps.start, steps.stop - 1, self.generator)}
+        if self.at not in steps:
+            raise ValueError(f"Shortcut(at={self.at}) is outside the steps that run ({steps.start}..{steps.stop - 1})")
+        return {self.at}
