@@ -110,70 +110,71 @@ def _reject(scheduler, **unsupported) -> None:
             )
 
 
-def _alphas_cumprod(scheduler) -> list[float]:
-    return scheduler.alphas_cumprod.double().tolist()
+class _DiscreteVP(Solver):
+    """Shared part of DDIM, DDPM and LCM: discrete timesteps on a variance-preserving schedule,
+    x_t = sqrt(a_t) x0 + sqrt(1 - a_t) eps, and the (optionally clipped) x0/eps prediction of step i."""
+
+    def __init__(self, scheduler, **unsupported):
+        _reject(scheduler, thresholding=(False,), **unsupported)
+        self.timesteps = scheduler.timesteps.clone()
+        self.prediction_type = scheduler.config.prediction_type
+        self.alphas_cumprod = scheduler.alphas_cumprod.double().tolist()  # float32 table, read in float64
+        a = [self.alphas_cumprod[t] for t in self.timesteps.tolist()]
+        self._alpha_sigma = [(math.sqrt(a_t), math.sqrt(1 - a_t)) for a_t in a]
+        self.clip = None
+        if scheduler.config.get("clip_sample", False):
+            self.clip = float(scheduler.config.clip_sample_range)
+            warnings.warn(
+                f"{type(scheduler).__name__} has clip_sample=True: predicted x0 is clamped to +-{self.clip} and "
+                "gradients are zero wherever the clamp is active; build the scheduler with clip_sample=False for "
+                "gradient-based optimization",
+                stacklevel=4,
+            )
+
+    def predict(self, i: int, x: torch.Tensor, model_out: torch.Tensor):
+        """(x0, eps) at step i, x0 clipped as the scheduler's ``clip_sample`` says (eps from the unclipped x0)."""
+        x0, eps = _predict(self.prediction_type, model_out, x, *self._alpha_sigma[i])
+        if self.clip is not None:
+            x0 = x0.clamp(-self.clip, self.clip)
+        return x0, eps
 
 
-def _clip(scheduler):
-    if scheduler.config.get("clip_sample", False):
-        warnings.warn(
-            f"{type(scheduler).__name__} has clip_sample=True: predicted x0 is clamped to "
-            f"+-{scheduler.config.clip_sample_range} and gradients are zero wherever the clamp is active; "
-            "build the scheduler with clip_sample=False for gradient-based optimization",
-            stacklevel=4,
-        )
-        return float(scheduler.config.clip_sample_range)
-    return None
-
-
-class DDIMSolver(Solver):
+class DDIMSolver(_DiscreteVP):
     """DDIM (Song et al., 2021, Eq. 12): x_prev = sqrt(a_prev) x0 + sqrt(1 - a_prev - s^2) eps + s z."""
 
     def __init__(self, scheduler, eta: float = 0.0):
-        _reject(scheduler, thresholding=(False,))
+        super().__init__(scheduler)
         if eta < 0:
             raise ValueError(f"eta must be >= 0, got {eta}")
-        self.timesteps = scheduler.timesteps.clone()
         self.eta = float(eta)
-        self.prediction_type = scheduler.config.prediction_type
-        self.clip = _clip(scheduler)
-        ac = _alphas_cumprod(scheduler)
-        final = float(scheduler.final_alpha_cumprod)
+        ac, final = self.alphas_cumprod, float(scheduler.final_alpha_cumprod)
         stride = scheduler.config.num_train_timesteps // len(self.timesteps)
         self._coef = []
         for t in self.timesteps.tolist():
             a, prev = ac[t], t - stride  # diffusers' rule: prev = t - T // N, not the next timestep
             a_prev = ac[prev] if prev >= 0 else final
             std = self.eta * math.sqrt((1 - a_prev) / (1 - a) * (1 - a / a_prev))
-            self._coef.append((math.sqrt(a), math.sqrt(1 - a), math.sqrt(a_prev), math.sqrt(1 - a_prev - std**2), std))
+            self._coef.append((math.sqrt(a_prev), math.sqrt(1 - a_prev - std**2), std))
 
     def noise_steps(self):
         return [self.eta > 0] * len(self)
 
     def step(self, i, x, model_out, state):
         self.check_index(i)
-        alpha, sigma, alpha_prev, dir_coef, std = self._coef[i]
-        x0, eps = _predict(self.prediction_type, model_out, x, alpha, sigma)
-        if self.clip is not None:
-            x0 = x0.clamp(-self.clip, self.clip)
+        alpha_prev, dir_coef, std = self._coef[i]
+        x0, eps = self.predict(i, x, model_out)
         x_next = alpha_prev * x0 + dir_coef * eps
         if self.eta > 0:
             x_next = x_next + std * self._noise(i, state, x)
         return x_next, state
 
 
-class DDPMSolver(Solver):
+class DDPMSolver(_DiscreteVP):
     """Ancestral DDPM step (Ho et al., 2020, Eqs. 6-7) on the scheduler's timestep subset."""
 
     def __init__(self, scheduler):
-        _reject(
-            scheduler, thresholding=(False,), variance_type=("fixed_small", "fixed_small_log", "fixed_large")
-        )
-        self.timesteps = scheduler.timesteps.clone()
-        self.prediction_type = scheduler.config.prediction_type
-        self.clip = _clip(scheduler)
-        ac = _alphas_cumprod(scheduler)
-        ts = self.timesteps.tolist()
+        super().__init__(scheduler, variance_type=("fixed_small", "fixed_small_log", "fixed_large"))
+        ac, ts = self.alphas_cumprod, self.timesteps.tolist()
         large = scheduler.config.variance_type == "fixed_large"
         self._coef = []
         for i, t in enumerate(ts):
@@ -183,7 +184,7 @@ class DDPMSolver(Solver):
             var = beta if large else max((1 - a_prev) / (1 - a) * beta, 1e-20)
             c_x0 = math.sqrt(a_prev) * beta / (1 - a)
             c_x = math.sqrt(a / a_prev) * (1 - a_prev) / (1 - a)
-            self._coef.append((math.sqrt(a), math.sqrt(1 - a), c_x0, c_x, math.sqrt(var)))
+            self._coef.append((c_x0, c_x, math.sqrt(var)))
         self._stochastic = [t > 0 for t in ts]
 
     def noise_steps(self):
@@ -191,26 +192,19 @@ class DDPMSolver(Solver):
 
     def step(self, i, x, model_out, state):
         self.check_index(i)
-        alpha, sigma, c_x0, c_x, std = self._coef[i]
-        x0, _ = _predict(self.prediction_type, model_out, x, alpha, sigma)
-        if self.clip is not None:
-            x0 = x0.clamp(-self.clip, self.clip)
-        x_next = c_x0 * x0 + c_x * x
+        c_x0, c_x, std = self._coef[i]
+        x_next = c_x0 * self.predict(i, x, model_out)[0] + c_x * x
         if self._stochastic[i]:
             x_next = x_next + std * self._noise(i, state, x)
         return x_next, state
 
 
-class LCMSolver(Solver):
+class LCMSolver(_DiscreteVP):
     """Multistep consistency sampling (Luo et al., 2023, Algorithm 1): denoise, then re-noise to the next step."""
 
     def __init__(self, scheduler):
-        _reject(scheduler, thresholding=(False,))
-        self.timesteps = scheduler.timesteps.clone()
-        self.prediction_type = scheduler.config.prediction_type
-        self.clip = _clip(scheduler)
-        ac = _alphas_cumprod(scheduler)
-        final = float(scheduler.final_alpha_cumprod)
+        super().__init__(scheduler)
+        ac, final = self.alphas_cumprod, float(scheduler.final_alpha_cumprod)
         ts, scale, sigma_data = self.timesteps.tolist(), scheduler.config.timestep_scaling, 0.5
         self._coef = []
         for i, t in enumerate(ts):
@@ -219,18 +213,15 @@ class LCMSolver(Solver):
             st = t * scale  # boundary-condition scalings c_skip(t), c_out(t) of consistency models
             c_skip = sigma_data**2 / (st**2 + sigma_data**2)
             c_out = st / math.sqrt(st**2 + sigma_data**2)
-            self._coef.append((math.sqrt(ac[t]), math.sqrt(1 - ac[t]), c_skip, c_out, math.sqrt(a_prev), math.sqrt(1 - a_prev)))
+            self._coef.append((c_skip, c_out, math.sqrt(a_prev), math.sqrt(1 - a_prev)))
 
     def noise_steps(self):
         return [i < len(self) - 1 for i in range(len(self))]
 
     def step(self, i, x, model_out, state):
         self.check_index(i)
-        alpha, sigma, c_skip, c_out, alpha_prev, sigma_prev = self._coef[i]
-        x0, _ = _predict(self.prediction_type, model_out, x, alpha, sigma)
-        if self.clip is not None:
-            x0 = x0.clamp(-self.clip, self.clip)
-        denoised = c_out * x0 + c_skip * x
+        c_skip, c_out, alpha_prev, sigma_prev = self._coef[i]
+        denoised = c_out * self.predict(i, x, model_out)[0] + c_skip * x
         if i == len(self) - 1:
             return denoised, state
         return alpha_prev * denoised + sigma_prev * self._noise(i, state, x), state
