@@ -224,7 +224,7 @@ def main(argv=None):
     print(f"UNet2DModel {n_params / 1e6:.3f}M params, 3x16x16, batch {args.batch}, DDIM N={args.steps}, "
           f"{args.device}, torch threads {torch.get_num_threads()}", flush=True)
 
-    for name, job in jobs.items():  # warm-up (a fresh process's first touches of memory are slow)
+    for job in jobs.values():  # warm-up (a fresh process's first touches of memory are slow)
         job()
     times = {n: [] for n in names}
     for r in range(args.repeats):
@@ -268,7 +268,7 @@ def main(argv=None):
         table.append([label(name), f"{row['seconds']:.3f}", f"{min(row['all_seconds']):.3f}", f"{row['x_nograd']:.2f}", f"{row['x_full']:.2f}",
                       f"{row['peak_mb']:.1f}", saved])
     widths = [max(len(r[i]) for r in table) for i in range(len(header))]
-    lines = ["| " + " | ".join(c.ljust(w) for c, w in zip(r, widths)) + " |" for r in table]
+    lines = ["| " + " | ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)) + " |" for r in table]
     note = "" if args.steps == 50 else " [targets are for N=50]"
     derived_lines = [f"{k}: {v:.3f} (target {op} {t}) {'OK' if v <= t else 'MISSED'}{note}" for k, (v, t, op) in derived.items()]
     print("\n" + "\n".join(lines) + "\n\n" + "\n".join(derived_lines))

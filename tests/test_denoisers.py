@@ -396,17 +396,17 @@ def test_shortcut_parameter_gradient_equals_reference_loop(k):
 
     def param_grads(out):
         grads = torch.autograd.grad((out * weight).sum(), params, allow_unused=True)
-        return [torch.zeros_like(p) if g is None else g for p, g in zip(params, grads)]
+        return [torch.zeros_like(p) if g is None else g for p, g in zip(params, grads, strict=True)]
 
     got = param_grads(sdo.sample(chain, x_T, strategy=sdo.Shortcut(at=k)))
     want = param_grads(_reference_loop(model, e, ue, x_T, keep={k}))
     nonzero = sum(bool(g.abs().max() > 0) for g in want)
     assert nonzero > len(params) // 2  # the check covers most of the network
-    for p_got, p_want in zip(got, want):
+    for p_got, p_want in zip(got, want, strict=True):
         torch.testing.assert_close(p_got, p_want, rtol=1e-9, atol=1e-11)
     # another step's parameter gradient is different
     other = param_grads(_reference_loop(model, e, ue, x_T, keep={0}))
-    assert max((a - b).abs().max().item() for a, b in zip(got, other)) > 1e-6
+    assert max((a - b).abs().max().item() for a, b in zip(got, other, strict=True)) > 1e-6
 
 
 # ---------------------------------------------------------------------------------------------------- 6. plain callables

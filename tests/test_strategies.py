@@ -50,7 +50,7 @@ def test_checkpoint_equals_full(case):
     x = _x() * chain.init_noise_sigma
     full = _grads(chain, x, "full", params=list(model.parameters()))
     ckpt = _grads(chain, x, sdo.Checkpoint(), params=list(model.parameters()))
-    for a, b in zip(full, ckpt):
+    for a, b in zip(full, ckpt, strict=True):
         torch.testing.assert_close(a, b, **F64)
     assert full[0].abs().sum() > 0
 
@@ -63,7 +63,7 @@ def test_truncated_to_all_steps_equals_full(case):
     x = _x() * chain.init_noise_sigma
     full = _grads(chain, x, "full", params=list(model.parameters()))
     trunc = _grads(chain, x, sdo.Truncated(len(chain)), params=list(model.parameters()))
-    for a, b in zip(full, trunc):
+    for a, b in zip(full, trunc, strict=True):
         torch.testing.assert_close(a, b, **F64)
 
 
@@ -82,7 +82,7 @@ def test_shortcut_equals_reference_loop(case, at):
     x = _x() * chain.init_noise_sigma
     ours = _grads(chain, x, sdo.Shortcut(at=at), params=list(model.parameters()))
     ref = _ref_grads(model, make, 5, x, grad_steps={at}, step_kw=step_kw)
-    for a, b in zip(ours, ref):
+    for a, b in zip(ours, ref, strict=True):
         torch.testing.assert_close(a, b, **_tol(ref))
     assert ref[0].abs().sum() > 0 and sum(r.abs().sum() for r in ref[1:]) > 0
 
@@ -97,7 +97,7 @@ def test_truncated_and_first_equal_reference_loops(case):
     for strategy, grad_steps in [(sdo.Truncated(2), {4, 5}), (sdo.Shortcut(), {0})]:
         ours = _grads(chain, x, strategy, params=params)
         ref = _ref_grads(model, make, 6, x, grad_steps=grad_steps, step_kw=step_kw)
-        for a, b in zip(ours, ref):
+        for a, b in zip(ours, ref, strict=True):
             torch.testing.assert_close(a, b, **_tol(ref))
 
 
@@ -109,7 +109,7 @@ def test_shortcut_first_at_intermediate_start():
     x = _x()
     ours = _grads(chain, x, "sdo", params=list(model.parameters()), start=3)
     ref = _ref_grads(model, make, 8, x, grad_steps={3}, start=3)
-    for a, b in zip(ours, ref):
+    for a, b in zip(ours, ref, strict=True):
         torch.testing.assert_close(a, b, **_tol(ref))
 
 
@@ -166,7 +166,7 @@ def test_shortcut_random_gradient_matches_the_drawn_step():
     drawn = next(iter(sdo.Shortcut("random", generator=torch.Generator().manual_seed(11)).select(range(6))))
     ours = _grads(chain, x, sdo.Shortcut("random", generator=torch.Generator().manual_seed(11)), params=list(model.parameters()))
     ref = _ref_grads(model, make, 6, x, grad_steps={drawn})
-    for a, b in zip(ours, ref):
+    for a, b in zip(ours, ref, strict=True):
         torch.testing.assert_close(a, b, **_tol(ref))
 
 
@@ -268,7 +268,7 @@ def test_registry():
         chain = sdo.Chain.from_diffusers(model, DDIMScheduler(clip_sample=False), 4)
         a = _grads(chain, _x(), "test-last-only", params=list(model.parameters()))
         b = _grads(chain, _x(), sdo.Truncated(1), params=list(model.parameters()))
-        for u, v in zip(a, b):
+        for u, v in zip(a, b, strict=True):
             torch.testing.assert_close(u, v, **F64)
         with pytest.raises(ValueError, match="already registered"):
             sdo.register_strategy("full")(LastOnly)

@@ -40,7 +40,7 @@ def _cat(uncond, cond, key: str):
     if isinstance(cond, (tuple, list)):
         if not isinstance(uncond, (tuple, list)) or len(uncond) != len(cond):
             raise ValueError(f"uncond[{key!r}] and cond[{key!r}] must be sequences of the same length")
-        return type(cond)(_cat(u, c, f"{key}[{j}]") for j, (u, c) in enumerate(zip(uncond, cond)))
+        return type(cond)(_cat(u, c, f"{key}[{j}]") for j, (u, c) in enumerate(zip(uncond, cond, strict=True)))
     if uncond is not cond and uncond != cond:
         raise ValueError(f"uncond[{key!r}] and cond[{key!r}] differ but are not tensors: cannot batch them")
     return cond
