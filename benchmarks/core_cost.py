@@ -53,6 +53,7 @@ import torch
 from diffusers import DDIMScheduler, UNet2DModel
 
 import sdo
+from sdo.bench import saved_tensor_bytes
 
 STRATEGIES = ["full", "checkpoint", "truncated", "random-truncated", "sdo"]
 PARAM_JOBS = ["full+params", "sdo+params"]
@@ -164,24 +165,6 @@ def peak_memory(name, job, args):
     return json.loads(line.removeprefix("RESULT "))["peak_bytes"]
 
 
-def saved_tensor_bytes(job, model):
-    """Bytes of the unique storages autograd saves for backward during one run (model parameters excluded)."""
-    own = {t.untyped_storage().data_ptr() for t in [*model.parameters(), *model.buffers()]}
-    seen = {}
-
-    def pack(t):
-        try:
-            s = t.untyped_storage()
-            seen[s.data_ptr()] = s.nbytes()
-        except (RuntimeError, NotImplementedError):
-            pass
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        job()
-    return sum(n for ptr, n in seen.items() if ptr not in own)
-
-
 def cpu_info():
     model = "unknown"
     try:
@@ -242,7 +225,7 @@ def main(argv=None):
             "seconds": statistics.median(times[name]),
             "all_seconds": times[name],
             "peak_mb": peak_memory(name, job, args) / MB,
-            "saved_mb": None if name == "nograd" else saved_tensor_bytes(job, model) / MB,
+            "saved_mb": None if name == "nograd" else saved_tensor_bytes(job, exclude=(*model.parameters(), *model.buffers())) / MB,
         }
         if job.info:
             rows[name].update(job.info)

@@ -1,0 +1,126 @@
+"""Measuring what a gradient costs: time (warmed up, interleaved rounds, medians), peak memory and the bytes
+autograd saves. Every cost figure the demo and the benchmarks print comes from here."""
+
+from __future__ import annotations
+
+import ctypes
+import gc
+import os
+import statistics
+import threading
+import time
+from collections.abc import Callable
+
+import torch
+from tqdm.auto import tqdm
+
+from .chain import Chain
+from .sampling import sample
+
+__all__ = ["latent_gradient", "time_jobs", "peak_memory", "saved_tensor_bytes"]
+
+
+def latent_gradient(chain: Chain, x: torch.Tensor, strategy, objective: Callable, **sample_kwargs) -> Callable:
+    """A job computing one gradient of ``objective(sample(chain, x))`` with respect to ``x`` (None: no-grad
+    sampling); returns the gradient (or the sample)."""
+
+    def job():
+        if strategy is None:
+            with torch.no_grad():
+                return sample(chain, x, **sample_kwargs)
+        latent = x.detach().clone().requires_grad_(True)
+        loss = objective(sample(chain, latent, strategy=strategy, **sample_kwargs)).sum()
+        return torch.autograd.grad(loss, latent)[0]
+
+    return job
+
+
+def _sync(device: torch.device | str) -> None:
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_jobs(
+    jobs: dict[str, Callable], repeats: int = 3, device="cpu", warmup: bool = True, progress: bool = True
+) -> dict[str, list[float]]:
+    """Seconds per run of every job: a warm-up run each (unless the caller has just run them), then ``repeats``
+    interleaved rounds (so that drifts of the machine hit all jobs alike). Returns every time; take the median."""
+    times = {name: [] for name in jobs}
+    first = 0 if warmup else 1
+    order = [(r, name) for r in range(first, repeats + 1) for name in jobs]
+    for r, name in tqdm(order, desc="timing", disable=not progress):
+        _sync(device)
+        began = time.perf_counter()
+        jobs[name]()
+        _sync(device)
+        if r > 0:  # round 0 is the warm-up
+            times[name].append(time.perf_counter() - began)
+    return times
+
+
+def median(values: list[float]) -> float:
+    return statistics.median(values)
+
+
+def _rss() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def _release_free_memory() -> None:
+    gc.collect()
+    try:  # return freed heap pages to the OS, so RSS starts from what is really in use
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
+def peak_memory(job: Callable, device="cpu", interval: float = 0.0005) -> int:
+    """Peak memory a run of ``job`` adds (bytes). CUDA: ``max_memory_allocated`` over what was allocated
+    before. CPU (Linux): the peak of the process's resident size, sampled every ``interval`` seconds by a
+    thread, over the resident size before the run (after freed memory is returned to the OS)."""
+    if torch.device(device).type == "cuda":
+        _sync(device)
+        base = torch.cuda.memory_allocated(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        job()
+        _sync(device)
+        return torch.cuda.max_memory_allocated(device) - base
+    if not os.path.exists("/proc/self/statm"):
+        raise RuntimeError("CPU peak memory needs /proc (Linux)")
+    _release_free_memory()
+    base = _rss()
+    peak, done = [base], threading.Event()
+
+    def watch():
+        while not done.is_set():
+            peak[0] = max(peak[0], _rss())
+            time.sleep(interval)
+
+    watcher = threading.Thread(target=watch, daemon=True)
+    watcher.start()
+    try:
+        job()
+    finally:
+        done.set()
+        watcher.join()
+    return max(peak[0], _rss()) - base
+
+
+def saved_tensor_bytes(job: Callable, exclude: tuple[torch.Tensor, ...] = ()) -> int:
+    """Bytes of the distinct storages autograd saves for backward during ``job`` (``exclude``: tensors that
+    exist anyway, such as the model's parameters). Checkpointed segments hide theirs and show ~0."""
+    own = {t.untyped_storage().data_ptr() for t in exclude}
+    seen: dict[int, int] = {}
+
+    def pack(t):
+        try:
+            storage = t.untyped_storage()
+            seen[storage.data_ptr()] = storage.nbytes()
+        except (RuntimeError, NotImplementedError):
+            pass
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        job()
+    return sum(n for ptr, n in seen.items() if ptr not in own)

@@ -1,0 +1,149 @@
+"""The ``sdo`` command: ``sdo demo`` (the main job) and ``sdo train digits``."""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import sys
+from pathlib import Path
+
+__all__ = ["main"]
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, with errors as one line (no usage dump): ``sdo demo: error: ...``."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}") from None
+    if not value > 0 or value != value or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a finite number > 0, got {text}")
+    return value
+
+
+def _device(text: str) -> str:
+    import torch
+
+    try:
+        device = torch.device(text)
+    except RuntimeError:
+        raise argparse.ArgumentTypeError(f"not a torch device: {text!r}") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise argparse.ArgumentTypeError(f"{text}: CUDA is not available on this machine")
+    if device.type not in ("cpu", "cuda", "mps"):
+        raise argparse.ArgumentTypeError(f"unsupported device type {device.type!r} (cpu, cuda, mps)")
+    return text
+
+
+def _folder(text: str) -> Path:
+    path = Path(text)
+    if path.exists() and not path.is_dir():
+        raise argparse.ArgumentTypeError(f"{text} exists and is not a folder")
+    return path
+
+
+def _fresh_folder(prefix: str) -> Path:
+    stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
+    path, n = Path(f"{prefix}-{stamp}"), 1
+    while path.exists():
+        n += 1
+        path = Path(f"{prefix}-{stamp}-{n}")
+    return path
+
+
+def _build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="sdo", description="Gradient-based control of diffusion sampling (SDO and its baselines).")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    demo = sub.add_parser("demo", help="the paper's latent tasks on the embedded digits models (offline, CPU)",
+                          description="Adversarial generation, style guidance and the cost table on the embedded "
+                          "digits models; writes PNGs, metrics.json and index.html.")
+    demo.add_argument("--output", type=_folder, default=None, help="report folder (default: a fresh sdo-demo-<time>)")
+    demo.add_argument("--seed", type=int, default=0, help="seed of every latent and noise draw (default 0)")
+    demo.add_argument("--device", type=_device, default="cpu", help="torch device (default cpu)")
+    demo.add_argument("--quick", action="store_true", help="a smoke run (4 samples, 10 steps, 4 iterations)")
+    demo.add_argument("--samples", type=_positive_int, default=8, help="adversarial samples (default 8)")
+    demo.add_argument("--steps", type=_positive_int, default=30, help="DDIM steps of every chain (default 30)")
+    demo.add_argument("--iterations", type=_positive_int, default=30, help="adversarial optimization steps (default 30)")
+    demo.add_argument("--tau", type=_positive_float, default=0.1, help="L-infinity radius around x_T (default 0.1)")
+    demo.add_argument("--lr", type=_positive_float, default=0.1, help="learning rate, adversarial (default 0.1)")
+    demo.add_argument("--optimizer", choices=("sgd", "adam"), default="sgd",
+                      help="adversarial optimizer (default sgd: plain gradient descent, as in the paper)")
+    demo.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+    train = sub.add_parser("train", help="retrain an embedded model", description="Retrain an embedded model.")
+    train_sub = train.add_subparsers(dest="model", required=True, parser_class=_Parser)
+    digits = train_sub.add_parser("digits", help="the digits DDPM and classifier (scikit-learn's digits)",
+                                  description="Train the class-conditional DDPM and the classifier on scikit-learn's "
+                                  "digits and write the weights and the measured figures (digits_card.json).")
+    digits.add_argument("--output", type=_folder, default=None, help="folder (default: the package's weights folder)")
+    digits.add_argument("--seed", type=int, default=0, help="seed (default 0)")
+    digits.add_argument("--unet-steps", type=_positive_int, default=None, help="DDPM optimizer steps")
+    digits.add_argument("--classifier-epochs", type=_positive_int, default=None, help="classifier epochs")
+    digits.add_argument("--eval-samples", type=_positive_int, default=None, help="samples for the quality figure")
+    digits.add_argument("--no-progress", action="store_true", help="no progress bars")
+    return parser
+
+
+def _demo(args) -> None:
+    from .demo import DemoConfig, run_demo
+
+    cfg = DemoConfig(
+        output=args.output or _fresh_folder("sdo-demo"), seed=args.seed, device=args.device, quick=args.quick,
+        samples=args.samples, steps=args.steps, iterations=args.iterations, tau=args.tau, lr=args.lr,
+        optimizer=args.optimizer,
+    )
+    run_demo(cfg, progress=not args.no_progress)
+
+
+def _train_digits(args) -> None:
+    import json
+
+    from .embedded import weights_dir
+    from .embedded.digits import TrainConfig, train_digits
+
+    cfg = TrainConfig(seed=args.seed)
+    for flag, field in (("unet_steps", "unet_steps"), ("classifier_epochs", "classifier_epochs"), ("eval_samples", "eval_samples")):
+        if getattr(args, flag) is not None:
+            setattr(cfg, field, getattr(args, flag))
+    output = args.output or Path(str(weights_dir()))
+    card = train_digits(output, cfg, progress=not args.no_progress)
+    print(json.dumps({k: card[k] for k in ("classifier", "samples", "seconds")}, indent=2))
+    print(f"wrote the weights and digits_card.json to {output}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = _build_parser()
+    args = parser.parse_args(argv)
+    try:
+        if args.command == "demo":
+            _demo(args)
+        else:
+            _train_digits(args)
+    except (ValueError, FileNotFoundError) as err:
+        print(f"sdo {args.command}: error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"sdo {args.command}: interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

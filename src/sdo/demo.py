@@ -1,0 +1,259 @@
+"""``sdo demo``: the paper's latent tasks end to end on the embedded digits models, offline, on a CPU.
+
+1. Adversarial generation (Sec. 5.1.4): class-conditional samples the classifier gets right; the initial
+   noise is optimized inside an L-infinity ball so that the classifier misclassifies; the same samples and
+   budget for SDO, Full and Truncated(1).
+2. Style guidance (Sec. 5.1.2): the latent at an intermediate step (t ~ 600 of 1000) is optimized so that the
+   Gram matrices of the classifier's conv features match a reference texture's.
+3. Cost (the Table 3 analogue): time and peak memory of one latent gradient per strategy, ratios to SDO.
+
+Everything lands in one folder: PNG grids and curves, ``metrics.json`` and ``index.html``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from . import bench, report
+from .chain import Chain
+from .embedded import load_digits
+from .latent import LinfBall, optimize_latent
+from .objectives import ClassifierMargin, FeatureMatch, GramStyle, WeightedSum
+from .sampling import sample
+from .strategies import RandomTruncated, get_strategy
+
+__all__ = ["DemoConfig", "run_demo"]
+
+ADVERSARIAL_STRATEGIES = {"sdo": {}, "full": {}, "truncated": {"k": 1}}
+
+
+@dataclass
+class DemoConfig:
+    output: Path  # folder for the report (created; must not be a file)
+    seed: int = 0  # seeds every latent and noise draw
+    device: str = "cpu"
+    quick: bool = False  # a smoke run: few samples, steps and iterations (well under a minute)
+    samples: int = 8  # adversarial samples (the style task uses half as many)
+    steps: int = 30  # DDIM steps of every chain
+    iterations: int = 30  # optimization steps of the adversarial task
+    tau: float = 0.1  # radius of the L-infinity ball around the initial noise
+    lr: float = 0.1  # learning rate of the adversarial task
+    optimizer: str = "sgd"  # of the adversarial task: plain gradient descent, as in the paper (or "adam")
+    style_t: int = 600  # the style task optimizes the latent at the step whose timestep is closest to this
+    style_iterations: int = 30
+    style_lr: float = 0.05
+    content_weight: float = 0.3  # weight of the content term that keeps the digit recognizable
+    cost_repeats: int = 2  # timed rounds of the cost table
+
+    def __post_init__(self):
+        self.output = Path(self.output)
+        if self.quick:
+            self.samples, self.steps, self.iterations = min(self.samples, 4), min(self.steps, 10), min(self.iterations, 4)
+            self.style_iterations, self.cost_repeats = min(self.style_iterations, 4), 1
+        for name in ("samples", "steps", "iterations", "style_iterations", "cost_repeats"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        for name in ("tau", "lr", "style_lr"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
+        if not self.content_weight >= 0:
+            raise ValueError(f"content_weight must be >= 0, got {self.content_weight}")
+        if self.output.exists() and not self.output.is_dir():
+            raise ValueError(f"output {self.output} exists and is not a folder")
+
+
+def _noise(n: int, seed: int, device) -> torch.Tensor:
+    return torch.randn(n, 1, 16, 16, generator=torch.Generator().manual_seed(seed)).to(device)
+
+
+def _predict(classifier, images):
+    probs = classifier(images.clamp(-1, 1)).softmax(-1)
+    return probs.argmax(-1), probs.max(-1).values
+
+
+def _captions(classifier, images):
+    labels, probs = _predict(classifier, images)
+    return [f"{int(c)} ({p:.2f})" for c, p in zip(labels.tolist(), probs.tolist(), strict=True)]
+
+
+def adversarial(models, cfg: DemoConfig, progress: bool = True):
+    """Sec. 5.1.4: misclassification by optimizing the initial noise in an L-infinity ball."""
+    n, dev = cfg.samples, cfg.device
+    labels = torch.arange(3 * n, device=dev) % models.num_classes
+    x_T = _noise(3 * n, cfg.seed, dev)
+    chain = Chain.from_diffusers(models.unet, models.scheduler, cfg.steps, cond={"class_labels": labels})
+    with torch.no_grad():
+        pred, _ = _predict(models.classifier, sample(chain, x_T))
+    keep = (pred == labels).nonzero().flatten()[:n]  # samples the classifier gets right
+    if len(keep) == 0:
+        raise ValueError(f"the classifier got none of {3 * n} candidate samples right: check the embedded weights")
+    labels, x_T = labels[keep], x_T[keep]
+    chain = Chain.from_diffusers(models.unet, models.scheduler, cfg.steps, cond={"class_labels": labels})
+    with torch.no_grad():
+        original = sample(chain, x_T)
+    objective = ClassifierMargin(models.classifier, labels, margin=1.0)
+    metrics, curves, rows, captions = {}, {}, [("original", original)], [_captions(models.classifier, original)]
+    for name, kwargs in ADVERSARIAL_STRATEGIES.items():
+        strategy = get_strategy(name, **kwargs)
+        result = optimize_latent(
+            chain, x_T, objective, strategy=strategy, iterations=cfg.iterations, lr=cfg.lr,
+            optimizer=cfg.optimizer, constraint=LinfBall(cfg.tau), progress=progress,
+        )
+        adv = result.best_sample
+        pred, _ = _predict(models.classifier, adv)
+        change = (adv.clamp(-1, 1) - original.clamp(-1, 1)).abs()
+        metrics[name] = {
+            "success_rate": (pred != labels).float().mean().item(),
+            "mean_abs_change": change.mean().item(),
+            "max_abs_latent_change": (result.latent - x_T).abs().max().item(),
+            "seconds": result.seconds,
+            "final_loss": result.best_loss.mean().item(),
+        }
+        curves[name] = result.losses
+        rows += [(f"{name}", adv), (f"{name} Δ×5", (adv.clamp(-1, 1) - original.clamp(-1, 1)) * 5)]
+        captions += [_captions(models.classifier, adv), []]
+    out = cfg.output
+    report.save_grid(rows, out / "adversarial.png", captions,
+                     title=f"adversarial samples (L∞ τ={cfg.tau} on x_T); caption: classifier's label (prob)")
+    report.plot_curves(curves, out / "adversarial_loss.png", "adversarial margin loss", "iteration", "mean loss")
+    return {"labels": labels.tolist(), "tau": cfg.tau, "iterations": cfg.iterations, "steps": cfg.steps,
+            "optimizer": cfg.optimizer, "lr": cfg.lr, "strategies": metrics}
+
+
+def _stripes(device) -> torch.Tensor:
+    """The style reference: diagonal stripes of period 8 pixels, in [-1, 1]."""
+    i = torch.arange(16.0)
+    return torch.sin(2 * math.pi * (i[:, None] + i[None, :]) / 8).reshape(1, 1, 16, 16).to(device)
+
+
+def style(models, cfg: DemoConfig, progress: bool = True):
+    """Sec. 5.1.2: Gram-matrix style of the classifier's conv features, from the latent at t ~ style_t."""
+    n, dev = max(1, cfg.samples // 2), cfg.device
+    labels = (torch.arange(n, device=dev) * 3 + 1) % models.num_classes
+    chain = Chain.from_diffusers(models.unet, models.scheduler, cfg.steps, cond={"class_labels": labels})
+    start = int((chain.timesteps - cfg.style_t).abs().argmin())
+    x_T = _noise(n, cfg.seed + 1, dev)
+    reference = _stripes(dev)
+    style_loss = GramStyle(models.classifier.features, reference, layers=[0, 1])
+    with torch.no_grad():
+        x_start = sample(chain, x_T, stop=start)
+        before = sample(chain, x_start, start=start)
+    # style of the first two conv layers, content (Gatys et al.) of the last one, against the unstyled sample
+    content = FeatureMatch(models.classifier.features, before, layers=[2])
+    objective = WeightedSum([(1.0, style_loss), (cfg.content_weight, content)])
+    result = optimize_latent(
+        chain, x_start, objective, strategy="sdo", start=start, iterations=cfg.style_iterations,
+        lr=cfg.style_lr, progress=progress,
+    )
+    after = result.best_sample
+    with torch.no_grad():
+        loss_before, loss_after = style_loss(before).mean().item(), style_loss(after).mean().item()
+    agree_before = (_predict(models.classifier, before)[0] == labels).float().mean().item()
+    agree_after = (_predict(models.classifier, after)[0] == labels).float().mean().item()
+    out = cfg.output
+    report.save_grid(
+        [("reference", reference), ("before", before), ("after", after)], out / "style.png",
+        [["stripes"], _captions(models.classifier, before), _captions(models.classifier, after)],
+        title=f"style guidance from the latent at t={int(chain.timesteps[start])} (step {start} of {len(chain)})",
+    )
+    report.plot_curves({"sdo": result.losses}, out / "style_loss.png", "style + content loss", "iteration", "mean loss")
+    return {
+        "labels": labels.tolist(), "start_step": start, "start_timestep": int(chain.timesteps[start]),
+        "loss_before": loss_before, "loss_after": loss_after, "content_weight": cfg.content_weight,
+        "objective_before": objective(before).mean().item(), "objective_after": result.best_loss.mean().item(),
+        "classifier_agreement_before": agree_before, "classifier_agreement_after": agree_after,
+        "seconds": result.seconds, "iterations": cfg.style_iterations,
+    }
+
+
+def cost(models, cfg: DemoConfig, progress: bool = True):
+    """Table 3 analogue: one latent gradient per strategy, time and peak memory as ratios to SDO."""
+    n, dev = cfg.samples, cfg.device
+    labels = torch.arange(n, device=dev) % models.num_classes
+    chain = Chain.from_diffusers(models.unet, models.scheduler, cfg.steps, cond={"class_labels": labels})
+    x_T = _noise(n, cfg.seed + 2, dev)
+
+    def objective(x0):
+        return F.cross_entropy(models.classifier(x0), labels, reduction="none")
+
+    strategies = {
+        "no-grad sampling": None,
+        "sdo": get_strategy("sdo"),
+        "truncated": get_strategy("truncated", k=1),
+        "random-truncated": RandomTruncated(1, cfg.steps, generator=torch.Generator().manual_seed(cfg.seed)),
+        "checkpoint": get_strategy("checkpoint"),
+        "full": get_strategy("full"),
+    }
+    jobs = {name: bench.latent_gradient(chain, x_T, s, objective) for name, s in strategies.items()}
+    peaks = {name: bench.peak_memory(job, dev) / 2**20 for name, job in jobs.items()}  # also the warm-up runs
+    times = bench.time_jobs(jobs, repeats=cfg.cost_repeats, device=dev, warmup=False, progress=progress)
+    table = {name: {"seconds": bench.median(times[name]), "peak_mb": peaks[name]} for name in jobs}
+    ref = table["sdo"]
+    for row in table.values():
+        row["time_vs_sdo"] = row["seconds"] / ref["seconds"]
+        row["memory_vs_sdo"] = row["peak_mb"] / ref["peak_mb"] if ref["peak_mb"] > 0 else float("nan")
+    report.plot_bars(
+        {"seconds per gradient ÷ SDO's": {k: v["time_vs_sdo"] for k, v in table.items()},
+         "peak memory ÷ SDO's": {k: v["memory_vs_sdo"] for k, v in table.items()}},
+        cfg.output / "cost.png", f"one latent gradient, {cfg.steps} DDIM steps, batch {n}", reference=1.0,
+    )
+    return {"steps": cfg.steps, "batch": n, "device": str(dev), "repeats": cfg.cost_repeats, "strategies": table}
+
+
+def _summary(metrics: dict) -> tuple[list[tuple[str, tuple, list]], str]:
+    adv = metrics["adversarial"]["strategies"]
+    adv_table = (["strategy", "success rate", "mean |Δ sample|", "seconds"],
+                 [[k, v["success_rate"], v["mean_abs_change"], v["seconds"]] for k, v in adv.items()])
+    st = metrics["style"]
+    style_table = (["", "style loss", "classifier agreement"],
+                   [["before", st["loss_before"], st["classifier_agreement_before"]],
+                    ["after", st["loss_after"], st["classifier_agreement_after"]]])
+    co = metrics["cost"]["strategies"]
+    cost_table = (["strategy", "seconds", "× SDO time", "peak MB", "× SDO memory"],
+                  [[k, v["seconds"], v["time_vs_sdo"], v["peak_mb"], v["memory_vs_sdo"]] for k, v in co.items()])
+    tables = [("Adversarial generation", adv_table), ("Style guidance", style_table), ("Cost of one latent gradient", cost_table)]
+    text = "\n\n".join(f"{title}\n{report.format_table(*table)}" for title, table in tables)
+    return tables, text
+
+
+def run_demo(cfg: DemoConfig, progress: bool = True) -> dict:
+    """Run the three tasks, write the report into ``cfg.output`` and return the metrics."""
+    began = time.perf_counter()
+    cfg.output.mkdir(parents=True, exist_ok=True)
+    models = load_digits(device=cfg.device)
+    metrics = {
+        "adversarial": adversarial(models, cfg, progress),
+        "style": style(models, cfg, progress),
+        "cost": cost(models, cfg, progress),
+    }
+    metrics["config"] = {k: str(v) if isinstance(v, Path) else v for k, v in asdict(cfg).items()}
+    metrics["seconds"] = time.perf_counter() - began
+    (cfg.output / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+    tables, text = _summary(metrics)
+    st = metrics["style"]
+    report.write_index(
+        cfg.output / "index.html", "sdo demo: the paper's latent tasks on the embedded digits models",
+        [
+            {"heading": tables[0][0], "table": tables[0][1], "images": ["adversarial.png", "adversarial_loss.png"],
+             "text": f"{len(metrics['adversarial']['labels'])} correctly classified samples; x_T optimized for "
+                     f"{cfg.iterations} {cfg.optimizer} steps (lr {cfg.lr}) of a margin loss inside an L∞ ball of radius "
+                     f"{cfg.tau}; {cfg.steps} DDIM steps. Success: the best sample is misclassified."},
+            {"heading": tables[1][0], "table": tables[1][1], "images": ["style.png", "style_loss.png"],
+             "text": f"latent at t={st['start_timestep']} optimized with SDO for {st['iterations']} steps so the Gram "
+                     "matrices of the classifier's first two conv layers match the stripes, plus "
+                     f"{cfg.content_weight} x a content loss on its last conv layer against the unstyled sample. "
+                     "Style loss is the Gram term alone."},
+            {"heading": tables[2][0], "table": tables[2][1], "images": ["cost.png"],
+             "text": "Medians of interleaved timed rounds after a warm-up; peak memory over the resident size before "
+                     "the gradient (CUDA: max_memory_allocated)."},
+        ],
+    )
+    print(f"\n{text}\n\nreport: {cfg.output / 'index.html'} ({metrics['seconds']:.0f} s)")
+    return metrics

@@ -1,0 +1,54 @@
+"""Models shipped inside the package, so that every task runs offline on a CPU.
+
+``load_digits()`` returns the class-conditional 16x16 pixel DDPM and the digit classifier trained by
+``sdo train digits`` on scikit-learn's digits (see ``docs/model-card-digits.md``).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from importlib.resources import files
+
+import torch
+
+from .digits import IMAGE_SIZE, NULL_CLASS, NUM_CLASSES, DigitClassifier, unet_config
+
+__all__ = ["DigitsModels", "load_digits", "weights_dir"]
+
+
+def weights_dir():
+    """The folder of the shipped weights (a package resource)."""
+    return files(__name__) / "weights"
+
+
+@dataclass
+class DigitsModels:
+    unet: torch.nn.Module  # diffusers UNet2DModel, epsilon prediction; class_labels 0-9, NULL_CLASS unconditional
+    scheduler: object  # diffusers DDIMScheduler(clip_sample=False) with the training noise schedule
+    classifier: DigitClassifier  # images in [-1, 1], (batch, 1, 16, 16) -> 10 logits
+    image_size: int = IMAGE_SIZE
+    num_classes: int = NUM_CLASSES
+    null_class: int = NULL_CLASS  # the label of the unconditional branch (classifier-free guidance)
+    card: dict = field(default_factory=dict)  # the measured figures of the model card
+
+
+def load_digits(device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32) -> DigitsModels:
+    """Load the embedded digits models, frozen and in eval mode; no network access."""
+    from diffusers import DDIMScheduler, UNet2DModel
+    from safetensors.torch import load_model
+
+    root = weights_dir()
+    paths = {name: root / f"digits_{name}" for name in ("unet.safetensors", "classifier.safetensors", "scheduler.json", "card.json")}
+    missing = [str(p) for p in paths.values() if not p.is_file()]
+    if missing:
+        raise FileNotFoundError(f"embedded weights missing ({', '.join(missing)}); retrain with `sdo train digits`")
+    unet = UNet2DModel(**unet_config())
+    load_model(unet, str(paths["unet.safetensors"]))
+    classifier = DigitClassifier()
+    load_model(classifier, str(paths["classifier.safetensors"]))
+    for model in (unet, classifier):
+        model.to(device=device, dtype=dtype).eval().requires_grad_(False)
+    scheduler = DDIMScheduler(**json.loads(paths["scheduler.json"].read_text()))
+    card = json.loads(paths["card.json"].read_text())
+    return DigitsModels(unet=unet, scheduler=scheduler, classifier=classifier, card=card)
