@@ -32,6 +32,7 @@ from .strategies import RandomTruncated, get_strategy
 __all__ = ["DemoConfig", "run_demo"]
 
 ADVERSARIAL_STRATEGIES = {"sdo": {}, "full": {}, "truncated": {"k": 1}}
+SHOWN = 8  # samples per row in the figures
 
 
 @dataclass
@@ -99,7 +100,8 @@ def adversarial(models, cfg: DemoConfig, progress: bool = True):
     with torch.no_grad():
         original = sample(chain, x_T)
     objective = ClassifierMargin(models.classifier, labels, margin=1.0)
-    metrics, curves, rows, captions = {}, {}, [("original", original)], [_captions(models.classifier, original)]
+    rows, captions = [("original", original[:SHOWN])], [_captions(models.classifier, original[:SHOWN])]
+    metrics, curves = {}, {}
     for name, kwargs in ADVERSARIAL_STRATEGIES.items():
         strategy = get_strategy(name, **kwargs)
         result = optimize_latent(
@@ -108,17 +110,17 @@ def adversarial(models, cfg: DemoConfig, progress: bool = True):
         )
         adv = result.best_sample
         pred, _ = _predict(models.classifier, adv)
-        change = (adv.clamp(-1, 1) - original.clamp(-1, 1)).abs()
+        delta = adv.clamp(-1, 1) - original.clamp(-1, 1)
         metrics[name] = {
             "success_rate": (pred != labels).float().mean().item(),
-            "mean_abs_change": change.mean().item(),
+            "mean_abs_change": delta.abs().mean().item(),
             "max_abs_latent_change": (result.latent - x_T).abs().max().item(),
             "seconds": result.seconds,
-            "final_loss": result.best_loss.mean().item(),
+            "best_loss": result.best_loss.mean().item(),
         }
         curves[name] = result.losses
-        rows += [(f"{name}", adv), (f"{name} Δ×5", (adv.clamp(-1, 1) - original.clamp(-1, 1)) * 5)]
-        captions += [_captions(models.classifier, adv), []]
+        rows += [(f"{name}", adv[:SHOWN]), (f"{name} Δ×5", 5 * delta[:SHOWN])]
+        captions += [_captions(models.classifier, adv[:SHOWN]), []]
     out = cfg.output
     report.save_grid(rows, out / "adversarial.png", captions,
                      title=f"adversarial samples (L∞ τ={cfg.tau} on x_T); caption: classifier's label (prob)")
@@ -159,8 +161,8 @@ def style(models, cfg: DemoConfig, progress: bool = True):
     agree_after = (_predict(models.classifier, after)[0] == labels).float().mean().item()
     out = cfg.output
     report.save_grid(
-        [("reference", reference), ("before", before), ("after", after)], out / "style.png",
-        [["stripes"], _captions(models.classifier, before), _captions(models.classifier, after)],
+        [("reference", reference), ("before", before[:SHOWN]), ("after", after[:SHOWN])], out / "style.png",
+        [["stripes"], _captions(models.classifier, before[:SHOWN]), _captions(models.classifier, after[:SHOWN])],
         title=f"style guidance from the latent at t={int(chain.timesteps[start])} (step {start} of {len(chain)})",
     )
     report.plot_curves({"sdo": result.losses}, out / "style_loss.png", "style + content loss", "iteration", "mean loss")
@@ -228,14 +230,12 @@ def run_demo(cfg: DemoConfig, progress: bool = True) -> dict:
     began = time.perf_counter()
     cfg.output.mkdir(parents=True, exist_ok=True)
     models = load_digits(device=cfg.device)
-    metrics = {
-        "adversarial": adversarial(models, cfg, progress),
-        "style": style(models, cfg, progress),
-        "cost": cost(models, cfg, progress),
-    }
-    metrics["config"] = {k: str(v) if isinstance(v, Path) else v for k, v in asdict(cfg).items()}
-    metrics["seconds"] = time.perf_counter() - began
-    (cfg.output / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+    metrics = {"config": {k: str(v) if isinstance(v, Path) else v for k, v in asdict(cfg).items()}}
+    for name, task in (("adversarial", adversarial), ("style", style), ("cost", cost)):
+        metrics[name] = task(models, cfg, progress)
+        metrics["seconds"] = time.perf_counter() - began
+        # after every task, so that an interrupted run keeps what it finished
+        (cfg.output / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
     tables, text = _summary(metrics)
     st = metrics["style"]
     report.write_index(

@@ -48,7 +48,9 @@ def load_digits(device: str | torch.device = "cpu", dtype: torch.dtype = torch.f
     classifier = DigitClassifier()
     load_model(classifier, str(paths["classifier.safetensors"]))
     for model in (unet, classifier):
-        model.to(device=device, dtype=dtype).eval().requires_grad_(False)
+        if dtype != torch.float32:  # diffusers warns on any dtype passed to .to(); the weights are float32
+            model.to(dtype=dtype)
+        model.to(device).eval().requires_grad_(False)
     scheduler = DDIMScheduler(**json.loads(paths["scheduler.json"].read_text()))
     card = json.loads(paths["card.json"].read_text())
     return DigitsModels(unet=unet, scheduler=scheduler, classifier=classifier, card=card)
