@@ -42,6 +42,7 @@ def test_quick_demo_is_deterministic(quick_demo, tmp_path):
     out = tmp_path / "again"
     assert main(["demo", "--quick", "--output", str(out), "--no-progress", "--seed", "1"]) == 0
     first, second = (json.loads((d / "metrics.json").read_text()) for d in (quick_demo, out))
+    assert first["adversarial"]["strategies"]["full"]["gradient_cosine_to_full"] == pytest.approx(1.0)
     for name, row in first["adversarial"]["strategies"].items():
         other = second["adversarial"]["strategies"][name]
         for key in ("success_rate", "mean_abs_change", "best_loss", "max_abs_latent_change"):
@@ -57,6 +58,7 @@ def test_quick_demo_is_deterministic(quick_demo, tmp_path):
         (["demo", "--tau", "0"], "--tau: must be a finite number > 0"),
         (["demo", "--tau", "nan"], "--tau: must be a finite number > 0"),
         (["demo", "--iterations", "many"], "expected a positive integer"),
+        (["demo", "--content-weight", "-1"], "--content-weight: must be a finite number >= 0"),
         (["demo", "--device", "cuda:7"], "CUDA is not available"),
         (["demo", "--device", "banana"], "not a torch device"),
         (["demo", "--bogus"], "unrecognized arguments: --bogus"),

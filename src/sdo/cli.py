@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import math
 import sys
 from pathlib import Path
 
@@ -27,14 +28,23 @@ def _positive_int(text: str) -> int:
     return value
 
 
-def _positive_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}") from None
-    if not value > 0 or value != value or value == float("inf"):
-        raise argparse.ArgumentTypeError(f"must be a finite number > 0, got {text}")
-    return value
+def _finite_float(minimum: float, inclusive: bool):
+    """An argparse type: a finite float > minimum (>= with ``inclusive``)."""
+
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+        if not (math.isfinite(value) and (value >= minimum if inclusive else value > minimum)):
+            raise argparse.ArgumentTypeError(f"must be a finite number {'>=' if inclusive else '>'} {minimum:g}, got {text}")
+        return value
+
+    return parse
+
+
+_positive_float = _finite_float(0.0, inclusive=False)
+_non_negative_float = _finite_float(0.0, inclusive=True)
 
 
 def _device(text: str) -> str:
@@ -85,6 +95,8 @@ def _build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--lr", type=_positive_float, default=0.1, help="learning rate, adversarial (default 0.1)")
     demo.add_argument("--optimizer", choices=("sgd", "adam"), default="sgd",
                       help="adversarial optimizer (default sgd: plain gradient descent, as in the paper)")
+    demo.add_argument("--content-weight", type=_non_negative_float, default=0.3,
+                      help="weight of the style task's content term (default 0.3; 0: style alone)")
     demo.add_argument("--no-progress", action="store_true", help="no progress bars")
 
     train = sub.add_parser("train", help="retrain an embedded model", description="Retrain an embedded model.")
@@ -107,7 +119,7 @@ def _demo(args) -> None:
     cfg = DemoConfig(
         output=args.output or _fresh_folder("sdo-demo"), seed=args.seed, device=args.device, quick=args.quick,
         samples=args.samples, steps=args.steps, iterations=args.iterations, tau=args.tau, lr=args.lr,
-        optimizer=args.optimizer,
+        optimizer=args.optimizer, content_weight=args.content_weight,
     )
     run_demo(cfg, progress=not args.no_progress)
 
@@ -119,9 +131,9 @@ def _train_digits(args) -> None:
     from .embedded.digits import TrainConfig, train_digits
 
     cfg = TrainConfig(seed=args.seed)
-    for flag, field in (("unet_steps", "unet_steps"), ("classifier_epochs", "classifier_epochs"), ("eval_samples", "eval_samples")):
-        if getattr(args, flag) is not None:
-            setattr(cfg, field, getattr(args, flag))
+    for name in ("unet_steps", "classifier_epochs", "eval_samples"):
+        if getattr(args, name) is not None:
+            setattr(cfg, name, getattr(args, name))
     output = args.output or Path(str(weights_dir()))
     card = train_digits(output, cfg, progress=not args.no_progress)
     print(json.dumps({k: card[k] for k in ("classifier", "samples", "seconds")}, indent=2))

@@ -102,8 +102,10 @@ def adversarial(models, cfg: DemoConfig, progress: bool = True):
     objective = ClassifierMargin(models.classifier, labels, margin=1.0)
     rows, captions = [("original", original[:SHOWN])], [_captions(models.classifier, original[:SHOWN])]
     metrics, curves = {}, {}
-    for name, kwargs in ADVERSARIAL_STRATEGIES.items():
-        strategy = get_strategy(name, **kwargs)
+    strategies = {name: get_strategy(name, **kwargs) for name, kwargs in ADVERSARIAL_STRATEGIES.items()}
+    # how each strategy's first gradient compares with the exact one (Full's), item by item
+    first = {name: bench.latent_gradient(chain, x_T, s, objective)().flatten(1) for name, s in strategies.items()}
+    for name, strategy in strategies.items():
         result = optimize_latent(
             chain, x_T, objective, strategy=strategy, iterations=cfg.iterations, lr=cfg.lr,
             optimizer=cfg.optimizer, constraint=LinfBall(cfg.tau), progress=progress,
@@ -117,6 +119,8 @@ def adversarial(models, cfg: DemoConfig, progress: bool = True):
             "max_abs_latent_change": (result.latent - x_T).abs().max().item(),
             "seconds": result.seconds,
             "best_loss": result.best_loss.mean().item(),
+            "gradient_cosine_to_full": F.cosine_similarity(first[name], first["full"]).mean().item(),
+            "gradient_norm_ratio_to_full": (first[name].norm(dim=1) / first["full"].norm(dim=1)).mean().item(),
         }
         curves[name] = result.losses
         rows += [(f"{name}", adv[:SHOWN]), (f"{name} Δ×5", 5 * delta[:SHOWN])]
@@ -211,8 +215,9 @@ def cost(models, cfg: DemoConfig, progress: bool = True):
 
 def _summary(metrics: dict) -> tuple[list[tuple[str, tuple, list]], str]:
     adv = metrics["adversarial"]["strategies"]
-    adv_table = (["strategy", "success rate", "mean |Δ sample|", "seconds"],
-                 [[k, v["success_rate"], v["mean_abs_change"], v["seconds"]] for k, v in adv.items()])
+    adv_table = (["strategy", "success rate", "mean |Δ sample|", "seconds", "cos(∇, ∇full)", "|∇| / |∇full|"],
+                 [[k, v["success_rate"], v["mean_abs_change"], v["seconds"], v["gradient_cosine_to_full"],
+                   v["gradient_norm_ratio_to_full"]] for k, v in adv.items()])
     st = metrics["style"]
     style_table = (["", "style loss", "classifier agreement"],
                    [["before", st["loss_before"], st["classifier_agreement_before"]],
