@@ -45,7 +45,6 @@ import shlex
 import statistics
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import diffusers
@@ -53,7 +52,7 @@ import torch
 from diffusers import DDIMScheduler, UNet2DModel
 
 import sdo
-from sdo.bench import saved_tensor_bytes
+from sdo import bench
 
 STRATEGIES = ["full", "checkpoint", "truncated", "random-truncated", "sdo"]
 PARAM_JOBS = ["full+params", "sdo+params"]
@@ -86,39 +85,35 @@ def build(args):
     return model, chain, x
 
 
-def make_job(name, model, chain, x_init, args):
-    """A callable running job ``name`` once; returns the sample (nograd) or the latent gradient."""
-    strategy_name, params = name.removesuffix("+params"), name.endswith("+params")
+def make_job(name, model, chain, x, args):
+    """A callable running job ``name`` once (``sdo.bench.latent_gradient``); ``run.info`` holds the k that
+    random-truncated drew (its generator is reseeded on every run, so every run draws the same k)."""
+    strategy_name, with_params = name.removesuffix("+params"), name.endswith("+params")
+    if strategy_name == "nograd":
+        run = bench.latent_gradient(chain, x, None, None)
+        run.info = {}
+        return run
+    if strategy_name == "random-truncated":
+        strategy = RecordingRandomTruncated(1, args.steps, generator=torch.Generator())
+    else:
+        strategy = sdo.get_strategy(strategy_name)
+    params = tuple(model.parameters()) if with_params else ()
+    grad = bench.latent_gradient(chain, x, strategy, lambda x0: (x0**2).mean(), params=params)
     info = {}
 
     def run():
-        x = x_init.clone()
-        if strategy_name == "nograd":
-            with torch.no_grad():
-                return sdo.sample(chain, x)
-        if strategy_name == "random-truncated":
-            strategy = RecordingRandomTruncated(1, args.steps, generator=torch.Generator().manual_seed(args.seed))
-        else:
-            strategy = sdo.get_strategy(strategy_name)
-        model.requires_grad_(params)
+        if isinstance(strategy, RecordingRandomTruncated):
+            strategy.generator.manual_seed(args.seed)
+        model.requires_grad_(with_params)
         try:
-            x.requires_grad_(True)
-            loss = (sdo.sample(chain, x, strategy=strategy) ** 2).mean()
-            wrt = [x, *model.parameters()] if params else [x]
-            g = torch.autograd.grad(loss, wrt)[0]
+            return grad()
         finally:
             model.requires_grad_(False)
-        if hasattr(strategy, "last_k"):
-            info["k"] = strategy.last_k
-        return g
+            if isinstance(strategy, RecordingRandomTruncated):
+                info["k"] = strategy.last_k
 
     run.info = info
     return run
-
-
-def sync(device):
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
 
 
 def rss_bytes():
@@ -150,12 +145,7 @@ def peak_memory(name, job, args):
     """Peak memory increase of one run of ``job`` (bytes): a subprocess on CPU, the CUDA allocator on GPU."""
     if args.device.startswith("cuda"):
         torch.cuda.empty_cache()
-        sync(args.device)
-        base = torch.cuda.memory_allocated()
-        torch.cuda.reset_peak_memory_stats()
-        job()
-        sync(args.device)
-        return torch.cuda.max_memory_allocated() - base
+        return bench.peak_memory(job, args.device)
     cmd = [sys.executable, __file__, "--measure-one", name, "--steps", str(args.steps), "--batch", str(args.batch),
            "--seed", str(args.seed), "--device", args.device]
     if args.threads:
@@ -207,17 +197,7 @@ def main(argv=None):
     print(f"UNet2DModel {n_params / 1e6:.3f}M params, 3x16x16, batch {args.batch}, DDIM N={args.steps}, "
           f"{args.device}, torch threads {torch.get_num_threads()}", flush=True)
 
-    for job in jobs.values():  # warm-up (a fresh process's first touches of memory are slow)
-        job()
-    times = {n: [] for n in names}
-    for r in range(args.repeats):
-        for name, job in jobs.items():
-            sync(args.device)
-            t0 = time.perf_counter()
-            job()
-            sync(args.device)
-            times[name].append(time.perf_counter() - t0)
-        print(f"round {r + 1}/{args.repeats}: " + ", ".join(f"{n} {t[-1]:.2f}s" for n, t in times.items()), flush=True)
+    times = bench.time_jobs(jobs, repeats=args.repeats, device=args.device)  # a warm-up, then interleaved rounds
 
     rows = {}
     for name, job in jobs.items():
@@ -225,7 +205,7 @@ def main(argv=None):
             "seconds": statistics.median(times[name]),
             "all_seconds": times[name],
             "peak_mb": peak_memory(name, job, args) / MB,
-            "saved_mb": None if name == "nograd" else saved_tensor_bytes(job, exclude=(*model.parameters(), *model.buffers())) / MB,
+            "saved_mb": None if name == "nograd" else bench.saved_tensor_bytes(job, exclude=(*model.parameters(), *model.buffers())) / MB,
         }
         if job.info:
             rows[name].update(job.info)

@@ -6,10 +6,9 @@ from __future__ import annotations
 import ctypes
 import gc
 import os
-import statistics
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import torch
 from tqdm.auto import tqdm
@@ -20,9 +19,11 @@ from .sampling import sample
 __all__ = ["latent_gradient", "time_jobs", "peak_memory", "saved_tensor_bytes"]
 
 
-def latent_gradient(chain: Chain, x: torch.Tensor, strategy, objective: Callable, **sample_kwargs) -> Callable:
-    """A job computing one gradient of ``objective(sample(chain, x))`` with respect to ``x`` (None: no-grad
-    sampling); returns the gradient (or the sample)."""
+def latent_gradient(
+    chain: Chain, x: torch.Tensor, strategy, objective: Callable, params: Sequence[torch.Tensor] = (), **sample_kwargs
+) -> Callable:
+    """A job computing one gradient of ``objective(sample(chain, x))`` with respect to ``x`` and ``params``
+    (strategy None: no-grad sampling); returns the latent's gradient (or the sample)."""
 
     def job():
         if strategy is None:
@@ -30,7 +31,7 @@ def latent_gradient(chain: Chain, x: torch.Tensor, strategy, objective: Callable
                 return sample(chain, x, **sample_kwargs)
         latent = x.detach().clone().requires_grad_(True)
         loss = objective(sample(chain, latent, strategy=strategy, **sample_kwargs)).sum()
-        return torch.autograd.grad(loss, latent)[0]
+        return torch.autograd.grad(loss, [latent, *params])[0]
 
     return job
 
@@ -56,10 +57,6 @@ def time_jobs(
         if r > 0:  # round 0 is the warm-up
             times[name].append(time.perf_counter() - began)
     return times
-
-
-def median(values: list[float]) -> float:
-    return statistics.median(values)
 
 
 def _rss() -> int:

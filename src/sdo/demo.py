@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import math
+import statistics
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -91,14 +92,13 @@ def adversarial(models, cfg: DemoConfig, progress: bool = True):
     x_T = _noise(3 * n, cfg.seed, dev)
     chain = Chain.from_diffusers(models.unet, models.scheduler, cfg.steps, cond={"class_labels": labels})
     with torch.no_grad():
-        pred, _ = _predict(models.classifier, sample(chain, x_T))
+        candidates = sample(chain, x_T)
+    pred, _ = _predict(models.classifier, candidates)
     keep = (pred == labels).nonzero().flatten()[:n]  # samples the classifier gets right
     if len(keep) == 0:
         raise ValueError(f"the classifier got none of {3 * n} candidate samples right: check the embedded weights")
-    labels, x_T = labels[keep], x_T[keep]
+    labels, x_T, original = labels[keep], x_T[keep], candidates[keep]
     chain = Chain.from_diffusers(models.unet, models.scheduler, cfg.steps, cond={"class_labels": labels})
-    with torch.no_grad():
-        original = sample(chain, x_T)
     objective = ClassifierMargin(models.classifier, labels, margin=1.0)
     rows, captions = [("original", original[:SHOWN])], [_captions(models.classifier, original[:SHOWN])]
     metrics, curves = {}, {}
@@ -200,7 +200,7 @@ def cost(models, cfg: DemoConfig, progress: bool = True):
     jobs = {name: bench.latent_gradient(chain, x_T, s, objective) for name, s in strategies.items()}
     peaks = {name: bench.peak_memory(job, dev) / 2**20 for name, job in jobs.items()}  # also the warm-up runs
     times = bench.time_jobs(jobs, repeats=cfg.cost_repeats, device=dev, warmup=False, progress=progress)
-    table = {name: {"seconds": bench.median(times[name]), "peak_mb": peaks[name]} for name in jobs}
+    table = {name: {"seconds": statistics.median(times[name]), "peak_mb": peaks[name]} for name in jobs}
     ref = table["sdo"]
     for row in table.values():
         row["time_vs_sdo"] = row["seconds"] / ref["seconds"]

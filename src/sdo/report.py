@@ -85,13 +85,13 @@ def plot_bars(groups: dict[str, dict[str, float]], path: str | Path, title: str,
     return Path(path)
 
 
+def _cell(value) -> str:
+    return f"{value:.3g}" if isinstance(value, float) else str(value)
+
+
 def format_table(header: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
     """A plain-text table with aligned columns (floats to 3 significant digits)."""
-
-    def cell(v):
-        return f"{v:.3g}" if isinstance(v, float) else str(v)
-
-    table = [list(header)] + [[cell(v) for v in row] for row in rows]
+    table = [list(header)] + [[_cell(v) for v in row] for row in rows]
     widths = [max(len(r[i]) for r in table) for i in range(len(header))]
     lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)) for r in table]
     lines.insert(1, "  ".join("-" * w for w in widths))
@@ -99,11 +99,8 @@ def format_table(header: Sequence[str], rows: Sequence[Sequence[object]]) -> str
 
 
 def _html_table(header: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
-    def cell(v):
-        return html.escape(f"{v:.3g}" if isinstance(v, float) else str(v))
-
     head = "".join(f"<th>{html.escape(h)}</th>" for h in header)
-    body = "".join("<tr>" + "".join(f"<td>{cell(v)}</td>" for v in row) + "</tr>" for row in rows)
+    body = "".join("<tr>" + "".join(f"<td>{html.escape(_cell(v))}</td>" for v in row) + "</tr>" for row in rows)
     return f"<table><tr>{head}</tr>{body}</table>"
 
 
