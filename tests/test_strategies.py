@@ -248,12 +248,12 @@ def test_shortcut_latent_gradient_is_eq19_closed_form_flow():
 
 
 def test_registry():
-    assert sdo.available_strategies() == ["checkpoint", "full", "random-truncated", "sdo", "truncated"]
+    assert sdo.available_strategies() == ["adjoint", "checkpoint", "full", "random-truncated", "reversible", "sdo", "truncated"]
     assert isinstance(sdo.get_strategy("sdo", at="random"), sdo.Shortcut)
     assert sdo.get_strategy("truncated", k=3).k == 3
     s = sdo.Full()
     assert sdo.get_strategy(s) is s
-    with pytest.raises(ValueError, match="available: checkpoint"):
+    with pytest.raises(ValueError, match="available: adjoint, checkpoint"):
         sdo.get_strategy("bptt")
     with pytest.raises(ValueError):
         sdo.get_strategy(s, k=1)

@@ -5,13 +5,18 @@
     result = sdo.optimize_latent(chain, x_T, objective)  # Adam on the initial noise
 """
 
+from .adjoint import Adjoint
 from .chain import Chain
 from .denoiser import Denoiser
+from .diagnostics import Fidelity, gradient_fidelity, gradient_norm_by_depth
+from .guidance import Guidance
 from .latent import LatentResult, LinfBall, optimize_latent
 from .sampling import sample
+from .reversible import Reversible, edict_step
 from .solvers import SUPPORTED_SCHEDULERS, Solver, SolverState, solver_from_scheduler
 from .strategies import (
     Checkpoint,
+    ConstantMemory,
     Full,
     RandomTruncated,
     Shortcut,
@@ -37,10 +42,18 @@ __all__ = [
     "Truncated",
     "RandomTruncated",
     "Shortcut",
+    "ConstantMemory",
+    "Adjoint",
+    "Reversible",
+    "edict_step",
     "register_strategy",
     "get_strategy",
     "available_strategies",
     "sample",
+    "Guidance",
+    "gradient_fidelity",
+    "gradient_norm_by_depth",
+    "Fidelity",
     "optimize_latent",
     "LatentResult",
     "LinfBall",

@@ -8,6 +8,7 @@ import gc
 import os
 import threading
 import time
+import weakref
 from collections.abc import Callable, Sequence
 
 import torch
@@ -16,7 +17,7 @@ from tqdm.auto import tqdm
 from .chain import Chain
 from .sampling import sample
 
-__all__ = ["latent_gradient", "time_jobs", "peak_memory", "saved_tensor_bytes"]
+__all__ = ["latent_gradient", "time_jobs", "peak_memory", "saved_tensor_bytes", "CallCounter"]
 
 
 def latent_gradient(
@@ -104,20 +105,85 @@ def peak_memory(job: Callable, device="cpu", interval: float = 0.0005) -> int:
     return max(peak[0], _rss()) - base
 
 
+class _Packed:
+    """What autograd holds for a saved tensor while the hooks below are on; releases its count when dropped."""
+
+    __slots__ = ("tensor", "__weakref__")
+
+    def __init__(self, tensor):
+        self.tensor = tensor
+
+
 def saved_tensor_bytes(job: Callable, exclude: tuple[torch.Tensor, ...] = ()) -> int:
-    """Bytes of the distinct storages autograd saves for backward during ``job`` (``exclude``: tensors that
-    exist anyway, such as the model's parameters). Checkpointed segments hide theirs and show ~0."""
+    """Peak bytes of the tensors autograd holds saved for backward at any moment of ``job`` (distinct storages;
+    ``exclude``: tensors that exist anyway, such as the model's parameters). Graphs built and freed inside a
+    backward pass (the adjoint's and reversible methods' one-step graphs) count while they live.
+    Non-reentrant checkpointing hides its saves behind its own hooks and shows ~0."""
     own = {t.untyped_storage().data_ptr() for t in exclude}
-    seen: dict[int, int] = {}
+    live: dict[int, list[int]] = {}  # storage pointer -> [references, bytes]
+    total, peak = [0], [0]
+
+    def release(ptr):
+        entry = live[ptr]
+        entry[0] -= 1
+        if entry[0] == 0:
+            total[0] -= entry[1]
+            del live[ptr]
 
     def pack(t):
         try:
             storage = t.untyped_storage()
-            seen[storage.data_ptr()] = storage.nbytes()
+            ptr, nbytes = storage.data_ptr(), storage.nbytes()
         except (RuntimeError, NotImplementedError):
-            pass
-        return t
+            return t
+        if ptr in own or nbytes == 0:
+            return t
+        entry = live.setdefault(ptr, [0, nbytes])
+        if entry[0] == 0:
+            total[0] += nbytes
+            peak[0] = max(peak[0], total[0])
+        entry[0] += 1
+        packed = _Packed(t)
+        weakref.finalize(packed, release, ptr)
+        return packed
 
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+    def unpack(packed):
+        return packed.tensor if isinstance(packed, _Packed) else packed
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, unpack):
         job()
-    return sum(n for ptr, n in seen.items() if ptr not in own)
+    return peak[0]
+
+
+class CallCounter:
+    """Counts a module's forward calls (a pre-hook: checkpointing's recomputation stops early and never
+    returns) and the backward passes through their outputs (a gradient hook on each output that requires
+    grad). ``with CallCounter(model) as calls: ...``."""
+
+    def __init__(self, module: torch.nn.Module):
+        self.module, self.forward, self.backward, self._handles = module, 0, 0, ()
+
+    def _count_forward(self, module, args):
+        self.forward += 1
+
+    def _count_backward(self, grad):
+        self.backward += 1
+
+    def _hook(self, module, args, output):
+        out = getattr(output, "sample", output)
+        if isinstance(out, (tuple, list)):
+            out = out[0]
+        if torch.is_tensor(out) and out.requires_grad:
+            out.register_hook(self._count_backward)
+
+    def __enter__(self) -> CallCounter:
+        self.forward = self.backward = 0
+        self._handles = (
+            self.module.register_forward_pre_hook(self._count_forward),
+            self.module.register_forward_hook(self._hook),
+        )
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for handle in self._handles:
+            handle.remove()

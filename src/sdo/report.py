@@ -53,12 +53,24 @@ def save_grid(
     return Path(path)
 
 
-def plot_curves(curves: dict[str, Sequence[float]], path: str | Path, title: str, xlabel: str, ylabel: str) -> Path:
-    """Line plot, one line per named curve."""
+def plot_curves(
+    curves: dict[str, Sequence[float]],
+    path: str | Path,
+    title: str,
+    xlabel: str,
+    ylabel: str,
+    x: Sequence[float] | None = None,
+    log: str = "",
+) -> Path:
+    """Line plot, one line per named curve, against ``x`` (default 0, 1, ...); ``log``: "x", "y" or "xy"."""
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(5.5, 3.5))
     for name, values in curves.items():
-        ax.plot(range(len(values)), list(values), label=name)
+        ax.plot(range(len(values)) if x is None else list(x), list(values), label=name, marker="o" if x else None)
+    if "x" in log:
+        ax.set_xscale("log")
+    if "y" in log:
+        ax.set_yscale("log")
     ax.set(title=title, xlabel=xlabel, ylabel=ylabel)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)

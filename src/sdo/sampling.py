@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 
 from .chain import Chain
+from .guidance import Guidance, guided_run
 from .strategies import Strategy, get_strategy
 
 __all__ = ["sample", "step_range"]
@@ -28,22 +29,32 @@ def sample(
     chain: Chain,
     x: torch.Tensor,
     *,
-    strategy: str | Strategy = "full",
+    strategy: str | Strategy | None = None,
     start: int = 0,
     stop: int | None = None,
     generator: torch.Generator | None = None,
+    guidance: Guidance | None = None,
 ) -> torch.Tensor:
     """Run steps ``start..stop-1`` of ``chain`` from ``x`` and return the latent after them (the sample x0
     when ``stop`` is None), differentiable with respect to ``x`` and the model's parameters as ``strategy``
-    allows.
+    allows (default ``"full"``).
 
     ``x`` is the latent exactly as a hand-written diffusers loop holds it before step ``start`` (for Euler-type
     schedulers, unit noise times ``chain.init_noise_sigma``). ``generator`` draws the noise of stochastic
     solvers, once per call and for all steps in order, so one seed gives one trajectory. This function never
     disables gradients itself: wrap it in ``torch.no_grad()`` for plain sampling.
+
+    ``guidance``: one-step guidance (FreeDoM / UGD, :class:`~sdo.Guidance`) instead of a differentiable run;
+    the sample it returns carries no graph, and time-travel noise comes from ``generator`` after the solver's.
     """
     steps = step_range(chain, start, stop)
     chain.check(x)
-    strategy = get_strategy(strategy)
+    if guidance is not None:
+        if strategy is not None:
+            raise ValueError("guidance sampling takes no strategy: its sample is not differentiable")
+        if not isinstance(guidance, Guidance):
+            raise TypeError(f"guidance must be an sdo.Guidance, got {type(guidance).__name__}")
+        return guided_run(chain, x, chain.init_state(x, generator), steps, guidance, generator)
+    strategy = get_strategy("full" if strategy is None else strategy)
     state = chain.init_state(x, generator)
     return strategy.run(chain, x, state, steps)

@@ -76,6 +76,39 @@ class Solver:
     def step(self, i: int, x: torch.Tensor, model_out: torch.Tensor, state: SolverState):
         raise NotImplementedError
 
+    def denoised(self, i: int, x: torch.Tensor, model_out: torch.Tensor) -> torch.Tensor:
+        """The one-step (Tweedie) estimate of the clean sample at step ``i``, x0_hat(x_i)."""
+        raise NotImplementedError
+
+    def levels(self, i: int) -> tuple[tuple[float, float], tuple[float, float]]:
+        """``((alpha_in, sigma_in), (alpha_out, sigma_out))``: step ``i`` maps latents distributed as
+        ``alpha_in x0 + sigma_in eps`` to ones distributed as ``alpha_out x0 + sigma_out eps``."""
+        raise NotImplementedError
+
+    #: whether :meth:`invert` applies: the update is affine in x for a fixed model output and reads no history
+    invertible: bool = True
+
+    def invert(self, i: int, x_next: torch.Tensor, model_out: torch.Tensor, state: SolverState) -> torch.Tensor:
+        """The x with ``step(i, x, model_out, state)[0] == x_next``, for a *given* model output.
+
+        One-step updates are affine in x once the model output is fixed, ``x_next = a x + b``; ``a`` and ``b``
+        are read off two evaluations of :meth:`step` (at x = 0 and x = 1), so every solver inverts with its own
+        formula. This is what DDIM inversion, the continuous adjoint and EDICT's inverse need.
+        """
+        if not self.invertible:
+            raise ValueError(
+                f"{type(self).__name__} steps cannot be inverted here: {self._not_invertible_reason()}"
+            )
+        b = self.step(i, torch.zeros_like(x_next), model_out, state)[0]
+        a = self.step(i, torch.ones_like(x_next), model_out, state)[0] - b
+        if bool((a == 0).any()):
+            raise ValueError(f"step {i} of {type(self).__name__} does not depend on x (its update discards x); "
+                             "it cannot be inverted")
+        return (x_next - b) / a
+
+    def _not_invertible_reason(self) -> str:
+        return "its update is not affine in x"
+
     def check_index(self, i: int) -> None:
         if not 0 <= i < len(self):
             raise IndexError(f"step index {i} out of range for a {len(self)}-step {type(self).__name__}")
@@ -131,6 +164,28 @@ class _DiscreteVP(Solver):
                 stacklevel=4,
             )
 
+    @property
+    def invertible(self) -> bool:
+        return self.clip is None
+
+    def _not_invertible_reason(self) -> str:
+        return "clip_sample clamps the x0 prediction, so the update is not affine in x"
+
+    def denoised(self, i, x, model_out):
+        return self.predict(i, x, model_out)[0]
+
+    def levels(self, i):
+        self.check_index(i)
+        return self._levels[i]
+
+    def _set_levels(self, a_out: list[float]) -> None:
+        """Marginal levels from alpha-bar at each step and alpha-bar after it."""
+        a_in = [self.alphas_cumprod[t] for t in self.timesteps.tolist()]
+        self._levels = [
+            ((math.sqrt(a), math.sqrt(1 - a)), (math.sqrt(b), math.sqrt(max(1 - b, 0.0))))
+            for a, b in zip(a_in, a_out, strict=True)
+        ]
+
     def predict(self, i: int, x: torch.Tensor, model_out: torch.Tensor):
         """(x0, eps) at step i, x0 clipped as the scheduler's ``clip_sample`` says (eps from the unclipped x0)."""
         x0, eps = _predict(self.prediction_type, model_out, x, *self._alpha_sigma[i])
@@ -149,12 +204,14 @@ class DDIMSolver(_DiscreteVP):
         self.eta = float(eta)
         ac, final = self.alphas_cumprod, float(scheduler.final_alpha_cumprod)
         stride = scheduler.config.num_train_timesteps // len(self.timesteps)
-        self._coef = []
+        self._coef, a_out = [], []
         for t in self.timesteps.tolist():
             a, prev = ac[t], t - stride  # diffusers' rule: prev = t - T // N, not the next timestep
             a_prev = ac[prev] if prev >= 0 else final
             std = self.eta * math.sqrt((1 - a_prev) / (1 - a) * (1 - a / a_prev))
             self._coef.append((math.sqrt(a_prev), math.sqrt(1 - a_prev - std**2), std))
+            a_out.append(a_prev)
+        self._set_levels(a_out)
 
     def noise_steps(self):
         return [self.eta > 0] * len(self)
@@ -176,16 +233,18 @@ class DDPMSolver(_DiscreteVP):
         super().__init__(scheduler, variance_type=("fixed_small", "fixed_small_log", "fixed_large"))
         ac, ts = self.alphas_cumprod, self.timesteps.tolist()
         large = scheduler.config.variance_type == "fixed_large"
-        self._coef = []
+        self._coef, a_out = [], []
         for i, t in enumerate(ts):
             prev = ts[i + 1] if i + 1 < len(ts) else -1
             a, a_prev = ac[t], (ac[prev] if prev >= 0 else 1.0)
+            a_out.append(a_prev)
             beta = 1 - a / a_prev
             var = beta if large else max((1 - a_prev) / (1 - a) * beta, 1e-20)
             c_x0 = math.sqrt(a_prev) * beta / (1 - a)
             c_x = math.sqrt(a / a_prev) * (1 - a_prev) / (1 - a)
             self._coef.append((c_x0, c_x, math.sqrt(var)))
         self._stochastic = [t > 0 for t in ts]
+        self._set_levels(a_out)
 
     def noise_steps(self):
         return list(self._stochastic)
@@ -206,22 +265,29 @@ class LCMSolver(_DiscreteVP):
         super().__init__(scheduler)
         ac, final = self.alphas_cumprod, float(scheduler.final_alpha_cumprod)
         ts, scale, sigma_data = self.timesteps.tolist(), scheduler.config.timestep_scaling, 0.5
+        a_out = []
         self._coef = []
         for i, t in enumerate(ts):
             prev = ts[i + 1] if i + 1 < len(ts) else t
             a_prev = ac[prev] if prev >= 0 else final
+            a_out.append(a_prev if i + 1 < len(ts) else 1.0)  # the last step returns the denoised sample
             st = t * scale  # boundary-condition scalings c_skip(t), c_out(t) of consistency models
             c_skip = sigma_data**2 / (st**2 + sigma_data**2)
             c_out = st / math.sqrt(st**2 + sigma_data**2)
             self._coef.append((c_skip, c_out, math.sqrt(a_prev), math.sqrt(1 - a_prev)))
+        self._set_levels(a_out)
 
     def noise_steps(self):
         return [i < len(self) - 1 for i in range(len(self))]
 
+    def denoised(self, i, x, model_out):
+        c_skip, c_out = self._coef[i][:2]
+        return c_out * self.predict(i, x, model_out)[0] + c_skip * x
+
     def step(self, i, x, model_out, state):
         self.check_index(i)
-        c_skip, c_out, alpha_prev, sigma_prev = self._coef[i]
-        denoised = c_out * self.predict(i, x, model_out)[0] + c_skip * x
+        alpha_prev, sigma_prev = self._coef[i][2:]
+        denoised = self.denoised(i, x, model_out)
         if i == len(self) - 1:
             return denoised, state
         return alpha_prev * denoised + sigma_prev * self._noise(i, state, x), state
@@ -266,6 +332,20 @@ class DPMSolverPP(Solver):
         alpha, sigma = self._alpha_sigma(s)
         return math.inf if sigma == 0 else math.log(alpha) - math.log(sigma)
 
+    @property
+    def invertible(self) -> bool:
+        return self.order == 1
+
+    def _not_invertible_reason(self) -> str:
+        return "second-order steps read the previous step's prediction; use solver_order=1"
+
+    def levels(self, i):
+        self.check_index(i)
+        return self._alpha_sigma(self.sigmas[i]), self._alpha_sigma(self.sigmas[i + 1])
+
+    def denoised(self, i, x, model_out):
+        return self.data_prediction(i, x, model_out)
+
     def data_prediction(self, i: int, x: torch.Tensor, model_out: torch.Tensor) -> torch.Tensor:
         """The scheduler's ``convert_model_output``: x0 predicted at step i."""
         alpha, sigma = self._alpha_sigma(self.sigmas[i])
@@ -305,15 +385,22 @@ class EulerSolver(Solver):
     def model_input(self, i, x):
         return x / math.sqrt(self.sigmas[i] ** 2 + 1)
 
+    def levels(self, i):
+        self.check_index(i)
+        return (1.0, self.sigmas[i]), (1.0, self.sigmas[i + 1])
+
+    def denoised(self, i, x, model_out):
+        sigma = self.sigmas[i]
+        if self.prediction_type == "epsilon":
+            return x - sigma * model_out
+        if self.prediction_type == "v_prediction":
+            return model_out * (-sigma / math.sqrt(sigma**2 + 1)) + x / (sigma**2 + 1)
+        return model_out
+
     def step(self, i, x, model_out, state):
         self.check_index(i)
         sigma, sigma_next = self.sigmas[i], self.sigmas[i + 1]
-        if self.prediction_type == "epsilon":
-            x0 = x - sigma * model_out
-        elif self.prediction_type == "v_prediction":
-            x0 = model_out * (-sigma / math.sqrt(sigma**2 + 1)) + x / (sigma**2 + 1)
-        else:
-            x0 = model_out
+        x0 = self.denoised(i, x, model_out)
         return x + (x - x0) / sigma * (sigma_next - sigma), state
 
 
@@ -330,6 +417,14 @@ class FlowEulerSolver(Solver):
 
     def noise_steps(self):
         return [self.stochastic] * len(self)
+
+    def levels(self, i):
+        self.check_index(i)
+        s0, s1 = self.sigmas[i], self.sigmas[i + 1]
+        return (1.0 - s0, s0), (1.0 - s1, s1)
+
+    def denoised(self, i, x, model_out):
+        return x - self.sigmas[i] * model_out
 
     def step(self, i, x, model_out, state):
         self.check_index(i)

@@ -22,7 +22,8 @@ Jacobians with model outputs held fixed) * dx_{i+1}/dx_i; for parameters at step
 
 from __future__ import annotations
 
-from typing import Callable, ClassVar
+from collections.abc import Sequence
+from typing import Any, Callable, ClassVar
 
 import torch
 from torch.utils.checkpoint import checkpoint
@@ -34,6 +35,7 @@ __all__ = [
     "Truncated",
     "RandomTruncated",
     "Shortcut",
+    "ConstantMemory",
     "register_strategy",
     "get_strategy",
     "available_strategies",
@@ -175,3 +177,70 @@ class Shortcut(Strategy):
         if self.at not in steps:
             raise ValueError(f"Shortcut(at={self.at}) is outside the steps that run ({steps.start}..{steps.stop - 1})")
         return {self.at}
+
+
+class _Backprop(torch.autograd.Function):
+    """Attach a strategy's own forward (run without a graph) and backward to autograd."""
+
+    @staticmethod
+    def forward(ctx, strategy, chain, state, steps, x, *params):
+        ctx.strategy, ctx.chain, ctx.state, ctx.steps, ctx.params = strategy, chain, state, steps, params
+        out, ctx.saved = strategy.forward(chain, x, state, steps)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        want_params = [ctx.needs_input_grad[5 + j] for j in range(len(ctx.params))]
+        params = [p for p, w in zip(ctx.params, want_params, strict=True) if w]
+        grad_x, grad_params = ctx.strategy.backward(ctx.chain, ctx.state, ctx.steps, ctx.saved, grad_out, params)
+        it = iter(grad_params)
+        return (None, None, None, None, grad_x, *(next(it) if w else None for w in want_params))
+
+
+class ConstantMemory(Strategy):
+    """Base of strategies with a hand-written backward pass (:class:`~sdo.Adjoint`, :class:`~sdo.Reversible`):
+    the forward pass runs without a graph and :meth:`backward` recomputes what it needs.
+
+    Gradients reach the latent and ``params``: by default every parameter of the chain's model that requires
+    grad (like torchdiffeq's ``adjoint_params``); pass an explicit list (LoRA weights, a prompt embedding used in
+    ``cond``) to restrict or extend it, or ``()`` for the latent only.
+    """
+
+    def __init__(self, params: Sequence[torch.Tensor] | None = None):
+        self.params = None if params is None else tuple(params)
+
+    def _params(self, chain) -> tuple[torch.Tensor, ...]:
+        if self.params is not None:
+            return self.params
+        parameters = getattr(chain.denoiser.model, "parameters", None)
+        return tuple(p for p in parameters() if p.requires_grad) if parameters is not None else ()
+
+    def run(self, chain, x, state, steps):
+        params = self._params(chain) if torch.is_grad_enabled() else ()
+        if not (torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in params))):
+            with torch.no_grad():
+                return self.forward(chain, x, state, steps)[0]
+        return _Backprop.apply(self, chain, state, steps, x, *params)
+
+    def forward(self, chain, x: torch.Tensor, state, steps: range) -> tuple[torch.Tensor, Any]:
+        """Run without a graph; return the result and what :meth:`backward` needs."""
+        raise NotImplementedError
+
+    def backward(self, chain, state, steps, saved, grad_out, params) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """Gradients of the loss for the latent and for each of ``params``, given the result's gradient."""
+        raise NotImplementedError
+
+    def __repr__(self) -> str:
+        args = [f"{k}={v!r}" for k, v in vars(self).items() if k != "params"]
+        if self.params is not None:
+            args.append(f"params=<{len(self.params)} tensors>")
+        return f"{type(self).__name__}({', '.join(args)})"
+
+
+def vjp(outputs, inputs, grad_outputs) -> list[torch.Tensor]:
+    """``autograd.grad`` with zeros (not None) for inputs the outputs do not depend on."""
+    pairs = [(o, g) for o, g in zip(outputs, grad_outputs, strict=True) if g is not None and o.requires_grad]
+    if not pairs:
+        return [torch.zeros_like(t) for t in inputs]
+    grads = torch.autograd.grad([o for o, _ in pairs], inputs, [g for _, g in pairs], allow_unused=True)
+    return [torch.zeros_like(t) if g is None else g for t, g in zip(inputs, grads, strict=True)]
