@@ -155,10 +155,24 @@ def test_continuous_adjoint_reconstruction_error_shrinks_with_steps():
 
 
 def test_continuous_adjoint_on_the_embedded_model():
-    """AdjointDPM's gradient on the digits DDPM at N = 50 against Full's (float64). The backward ODE amplifies
-    the reconstruction error of this sharp pixel model (x_T rebuilt with ~90% relative error), so agreement
-    depends on the sample: measured per-item cosines 0.87-0.998 (see docs/benchmarks.md). The exact adjoint
-    is backpropagation."""
+    """AdjointDPM's gradient on the digits DDPM at N = 50 against Full's, in the benchmark's setting (docs/
+    benchmarks.md: 4 latents, raise the log-probability of the next digit): cosine > 0.99. The backward ODE
+    amplifies the reconstruction error of this sharp pixel model (x_T is rebuilt with ~60% relative error), so
+    agreement depends on the sample; the exact adjoint is backpropagation."""
+    from sdo.benchmark import BenchConfig, build
+
+    setup = build(BenchConfig(steps=50, batch=4, seed=0), 50)
+    fid = sdo.gradient_fidelity(setup.chain, setup.x, setup.objective,
+                                {"adjoint": "adjoint", "exact": sdo.Adjoint(exact=True)})
+    assert fid["exact"].cosine > 1 - 1e-5 and abs(fid["exact"].norm_ratio - 1) < 1e-4
+    assert fid["adjoint"].cosine > 0.99 and min(fid["adjoint"].item_cosine) > 0.95, fid["adjoint"]
+    assert 0.9 < fid["adjoint"].norm_ratio < 1.1
+    assert reconstruction_error(setup.chain, setup.x)[0] > 0.3  # what limits it
+
+
+def test_continuous_adjoint_agreement_depends_on_the_sample():
+    """Six other latents and targets, in float64: per-item cosines 0.87-0.998 (measured), never near Full's for
+    every sample as the exact adjoint is."""
     from sdo.embedded import load_digits
 
     models = load_digits(dtype=torch.float64)
@@ -169,12 +183,8 @@ def test_continuous_adjoint_on_the_embedded_model():
     def objective(x0):
         return models.classifier(x0).log_softmax(-1)[:, 7]
 
-    fid = sdo.gradient_fidelity(chain, x, objective, {"adjoint": "adjoint", "exact": sdo.Adjoint(exact=True)})
-    assert min(fid["exact"].item_cosine) > 1 - 1e-9
-    cos = fid["adjoint"].item_cosine
+    cos = sdo.gradient_fidelity(chain, x, objective, ["adjoint"])["adjoint"].item_cosine
     assert statistics.median(cos) > 0.95 and max(cos) > 0.99 and min(cos) > 0.8, cos
-    assert 0.5 < fid["adjoint"].norm_ratio < 1.5
-    assert reconstruction_error(chain, x)[0] > 0.3  # what limits it
 
 
 @pytest.mark.parametrize(

@@ -89,3 +89,45 @@ def test_help_and_module_entry_point(capsys):
     with pytest.raises(SystemExit) as exit_info:
         main(["train", "digits", "--help"])
     assert exit_info.value.code == 0 and "--unet-steps" in capsys.readouterr().out
+
+
+def test_bench_writes_its_report_with_the_counted_costs(tmp_path):
+    out = tmp_path / "bench"
+    argv = ["bench", "--quick", "--no-params", "--strategies", "full,sdo,adjoint,reversible", "--sweep", "2,3",
+            "--depths", "1,3", "--output", str(out), "--no-progress"]
+    assert main(argv) == 0
+    for name in ("bench.json", "bench.md", "index.html", "cost.png", "sweep_time.png", "sweep_memory.png", "depth.png"):
+        assert (out / name).is_file() and (out / name).stat().st_size > 0, name
+    results = json.loads((out / "bench.json").read_text())
+    main_rows, n = results["main"], 5
+    assert (main_rows["sdo"]["forward"], main_rows["sdo"]["backward"]) == (n, 1)
+    assert (main_rows["full"]["forward"], main_rows["full"]["backward"]) == (n, n)
+    assert (main_rows["adjoint"]["forward"], main_rows["reversible"]["forward"]) == (2 * n + 1, 4 * n)
+    assert main_rows["sdo"]["time_vs_sdo"] == pytest.approx(1.0)
+    assert main_rows["full"]["saved_mb"] > main_rows["sdo"]["saved_mb"] > 0
+    assert set(results["sweep"]) == {"2", "3"} and set(results["sweep"]["2"]) == {"nograd", "full", "sdo", "adjoint", "reversible"}
+    assert set(results["fidelity"]) == {"sdo", "adjoint", "reversible"}
+    assert -1 <= results["fidelity"]["sdo"]["cosine"] <= 1
+    assert results["depth"]["depths"] == [1, 3] and len(results["depth"]["norms"]["full"]) == 2
+    assert "sdo_time / adjoint_time" in results["derived"]
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["bench", "--strategies", "sdo,bptt"], "unknown strategies"),
+        (["bench", "--sweep", "10,x"], "comma-separated integers"),
+        (["bench", "--steps", "0"], "must be >= 1"),
+    ],
+)
+def test_bench_rejects_bad_arguments(argv, message, capsys):
+    with pytest.raises(SystemExit):
+        main(argv)
+    assert message in capsys.readouterr().err
+
+
+def test_bench_needs_an_existing_config_and_sdo(tmp_path, capsys):
+    assert main(["bench", "--model", str(tmp_path / "missing.json"), "--output", str(tmp_path / "o")]) == 2
+    assert "no such UNet config" in capsys.readouterr().err
+    assert main(["bench", "--strategies", "full,adjoint", "--output", str(tmp_path / "o")]) == 2
+    assert "keep 'sdo'" in capsys.readouterr().err

@@ -1,4 +1,4 @@
-"""The ``sdo`` command: ``sdo demo`` (the main job) and ``sdo train digits``."""
+"""The ``sdo`` command: ``sdo demo`` (the main job), ``sdo bench`` and ``sdo train digits``."""
 
 from __future__ import annotations
 
@@ -77,6 +77,32 @@ def _fresh_folder(prefix: str) -> Path:
     return path
 
 
+def _int_list(text: str) -> tuple[int, ...]:
+    if text.strip().lower() == "none":
+        return ()
+    try:
+        values = tuple(int(v) for v in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+    if any(v < 1 for v in values):
+        raise argparse.ArgumentTypeError(f"values must be >= 1, got {text}")
+    return values
+
+
+def _bench_strategies() -> list[str]:
+    from .benchmark import STRATEGIES
+
+    return list(STRATEGIES)
+
+
+def _name_list(text: str) -> tuple[str, ...]:
+    names = tuple(v.strip() for v in text.split(",") if v.strip())
+    unknown = [n for n in names if n not in _bench_strategies()]
+    if unknown:
+        raise argparse.ArgumentTypeError(f"unknown strategies {unknown}; choose from {', '.join(_bench_strategies())}")
+    return names
+
+
 def _build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="sdo", description="Gradient-based control of diffusion sampling (SDO and its baselines).")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
@@ -98,6 +124,34 @@ def _build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--content-weight", type=_non_negative_float, default=0.3,
                       help="weight of the style task's content term (default 0.3; 0: style alone)")
     demo.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+    bench = sub.add_parser("bench", help="cost and fidelity of every gradient strategy (the paper's Table 3)",
+                           description="Seconds, peak memory, saved bytes, denoiser calls and gradient fidelity of one "
+                           "gradient per strategy, a sweep over N and gradient norms against depth (Fig. 11a); writes "
+                           "bench.json, bench.md, PNGs and index.html.")
+    bench.add_argument("--model", default="digits",
+                       help="'digits' (the embedded UNet, default) or a diffusers UNet2DModel / UNet2DConditionModel "
+                       "config JSON, built with random weights (e.g. an SD-1.5-sized UNet on a GPU)")
+    bench.add_argument("--steps", type=_positive_int, default=None, help="N of the main table (default 50)")
+    bench.add_argument("--batch", type=_positive_int, default=None, help="batch size (default 4)")
+    bench.add_argument("--sweep", type=_int_list, default=None,
+                       help="comma-separated N values of the sweep (default 10,25,50,100,200; 'none' to skip)")
+    bench.add_argument("--strategies", type=_name_list, default=None,
+                       help="comma-separated subset of: " + ", ".join(_bench_strategies()))
+    bench.add_argument("--repeats", type=_positive_int, default=None, help="timed rounds at --steps (default 3)")
+    bench.add_argument("--sweep-repeats", type=_positive_int, default=1, help="timed rounds at other N (default 1)")
+    bench.add_argument("--depths", type=_int_list, default=None,
+                       help="backpropagation depths of the gradient-norm plot (default 1,2,5,10,20,50)")
+    bench.add_argument("--no-params", action="store_true", help="skip the weight-gradient (+params) rows")
+    bench.add_argument("--no-memory", action="store_true", help="skip the memory measurements")
+    bench.add_argument("--device", type=_device, default="cpu", help="torch device (default cpu)")
+    bench.add_argument("--dtype", choices=("float32", "float64", "float16", "bfloat16"), default="float32")
+    bench.add_argument("--threads", type=_positive_int, default=None, help="torch threads (default: torch's)")
+    bench.add_argument("--seed", type=int, default=0, help="seed of the latent, the weights and random draws")
+    bench.add_argument("--output", type=_folder, default=None, help="folder (default: a fresh sdo-bench-<time>)")
+    bench.add_argument("--quick", action="store_true",
+                       help="smoke run: N=5, sweep 2,5, batch 2, one round, depths 1,2,5 (unless given explicitly)")
+    bench.add_argument("--no-progress", action="store_true", help="no progress bars")
 
     train = sub.add_parser("train", help="retrain an embedded model", description="Retrain an embedded model.")
     train_sub = train.add_subparsers(dest="model", required=True, parser_class=_Parser)
@@ -124,6 +178,27 @@ def _demo(args) -> None:
     run_demo(cfg, progress=not args.no_progress)
 
 
+def _bench(args) -> None:
+    import torch
+
+    from .benchmark import BenchConfig, run_bench
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    sizes = _BENCH_QUICK if args.quick else {}
+    sizes = {k: getattr(args, k) if getattr(args, k) is not None else sizes.get(k) for k in _BENCH_QUICK}
+    cfg = BenchConfig(
+        model=args.model, sweep_repeats=args.sweep_repeats, params=not args.no_params, memory=not args.no_memory,
+        device=args.device, dtype=args.dtype, seed=args.seed, output=args.output or _fresh_folder("sdo-bench"),
+        progress=not args.no_progress, **({"strategies": args.strategies} if args.strategies else {}),
+        **{k: v for k, v in sizes.items() if v is not None},
+    )
+    run_bench(cfg)
+
+
+_BENCH_QUICK = {"steps": 5, "sweep": (2, 5), "batch": 2, "repeats": 1, "depths": (1, 2, 5)}
+
+
 def _train_digits(args) -> None:
     import json
 
@@ -146,6 +221,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "demo":
             _demo(args)
+        elif args.command == "bench":
+            _bench(args)
         else:
             _train_digits(args)
     except (ValueError, FileNotFoundError) as err:

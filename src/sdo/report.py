@@ -69,6 +69,12 @@ def plot_curves(
         ax.plot(range(len(values)) if x is None else list(x), list(values), label=name, marker="o" if x else None)
     if "x" in log:
         ax.set_xscale("log")
+        if x is not None:  # label the measured points, not powers of ten
+            from matplotlib.ticker import NullFormatter, ScalarFormatter
+
+            ax.set_xticks(list(x))
+            ax.xaxis.set_major_formatter(ScalarFormatter())
+            ax.xaxis.set_minor_formatter(NullFormatter())
     if "y" in log:
         ax.set_yscale("log")
     ax.set(title=title, xlabel=xlabel, ylabel=ylabel)
@@ -90,6 +96,7 @@ def plot_bars(groups: dict[str, dict[str, float]], path: str | Path, title: str,
             ax.axhline(reference, color="gray", lw=0.8, ls="--")
         ax.set_title(panel, fontsize=9)
         ax.tick_params(axis="x", labelrotation=30, labelsize=8)
+        plt.setp(ax.get_xticklabels(), ha="right", rotation_mode="anchor")
     fig.suptitle(title, fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
