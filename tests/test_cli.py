@@ -110,6 +110,43 @@ def test_bench_writes_its_report_with_the_counted_costs(tmp_path):
     assert -1 <= results["fidelity"]["sdo"]["cosine"] <= 1
     assert results["depth"]["depths"] == [1, 3] and len(results["depth"]["norms"]["full"]) == 2
     assert "sdo_time / adjoint_time" in results["derived"]
+    quality = results["quality"]
+    assert set(quality) == {"plain", "guidance rho=0.05", "guidance rho=0.2", "guidance rho=0.05 r=3",
+                            "sdo, 2 Adam steps lr 0.05"}
+    assert quality["plain"]["mean_abs_change"] == 0
+    assert quality["guidance rho=0.2"]["objective"] < quality["plain"]["objective"]
+    assert (out / "quality.png").is_file()
+
+
+def test_bench_times_a_conditional_unet_built_from_its_config(tmp_path):
+    """The path an SD-1.5-sized UNet takes on a GPU (benchmarks/configs/sd15_unet.json), with a tiny config."""
+    config = {
+        "_class_name": "UNet2DConditionModel", "sample_size": 8, "in_channels": 4, "out_channels": 4,
+        "block_out_channels": [8, 16], "layers_per_block": 1, "norm_num_groups": 4, "cross_attention_dim": 12,
+        "attention_head_dim": 2, "down_block_types": ["CrossAttnDownBlock2D", "DownBlock2D"],
+        "up_block_types": ["UpBlock2D", "CrossAttnUpBlock2D"],
+    }
+    path = tmp_path / "unet.json"
+    path.write_text(json.dumps(config))
+    out = tmp_path / "bench"
+    argv = ["bench", "--model", str(path), "--quick", "--strategies", "full,sdo,adjoint", "--sweep", "none",
+            "--guidance-scales", "none", "--quality-iterations", "0", "--output", str(out), "--no-progress"]
+    assert main(argv) == 0
+    results = json.loads((out / "bench.json").read_text())
+    assert results["meta"]["latent_shape"] == [2, 4, 8, 8]
+    assert results["main"]["adjoint+params"]["forward"] == 11
+    assert results["fidelity"]["adjoint"]["cosine"] > 0.5
+    assert "quality" not in results and results["sweep"] == {}
+
+
+def test_sd15_config_is_a_valid_unet_config():
+    from pathlib import Path
+
+    from diffusers import UNet2DConditionModel
+
+    config = json.loads((Path(__file__).resolve().parents[1] / "benchmarks/configs/sd15_unet.json").read_text())
+    assert UNet2DConditionModel.extract_init_dict(config)[1] == {}  # every key is a constructor argument
+    assert config["block_out_channels"] == [320, 640, 1280, 1280] and config["cross_attention_dim"] == 768
 
 
 @pytest.mark.parametrize(

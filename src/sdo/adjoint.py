@@ -54,12 +54,13 @@ class Adjoint(ConstantMemory):
                 f"Adjoint() rebuilds states by inverting solver steps, but {type(solver).__name__}'s cannot be "
                 f"inverted ({solver._not_invertible_reason()}); use Adjoint(exact=True)"
             )
-        noisy = [i for i in steps if solver.noise_steps()[i]]
+        stochastic = solver.noise_steps()
+        noisy = [i for i in steps if stochastic[i]]
         if noisy:
             raise ValueError(
                 f"Adjoint() integrates the probability-flow ODE, but {type(solver).__name__} adds noise at steps "
                 f"{noisy[:3]}{'...' if len(noisy) > 3 else ''}; use a deterministic solver (DDIM eta=0, "
-                "DPM-Solver++, Euler) or Adjoint(exact=True)"
+                "DPM-Solver++ order 1, Euler) or Adjoint(exact=True)"
             )
 
     def forward(self, chain, x, state, steps):

@@ -19,6 +19,7 @@ import platform
 import shlex
 import statistics
 import sys
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,7 +30,10 @@ from . import bench, report
 from .adjoint import Adjoint, reconstruction_error
 from .chain import Chain
 from .diagnostics import gradient_fidelity, gradient_norm_by_depth
+from .guidance import Guidance
+from .latent import optimize_latent
 from .reversible import Reversible
+from .sampling import sample
 from .strategies import Checkpoint, Full, RandomTruncated, Shortcut, Strategy, Truncated
 
 __all__ = ["BenchConfig", "STRATEGIES", "build", "run_bench"]
@@ -64,6 +68,9 @@ class BenchConfig:
     dtype: str = "float32"
     seed: int = 0
     memory: bool = True  # peak memory and saved bytes
+    guidance_scales: tuple[float, ...] = (0.05, 0.2)  # FreeDoM/UGD step sizes rho of the quality comparison
+    time_travel: int = 3  # the time-travel row's repeats (at the first scale)
+    quality_iterations: int = 10  # Adam steps of SDO latent optimization in the quality comparison (0: skip it)
     output: Path = field(default_factory=lambda: Path("sdo-bench"))
     progress: bool = True
 
@@ -75,6 +82,8 @@ class BenchConfig:
             raise ValueError("the benchmark reports ratios to SDO: keep 'sdo' among the strategies")
         if self.dtype not in ("float32", "float64", "float16", "bfloat16"):
             raise ValueError(f"dtype must be float32, float64, float16 or bfloat16, got {self.dtype!r}")
+        if self.quality_iterations < 0 or self.time_travel < 1:
+            raise ValueError("quality_iterations must be >= 0 and time_travel >= 1")
         if self.model != "digits" and not Path(self.model).is_file():
             raise FileNotFoundError(f"{self.model}: no such UNet config file (or use --model digits)")
         self.output = Path(self.output)
@@ -113,7 +122,9 @@ def build(cfg: BenchConfig, n: int) -> Setup:
         config = json.loads(Path(cfg.model).read_text())
         cls = UNet2DConditionModel if config.get("_class_name") == "UNet2DConditionModel" else UNet2DModel
         torch.manual_seed(cfg.seed)
-        model = cls.from_config(config).to(cfg.device, dtype)
+        model = cls.from_config(config).to(cfg.device)
+        if dtype != torch.float32:
+            model = model.to(dtype)
         scheduler = DDIMScheduler(clip_sample=False)
         cond = {}
         if cls is UNet2DConditionModel:
@@ -245,6 +256,10 @@ def run_bench(cfg: BenchConfig) -> dict:
         setup.chain, setup.x, setup.objective, depths, ("full", "sdo", "truncated"), seed=cfg.seed)}
     save()
 
+    if cfg.quality_iterations or cfg.guidance_scales:
+        results["quality"] = _quality(cfg, setup)
+        save()
+
     results["sweep"], results["sweep_fidelity"] = {}, {}
     for m in cfg.sweep:
         print(f"sweep: N={m}")
@@ -256,6 +271,41 @@ def run_bench(cfg: BenchConfig) -> dict:
     save()
     _write_report(results, cfg)
     return results
+
+
+def _quality(cfg: BenchConfig, setup: Setup) -> dict:
+    """One-step guidance (FreeDoM / UGD) against SDO latent optimization, judged on the samples: the objective,
+    how far each sample moved from the unguided one, the share of pixels outside [-1, 1], and seconds."""
+    with torch.no_grad():
+        plain = sample(setup.chain, setup.x)
+    samples, seconds = {"plain": plain}, {"plain": 0.0}
+    runs = [(f"guidance rho={rho}", Guidance(setup.objective, scale=rho)) for rho in cfg.guidance_scales]
+    if cfg.guidance_scales and cfg.time_travel > 1:
+        rho = cfg.guidance_scales[0]
+        runs.append((f"guidance rho={rho} r={cfg.time_travel}", Guidance(setup.objective, scale=rho,
+                                                                         time_travel=cfg.time_travel)))
+    for label, guidance in runs:
+        began = time.perf_counter()
+        samples[label] = sample(setup.chain, setup.x, guidance=guidance, generator=torch.Generator().manual_seed(cfg.seed))
+        seconds[label] = time.perf_counter() - began
+    if cfg.quality_iterations:
+        label = f"sdo, {cfg.quality_iterations} Adam steps lr 0.05"
+        result = optimize_latent(setup.chain, setup.x, setup.objective, strategy="sdo", iterations=cfg.quality_iterations,
+                                 lr=0.05, progress=False)
+        samples[label], seconds[label] = result.best_sample, result.seconds
+    rows = {}
+    for label, x0 in samples.items():
+        with torch.no_grad():
+            rows[label] = {
+                "objective": float(setup.objective(x0).mean()),
+                "mean_abs_change": float((x0 - plain).abs().mean()),
+                "out_of_range": float((x0.abs() > 1.0 + 1e-3).float().mean()),
+                "seconds": seconds[label],
+            }
+    if setup.x.shape[1] in (1, 3):
+        report.save_grid([(label, x0[:8]) for label, x0 in samples.items()], cfg.output / "quality.png",
+                         title="one-step guidance vs SDO latent optimization")
+    return rows
 
 
 def _sweep_fidelity(cfg: BenchConfig, n: int) -> dict:
@@ -318,6 +368,9 @@ def _write_report(results: dict, cfg: BenchConfig) -> None:
             report.plot_curves({s: [max(sweep[str(m)][s]["peak_mb"], 1e-3) for m in ns] for s in ["nograd", *strategies]},
                                out / "sweep_memory.png", "peak memory", "N (steps)", "MB", x=ns, log="xy")
             sweep_images.append("sweep_memory.png")
+    quality = results.get("quality", {})
+    quality_header = ["sample", "objective", "mean |x0 - plain x0|", "pixels outside [-1, 1]", "seconds"]
+    quality_rows = [[k, v["objective"], v["mean_abs_change"], v["out_of_range"], v["seconds"]] for k, v in quality.items()]
     fid_rows = []
     for m in ns:
         fid = results.get("sweep_fidelity", {}).get(str(m), {})
@@ -345,6 +398,9 @@ def _write_report(results: dict, cfg: BenchConfig) -> None:
         depth_rows = [[s, *v] for s, v in depth["norms"].items()]
         lines += ["## Gradient norm vs depth", "", "```", report.format_table(["strategy", *map(str, depth["depths"])], depth_rows),
                   "```", ""]
+    if quality_rows:
+        lines += ["## One-step guidance against SDO, on quality", "", "```",
+                  report.format_table(quality_header, quality_rows), "```", ""]
     lines += ["## Derived", "", *[f"- {k}: {v:.3f}" for k, v in results.get("derived", {}).items()], ""]
     (out / "bench.md").write_text("\n".join(lines))
     report.write_index(out / "index.html", "sdo bench", [
@@ -352,6 +408,8 @@ def _write_report(results: dict, cfg: BenchConfig) -> None:
         {"heading": "sweep over N", "table": (sweep_header, sweep_rows) if sweep_rows else None, "images": sweep_images},
         {"heading": "gradient agreement with Full against N", "table": (fid_header, fid_rows) if fid_rows else None},
         {"heading": "gradient norm vs depth", "images": depth_images},
+        {"heading": "one-step guidance against SDO, on quality", "table": (quality_header, quality_rows) if quality_rows
+         else None, "images": ["quality.png"] if (out / "quality.png").exists() else []},
     ])
     print(f"\n{report.format_table(header, rows)}\n\nwrote {out}/bench.json, bench.md, index.html and plots")
 

@@ -89,6 +89,15 @@ def _int_list(text: str) -> tuple[int, ...]:
     return values
 
 
+def _float_list(text: str) -> tuple[float, ...]:
+    if text.strip().lower() == "none":
+        return ()
+    try:
+        return tuple(_non_negative_float(v) for v in text.split(","))
+    except argparse.ArgumentTypeError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers >= 0, got {text!r}") from None
+
+
 def _bench_strategies() -> list[str]:
     from .benchmark import STRATEGIES
 
@@ -144,6 +153,10 @@ def _build_parser() -> argparse.ArgumentParser:
                        help="backpropagation depths of the gradient-norm plot (default 1,2,5,10,20,50)")
     bench.add_argument("--no-params", action="store_true", help="skip the weight-gradient (+params) rows")
     bench.add_argument("--no-memory", action="store_true", help="skip the memory measurements")
+    bench.add_argument("--guidance-scales", type=_float_list, default=(0.05, 0.2),
+                       help="FreeDoM/UGD step sizes of the quality comparison (default 0.05,0.2; 'none' to skip)")
+    bench.add_argument("--quality-iterations", type=int, default=None,
+                       help="Adam steps of SDO in the quality comparison (default 10; 0 to skip)")
     bench.add_argument("--device", type=_device, default="cpu", help="torch device (default cpu)")
     bench.add_argument("--dtype", choices=("float32", "float64", "float16", "bfloat16"), default="float32")
     bench.add_argument("--threads", type=_positive_int, default=None, help="torch threads (default: torch's)")
@@ -188,7 +201,7 @@ def _bench(args) -> None:
     sizes = _BENCH_QUICK if args.quick else {}
     sizes = {k: getattr(args, k) if getattr(args, k) is not None else sizes.get(k) for k in _BENCH_QUICK}
     cfg = BenchConfig(
-        model=args.model, sweep_repeats=args.sweep_repeats, params=not args.no_params, memory=not args.no_memory,
+        model=args.model, sweep_repeats=args.sweep_repeats, guidance_scales=args.guidance_scales, params=not args.no_params, memory=not args.no_memory,
         device=args.device, dtype=args.dtype, seed=args.seed, output=args.output or _fresh_folder("sdo-bench"),
         progress=not args.no_progress, **({"strategies": args.strategies} if args.strategies else {}),
         **{k: v for k, v in sizes.items() if v is not None},
@@ -196,7 +209,7 @@ def _bench(args) -> None:
     run_bench(cfg)
 
 
-_BENCH_QUICK = {"steps": 5, "sweep": (2, 5), "batch": 2, "repeats": 1, "depths": (1, 2, 5)}
+_BENCH_QUICK = {"steps": 5, "sweep": (2, 5), "batch": 2, "repeats": 1, "depths": (1, 2, 5), "quality_iterations": 2}
 
 
 def _train_digits(args) -> None:

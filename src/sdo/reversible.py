@@ -58,7 +58,8 @@ class Reversible(ConstantMemory):
                 f"Reversible() inverts solver steps, but {type(solver).__name__}'s cannot be inverted "
                 f"({solver._not_invertible_reason()})"
             )
-        if any(solver.noise_steps()[i] for i in steps):
+        stochastic = solver.noise_steps()
+        if any(stochastic[i] for i in steps):
             raise ValueError(f"Reversible() needs a deterministic solver; {type(solver).__name__} adds noise")
         y = x
         for i in steps:

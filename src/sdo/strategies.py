@@ -14,7 +14,13 @@ name                 denoiser calls with a graph                  reference
 ``random-truncated`` the last k, k ~ U{low..high} per trajectory  AlignProp (Prabhudesai et al., 2023)
 ``sdo``              one: the first step run, a random one, or a  SDO (Dou et al., 2025), Eqs. 18-20
                      given one
+``adjoint``          none in forward; one step at a time in       AdjointDPM (Pan et al., 2024); see
+                     backward, at states rebuilt (or stored)      :mod:`sdo.adjoint`
+``reversible``       none in forward; one EDICT step at a time    DOODL (Wallace et al., 2023); see
+                     in backward, at states rebuilt exactly       :mod:`sdo.reversible`
 ===================  ===========================================  =========================================
+
+The last two subclass :class:`ConstantMemory`: a forward pass without a graph and a hand-written backward.
 
 For the latent of the first step, ``Shortcut`` gives Eq. 19: dJ/dx0 * (prod of the later solver updates'
 Jacobians with model outputs held fixed) * dx_{i+1}/dx_i; for parameters at step i', Eq. 20.
@@ -27,6 +33,8 @@ from typing import Any, Callable, ClassVar
 
 import torch
 from torch.utils.checkpoint import checkpoint
+
+from .denoiser import _map
 
 __all__ = [
     "Strategy",
@@ -201,9 +209,9 @@ class ConstantMemory(Strategy):
     """Base of strategies with a hand-written backward pass (:class:`~sdo.Adjoint`, :class:`~sdo.Reversible`):
     the forward pass runs without a graph and :meth:`backward` recomputes what it needs.
 
-    Gradients reach the latent and ``params``: by default every parameter of the chain's model that requires
-    grad (like torchdiffeq's ``adjoint_params``); pass an explicit list (LoRA weights, a prompt embedding used in
-    ``cond``) to restrict or extend it, or ``()`` for the latent only.
+    Gradients reach the latent and ``params``: by default every parameter of the chain's model and every
+    conditioning tensor (``cond``, ``uncond``) that requires grad, as with :class:`Full`; pass an explicit list
+    (like torchdiffeq's ``adjoint_params``) to restrict it, or ``()`` for the latent only.
     """
 
     def __init__(self, params: Sequence[torch.Tensor] | None = None):
@@ -212,8 +220,13 @@ class ConstantMemory(Strategy):
     def _params(self, chain) -> tuple[torch.Tensor, ...]:
         if self.params is not None:
             return self.params
-        parameters = getattr(chain.denoiser.model, "parameters", None)
-        return tuple(p for p in parameters() if p.requires_grad) if parameters is not None else ()
+        denoiser = chain.denoiser
+        parameters = getattr(denoiser.model, "parameters", None)
+        found = [p for p in parameters() if p.requires_grad] if parameters is not None else []
+        for value in (denoiser.cond, denoiser.uncond or {}):  # e.g. a prompt embedding being optimized
+            _map(lambda t: found.append(t) if t.requires_grad else None, value)
+        unique = {id(t): t for t in found}
+        return tuple(unique.values())
 
     def run(self, chain, x, state, steps):
         params = self._params(chain) if torch.is_grad_enabled() else ()
