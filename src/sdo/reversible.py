@@ -78,24 +78,27 @@ class Reversible(ConstantMemory):
             grad_x = grad_x + (1 - p) * grad_y
             grad_y_inter = p * grad_y + (1 - p) * grad_x
             grad_x_inter = p * grad_x
-            with torch.enable_grad():
-                # y_inter = S(y, D(x_inter)): rebuild y, then backpropagate into y, x_inter and params
-                x_inter_var = x_inter.detach().requires_grad_(True)
-                e1 = chain.denoise(i, x_inter_var)
-                y = chain.solver.invert(i, y_inter, e1.detach(), state)
-                y_var = y.detach().requires_grad_(True)
-                g = vjp([chain.update(i, y_var, e1, state)[0]], [y_var, x_inter_var, *params], [grad_y_inter])
-                grad_y, grad_x_inter = g[0], grad_x_inter + g[1]
-                _accumulate(grad_params, g[2:])
-                # x_inter = S(x, D(y)): rebuild x, then backpropagate into x, y and params
-                e0 = chain.denoise(i, y_var)
-                x = chain.solver.invert(i, x_inter, e0.detach(), state)
-                x_var = x.detach().requires_grad_(True)
-                g = vjp([chain.update(i, x_var, e0, state)[0]], [x_var, y_var, *params], [grad_x_inter])
-                grad_x, grad_y = g[0], grad_y + g[1]
-                _accumulate(grad_params, g[2:])
-            x, y = x.detach(), y.detach()
+            # y_inter = S(y, D(x_inter)): rebuild y; backpropagate into y, x_inter and params
+            y, grad_y, grad, grads = _undo_half(chain, i, state, y_inter, x_inter, grad_y_inter, params)
+            grad_x_inter = grad_x_inter + grad
+            _accumulate(grad_params, grads)
+            # x_inter = S(x, D(y)): rebuild x; backpropagate into x, y and params
+            x, grad_x, grad, grads = _undo_half(chain, i, state, x_inter, y, grad_x_inter, params)
+            grad_y = grad_y + grad
+            _accumulate(grad_params, grads)
         return grad_x + grad_y, grad_params  # both sequences start at the latent
+
+
+def _undo_half(chain, i, state, z_out, w, grad_z_out, params):
+    """For one half of an EDICT step, ``z_out = S_i(z, D_i(w))``: rebuild z (exactly, given w), and carry
+    ``grad_z_out`` back to z, w and ``params`` through the graph of that same denoiser evaluation."""
+    with torch.enable_grad():
+        w = w.detach().requires_grad_(True)
+        out = chain.denoise(i, w)
+        z = chain.solver.invert(i, z_out, out.detach(), state).detach()
+        z_var = z.clone().requires_grad_(True)
+        grads = vjp([chain.update(i, z_var, out, state)[0]], [z_var, w, *params], [grad_z_out])
+    return z, grads[0], grads[1], grads[2:]
 
 
 def _accumulate(total: list[torch.Tensor], grads) -> None:
