@@ -102,7 +102,8 @@ def gradient_norm_by_depth(
     """Fig. 11a of the SDO paper: the norm of the gradient of ``objective(x0)`` with respect to the latent
     ``d`` steps before the end of the chain (the latent at step ``N - d``, reached from ``x`` by no-grad
     sampling), for each depth ``d``. Returns, per strategy, the mean over the batch of the per-item norms.
-    Backpropagation's norm typically grows with depth; SDO's follows the skip path only."""
+    In the paper backpropagation's norm explodes with depth while SDO's stays flat; on the embedded digits
+    model it is the other way round (docs/benchmarks.md), so measure it for the model at hand."""
     n = len(chain)
     for d in depths:
         if isinstance(d, bool) or not isinstance(d, int) or not 1 <= d <= n:
