@@ -181,8 +181,7 @@ def _profile(setup: Setup, job: Callable, cfg: BenchConfig) -> dict:
     return row
 
 
-def _measure(cfg: BenchConfig, n: int, labels: list[str], repeats: int) -> dict[str, dict]:
-    setup = build(cfg, n)
+def _measure(setup: Setup, cfg: BenchConfig, n: int, labels: list[str], repeats: int) -> dict[str, dict]:
     jobs = {label: _job(setup, label, n, cfg) for label in labels}
     times = bench.time_jobs(jobs, repeats=repeats, device=cfg.device, progress=cfg.progress)
     rows = {}
@@ -243,7 +242,7 @@ def run_bench(cfg: BenchConfig) -> dict:
     if cfg.params:
         labels += [f"{s}+params" for s in cfg.strategies]
     print(f"{setup.description}; {results['meta']['model_params']:,} params; latent {tuple(setup.x.shape)}; N={n}")
-    results["main"] = _measure(cfg, n, labels, cfg.repeats)
+    results["main"] = _measure(setup, cfg, n, labels, cfg.repeats)
     _ratios({k: v for k, v in results["main"].items() if not k.endswith("+params")})
     _ratios({k.removesuffix("+params"): v for k, v in results["main"].items() if k.endswith("+params")})
     save()
@@ -263,9 +262,10 @@ def run_bench(cfg: BenchConfig) -> dict:
     results["sweep"], results["sweep_fidelity"] = {}, {}
     for m in cfg.sweep:
         print(f"sweep: N={m}")
-        rows = results["main"] if m == n else _measure(cfg, m, ["nograd", *cfg.strategies], cfg.sweep_repeats)
+        swept = setup if m == n else build(cfg, m)
+        rows = results["main"] if m == n else _measure(swept, cfg, m, ["nograd", *cfg.strategies], cfg.sweep_repeats)
         results["sweep"][str(m)] = {k: v for k, v in rows.items() if not k.endswith("+params")}
-        results["sweep_fidelity"][str(m)] = _sweep_fidelity(cfg, m)
+        results["sweep_fidelity"][str(m)] = _sweep_fidelity(swept, cfg, m)
         save()
     results["derived"] = _derived(results, cfg)
     save()
@@ -308,9 +308,8 @@ def _quality(cfg: BenchConfig, setup: Setup) -> dict:
     return rows
 
 
-def _sweep_fidelity(cfg: BenchConfig, n: int) -> dict:
+def _sweep_fidelity(setup: Setup, cfg: BenchConfig, n: int) -> dict:
     """How SDO's and the continuous adjoint's gradients, and the adjoint's rebuilt x_T, depend on N."""
-    setup = build(cfg, n)
     named = {s: STRATEGIES[s](n, cfg.seed) for s in ("sdo", "adjoint") if s in cfg.strategies}
     out = {k: dataclasses.asdict(v) for k, v in gradient_fidelity(setup.chain, setup.x, setup.objective, named).items()}
     if "adjoint" in named:
