@@ -10,6 +10,7 @@ from .chain import Chain
 from .denoiser import Denoiser
 from .diagnostics import Fidelity, gradient_fidelity, gradient_norm_by_depth
 from .guidance import Guidance
+from .inversion import invert, round_trip_error
 from .latent import LatentResult, LinfBall, optimize_latent
 from .sampling import sample
 from .reversible import Reversible, edict_step
@@ -51,6 +52,8 @@ __all__ = [
     "available_strategies",
     "sample",
     "Guidance",
+    "invert",
+    "round_trip_error",
     "gradient_fidelity",
     "gradient_norm_by_depth",
     "Fidelity",

@@ -27,6 +27,8 @@ from dataclasses import replace
 
 import torch
 
+from .inversion import check_ode, rebuild, rebuilt_states
+from .sampling import step_range
 from .strategies import ConstantMemory, register_strategy, vjp
 
 __all__ = ["Adjoint", "reconstruction_error"]
@@ -46,22 +48,8 @@ class Adjoint(ConstantMemory):
         self.exact = bool(exact)
 
     def _check(self, chain, steps) -> None:
-        solver = chain.solver
-        if self.exact:
-            return
-        if not solver.invertible:
-            raise ValueError(
-                f"Adjoint() rebuilds states by inverting solver steps, but {type(solver).__name__}'s cannot be "
-                f"inverted ({solver._not_invertible_reason()}); use Adjoint(exact=True)"
-            )
-        stochastic = solver.noise_steps()
-        noisy = [i for i in steps if stochastic[i]]
-        if noisy:
-            raise ValueError(
-                f"Adjoint() integrates the probability-flow ODE, but {type(solver).__name__} adds noise at steps "
-                f"{noisy[:3]}{'...' if len(noisy) > 3 else ''}; use a deterministic solver (DDIM eta=0, "
-                "DPM-Solver++ order 1, Euler) or Adjoint(exact=True)"
-            )
+        if not self.exact:
+            check_ode(chain, steps, "Adjoint() (use Adjoint(exact=True) for any solver)")
 
     def forward(self, chain, x, state, steps):
         self._check(chain, steps)
@@ -112,21 +100,9 @@ class Adjoint(ConstantMemory):
         return grads[0], out.detach(), grads[1:]
 
 
-def rebuild(chain, i: int, x_next: torch.Tensor, out_next: torch.Tensor | None, state) -> torch.Tensor:
-    """x_i from x_{i+1}: step i inverted with the denoiser evaluated at x_{i+1} at its own noise level, i.e. the
-    output of step i+1 at x_{i+1} (an explicit Euler step of the probability-flow ODE run backwards). After the
-    chain's last step, where no step follows, step i's own timestep stands in (as DDIM inversion does)."""
-    with torch.no_grad():
-        if out_next is None:
-            out_next = chain.denoise(min(i + 1, len(chain) - 1), x_next)
-        return chain.solver.invert(i, x_next, out_next, state)
-
-
 def reconstruction_error(chain, x: torch.Tensor, *, start: int = 0, generator=None) -> list[float]:
     """How far :class:`Adjoint`'s rebuilt states are from the sampled ones: the relative error
     ``|x_i_rebuilt - x_i| / |x_i|`` for every step ``i`` from ``start``, latent first. Costs 2 sampling passes."""
-    from .sampling import step_range
-
     steps = step_range(chain, start)
     with torch.no_grad():
         state = chain.init_state(x, generator)
@@ -134,10 +110,8 @@ def reconstruction_error(chain, x: torch.Tensor, *, start: int = 0, generator=No
         sampled = [x]
         for i in steps:
             sampled.append(chain.step(i, sampled[-1], state)[0])
-        x_i, out, errors = sampled[-1], None, []
-        for i in reversed(steps):
-            x_i = rebuild(chain, i, x_i, out, state)
-            out = chain.denoise(i, x_i)
+        errors = []
+        for i, x_i in rebuilt_states(chain, sampled[-1], steps, state):
             truth = sampled[i - steps.start]
             errors.append(float((x_i - truth).norm() / truth.norm()))
     return errors[::-1]

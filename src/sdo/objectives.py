@@ -11,7 +11,7 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import nn
 
-__all__ = ["ClassifierMargin", "GramStyle", "FeatureMatch", "WeightedSum", "gram_matrix"]
+__all__ = ["ClassifierMargin", "ClassifierCrossEntropy", "GramStyle", "FeatureMatch", "Fidelity", "WeightedSum", "gram_matrix"]
 
 
 class ClassifierMargin:
@@ -29,6 +29,33 @@ class ClassifierMargin:
         true = logits.gather(1, self.labels[:, None]).squeeze(1)
         others = logits.scatter(1, self.labels[:, None], float("-inf")).amax(dim=1)
         return torch.relu(true - others + self.margin)
+
+
+class ClassifierCrossEntropy:
+    """Cross-entropy of ``classifier(x0)`` against ``labels`` per item (targeted adversarial generation: the
+    labels are the classes to reach)."""
+
+    def __init__(self, classifier: nn.Module, labels: torch.Tensor):
+        self.classifier, self.labels = classifier, labels
+
+    def __call__(self, x0: torch.Tensor) -> torch.Tensor:
+        return nn.functional.cross_entropy(self.classifier(x0), self.labels.to(x0.device), reduction="none")
+
+
+class Fidelity:
+    """Distance to a reference image per item (Eq. 23's fidelity term): the mean of ``|x0 - reference|^p``,
+    ``p`` = 1 (L1) or 2 (squared L2); ``reference`` of batch 1 or the batch's size."""
+
+    def __init__(self, reference: torch.Tensor, p: int = 1):
+        if p not in (1, 2):
+            raise ValueError(f"p must be 1 or 2, got {p}")
+        self.reference, self.p = reference.detach(), p
+
+    def __call__(self, x0: torch.Tensor) -> torch.Tensor:
+        if self.reference.shape[1:] != x0.shape[1:] or self.reference.shape[0] not in (1, x0.shape[0]):
+            raise ValueError(f"reference of shape {tuple(self.reference.shape)} does not match x0 {tuple(x0.shape)}")
+        diff = (x0 - self.reference.to(x0)).abs()
+        return (diff if self.p == 1 else diff**2).flatten(1).mean(dim=1)
 
 
 def gram_matrix(features: torch.Tensor) -> torch.Tensor:

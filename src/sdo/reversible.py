@@ -24,6 +24,7 @@ from collections.abc import Sequence
 
 import torch
 
+from .inversion import check_ode
 from .strategies import ConstantMemory, register_strategy, vjp
 
 __all__ = ["Reversible", "edict_step"]
@@ -52,15 +53,7 @@ class Reversible(ConstantMemory):
         self.p = float(p)
 
     def forward(self, chain, x, state, steps):
-        solver = chain.solver
-        if not solver.invertible:
-            raise ValueError(
-                f"Reversible() inverts solver steps, but {type(solver).__name__}'s cannot be inverted "
-                f"({solver._not_invertible_reason()})"
-            )
-        stochastic = solver.noise_steps()
-        if any(stochastic[i] for i in steps):
-            raise ValueError(f"Reversible() needs a deterministic solver; {type(solver).__name__} adds noise")
+        check_ode(chain, steps, "Reversible()")
         y = x
         for i in steps:
             x, y = edict_step(chain, i, x, y, state, self.p)
