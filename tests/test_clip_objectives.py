@@ -8,7 +8,7 @@ import torch
 from diffusers import DDIMScheduler, DPMSolverMultistepScheduler
 from helpers import TinyNet
 from safetensors.torch import save_file
-from transformers import CLIPConfig, CLIPModel, CLIPTokenizer
+from transformers import CLIPConfig, CLIPModel, CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
 import sdo
 from sdo.clip import AestheticScore, ClipPreprocess, CLIPGramStyle, CLIPTextSimilarity, clip_hidden_states
@@ -26,7 +26,9 @@ def tokenizer(tmp_path_factory):
         vocab[c + "</w>"] = len(vocab)
     (folder / "vocab.json").write_text(json.dumps(vocab))
     (folder / "merges.txt").write_text("#version: 0.2\n")
-    return CLIPTokenizer(str(folder / "vocab.json"), str(folder / "merges.txt"))
+    tokenizer = CLIPTokenizer(str(folder / "vocab.json"), str(folder / "merges.txt"))
+    tokenizer.model_max_length = 16
+    return tokenizer
 
 
 @pytest.fixture(scope="module")
@@ -189,3 +191,69 @@ def test_inversion_refuses_solvers_it_cannot_run_backwards():
     chain = sdo.Chain.from_diffusers(TinyNet(), DDIMScheduler(clip_sample=False), 4, eta=0.5)
     with pytest.raises(ValueError, match="adds noise"):
         invert(chain, torch.zeros(1, 2, 4, 4))
+
+
+@pytest.fixture(scope="module")
+def tiny_sd(tokenizer):
+    """Stable Diffusion's parts, tiny: a text-conditioned UNet, a VAE (8x8 latents for 16x16 images) and a text
+    encoder, all built from config with fixed seeds."""
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+
+    torch.manual_seed(0)
+    unet = UNet2DConditionModel(
+        sample_size=8, in_channels=4, out_channels=4, block_out_channels=(8, 16), layers_per_block=1,
+        norm_num_groups=4, cross_attention_dim=12, attention_head_dim=2,
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+    ).eval().requires_grad_(False)
+    vae = AutoencoderKL(
+        in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(8, 16), norm_num_groups=4,
+        down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"), up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
+        scaling_factor=0.18215,
+    ).eval().requires_grad_(False)
+    text_encoder = CLIPTextModel(CLIPTextConfig(
+        vocab_size=len(tokenizer), hidden_size=12, intermediate_size=24, num_hidden_layers=2, num_attention_heads=2,
+        max_position_embeddings=32, bos_token_id=0, eos_token_id=1, pad_token_id=1,
+    )).eval().requires_grad_(False)
+    return unet, vae, text_encoder
+
+
+def test_vae_decoder_inside_the_graph(tiny_sd):
+    _, vae, _ = tiny_sd
+    latents = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    plain, ckpt = sdo.VAEDecoder(vae), sdo.VAEDecoder(vae, checkpoint=True)
+    assert plain.scaling_factor == pytest.approx(0.18215)
+    torch.testing.assert_close(plain(latents), vae.decode(latents / 0.18215).sample)
+    grads = []
+    for decoder in (plain, ckpt):
+        x = latents.clone().requires_grad_(True)
+        (g,) = torch.autograd.grad(decoder(x).pow(2).sum(), x)
+        grads.append(g)
+    _assert_useful_gradient(grads[0])
+    torch.testing.assert_close(grads[1], grads[0])  # checkpointing changes memory, not the gradient
+    with pytest.raises(ValueError, match="scaling_factor"):
+        sdo.VAEDecoder(vae, scaling_factor=0)
+
+
+def test_text_guided_edit_of_a_real_image_in_latent_space(clip, tokenizer, tiny_sd):
+    """Eq. 23 end to end on tiny SD parts: encode an image with the VAE, DDIM-invert it to an intermediate
+    step, then optimize that latent with SDO on CLIP similarity to a prompt plus lambda * L1 fidelity to the
+    image, through the decoder, under classifier-free guidance: 3 iterations lower the loss."""
+    unet, vae, text_encoder = tiny_sd
+    cond, uncond = sdo.encode_prompts(text_encoder, tokenizer, ["a thick seven"])
+    assert cond["encoder_hidden_states"].shape == (1, 16, 12)
+    chain = sdo.Chain.from_diffusers(unet, DDIMScheduler(clip_sample=False), 10, cond=cond, uncond=uncond,
+                                     guidance_scale=3.0)
+    image = _images(batch=1, channels=3, size=16, seed=3)
+    with torch.no_grad():
+        latents = vae.encode(image).latent_dist.mean * vae.config.scaling_factor
+    start = 4
+    x_start = sdo.invert(chain, latents, start=start)
+    decode = sdo.VAEDecoder(vae)
+    objective = sdo.decoded(
+        sdo.objectives.WeightedSum([(1.0, CLIPTextSimilarity(clip, "a thick seven", tokenizer)), (0.7, Fidelity(image))]),
+        decode,
+    )
+    result = sdo.optimize_latent(chain, x_start, objective, strategy="sdo", start=start, iterations=3, lr=0.1,
+                                 progress=False)
+    assert result.losses[-1] < result.losses[0], result.losses
+    assert result.sample.shape == latents.shape

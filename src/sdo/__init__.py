@@ -8,12 +8,12 @@
 from .adjoint import Adjoint
 from .chain import Chain
 from .denoiser import Denoiser
-from .diagnostics import Fidelity, gradient_fidelity, gradient_norm_by_depth
+from .diagnostics import GradientFidelity, gradient_fidelity, gradient_norm_by_depth
 from .guidance import Guidance
 from .inversion import invert, round_trip_error
 from .latent import LatentResult, LinfBall, optimize_latent
-from .sampling import sample
 from .reversible import Reversible, edict_step
+from .sampling import sample
 from .solvers import SUPPORTED_SCHEDULERS, Solver, SolverState, solver_from_scheduler
 from .strategies import (
     Checkpoint,
@@ -27,6 +27,7 @@ from .strategies import (
     get_strategy,
     register_strategy,
 )
+from .vae import VAEDecoder, decoded, encode_prompts
 
 __version__ = "0.1.0"
 
@@ -53,10 +54,13 @@ __all__ = [
     "sample",
     "Guidance",
     "invert",
+    "VAEDecoder",
+    "decoded",
+    "encode_prompts",
     "round_trip_error",
     "gradient_fidelity",
     "gradient_norm_by_depth",
-    "Fidelity",
+    "GradientFidelity",
     "optimize_latent",
     "LatentResult",
     "LinfBall",

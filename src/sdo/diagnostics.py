@@ -12,7 +12,7 @@ from .chain import Chain
 from .sampling import sample, step_range
 from .strategies import Strategy, get_strategy
 
-__all__ = ["Fidelity", "strategy_gradient", "gradient_fidelity", "gradient_norm_by_depth"]
+__all__ = ["GradientFidelity", "strategy_gradient", "gradient_fidelity", "gradient_norm_by_depth"]
 
 StrategySpec = str | Strategy
 
@@ -46,7 +46,7 @@ def strategy_gradient(
 
 
 @dataclass(frozen=True)
-class Fidelity:
+class GradientFidelity:
     """Agreement of a gradient ``g`` with the reference gradient ``r`` (Full's)."""
 
     cosine: float  # cos(g, r) over everything (latent, then params), flattened
@@ -54,11 +54,11 @@ class Fidelity:
     item_cosine: tuple[float, ...]  # per batch item, for the latent's gradient
 
 
-def _fidelity(grads: list[torch.Tensor], reference: list[torch.Tensor]) -> Fidelity:
+def _fidelity(grads: list[torch.Tensor], reference: list[torch.Tensor]) -> GradientFidelity:
     flat = [torch.cat([g.flatten() for g in gs]).double() for gs in (grads, reference)]
     cos = torch.nn.functional.cosine_similarity(flat[0], flat[1], dim=0)
     items = torch.nn.functional.cosine_similarity(grads[0].flatten(1).double(), reference[0].flatten(1).double(), dim=1)
-    return Fidelity(float(cos), float(flat[0].norm() / flat[1].norm()), tuple(items.tolist()))
+    return GradientFidelity(float(cos), float(flat[0].norm() / flat[1].norm()), tuple(items.tolist()))
 
 
 def gradient_fidelity(
@@ -71,7 +71,7 @@ def gradient_fidelity(
     params: Sequence[torch.Tensor] = (),
     start: int = 0,
     seed: int = 0,
-) -> dict[str, Fidelity]:
+) -> dict[str, GradientFidelity]:
     """For each strategy, the cosine similarity and norm ratio of its gradient (for ``x`` and ``params``) to
     the ``reference`` strategy's (Full backpropagation by default), on the same latent and noise.
 
