@@ -257,3 +257,94 @@ def test_text_guided_edit_of_a_real_image_in_latent_space(clip, tokenizer, tiny_
                                  progress=False)
     assert result.losses[-1] < result.losses[0], result.losses
     assert result.sample.shape == latents.shape
+
+
+@pytest.fixture(scope="module")
+def pipeline_folder(tiny_sd, tokenizer, tmp_path_factory):
+    """The tiny parts saved as a diffusers StableDiffusionPipeline folder (with SD's default PNDM scheduler)."""
+    from diffusers import PNDMScheduler, StableDiffusionPipeline
+
+    unet, vae, text_encoder = tiny_sd
+    folder = tmp_path_factory.mktemp("pipeline")
+    StableDiffusionPipeline(
+        unet=unet, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, scheduler=PNDMScheduler(skip_prk_steps=True, steps_offset=1),
+        safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+    ).save_pretrained(folder)
+    return folder
+
+
+@pytest.mark.parametrize("task", ["edit", "style", "aesthetic"])
+def test_tasks_on_a_pipeline_folder_lower_their_loss(pipeline_folder, clip, tokenizer, tmp_path, task):
+    from sdo import tasks
+
+    pipe = tasks.load_pipeline(pipeline_folder)
+    assert pipe.image_size == 16
+    image = _images(batch=1, channels=3, size=16, seed=4)
+    common = dict(steps=10, iterations=3, lr=0.1, progress=False, guidance_scale=2.0)
+    if task == "edit":
+        out = tasks.edit(pipe, clip, tokenizer, image, "a thick seven", **common)
+        assert out.metrics["inversion_round_trip_error"] >= 0
+        assert {"clip_similarity_after", "l1_to_image_after"} <= set(out.metrics)
+    elif task == "style":
+        out = tasks.style(pipe, clip, image, "a thick seven", **common)
+        assert out.metrics["style_loss_after"] >= 0
+    else:
+        head = tmp_path / "head.safetensors"
+        save_file({"weight": torch.randn(1, 8, generator=torch.Generator().manual_seed(0)), "bias": torch.tensor([5.0])},
+                  str(head))
+        out = tasks.aesthetic(pipe, clip, head, "a thick seven", image=image, **common)
+        assert 1 <= out.metrics["aesthetic_after"] <= 10
+    losses = out.optimization.losses
+    assert losses[-1] < losses[0], losses
+    assert out.before.shape == out.after.shape == (1, 3, 16, 16)
+    assert 0 <= out.metrics["start_step"] < 10 and abs(out.metrics["start_t"] - 600) <= 100
+
+
+def test_load_pipeline_errors(tmp_path):
+    from sdo import tasks
+
+    with pytest.raises(FileNotFoundError, match="does not download"):
+        tasks.load_pipeline("some-org/some-model")
+    with pytest.raises(FileNotFoundError, match="model_index.json"):
+        tasks.load_pipeline(tmp_path)
+    with pytest.raises(FileNotFoundError, match="no such image"):
+        tasks.load_image(tmp_path / "missing.png", 16)
+
+
+@pytest.mark.parametrize("task", ["edit", "style", "aesthetic"])
+def test_task_commands_write_their_outputs(pipeline_folder, clip, tokenizer, tmp_path, task):
+    from PIL import Image
+
+    from sdo.cli import main
+
+    clip_folder = tmp_path / "clip"
+    clip.save_pretrained(clip_folder)
+    tokenizer.save_pretrained(clip_folder)
+    image = tmp_path / "image.png"
+    Image.fromarray((torch.rand(20, 24, 3, generator=torch.Generator().manual_seed(0)) * 255).byte().numpy()).save(image)
+    out = tmp_path / "out"
+    argv = [task, "a thick seven", "--model", str(pipeline_folder), "--clip", str(clip_folder), "--steps", "10",
+            "--iterations", "2", "--lr", "0.1", "--output", str(out), "--no-progress"]
+    if task == "edit":
+        argv += ["--image", str(image)]
+    if task == "style":
+        argv += ["--reference", str(image)]
+    if task == "aesthetic":
+        head = tmp_path / "head.safetensors"
+        save_file({"weight": torch.ones(1, 8), "bias": torch.tensor([5.0])}, str(head))
+        argv += ["--head", str(head)]
+    assert main(argv) == 0
+    for name in ("before_after.png", "loss.png", "metrics.json"):
+        assert (out / name).is_file(), name
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert len(metrics["losses"]) == 2 and metrics["command"] == task
+
+
+def test_task_commands_fail_clearly(tmp_path, capsys):
+    from sdo.cli import main
+
+    assert main(["edit", "x", "--model", str(tmp_path / "none"), "--clip", str(tmp_path), "--image", "a.png"]) == 2
+    assert "no such pipeline folder" in capsys.readouterr().err
+    assert main(["style", "x", "--model", str(tmp_path), "--clip", str(tmp_path), "--reference", "a.png",
+                 "--strategy", "bptt"]) == 2
+    assert "unknown strategy" in capsys.readouterr().err

@@ -1,4 +1,5 @@
-"""The ``sdo`` command: ``sdo demo`` (the main job), ``sdo bench`` and ``sdo train digits``."""
+"""The ``sdo`` command: ``sdo demo`` (the main job), ``sdo bench``, ``sdo edit | style | aesthetic`` and
+``sdo train digits``."""
 
 from __future__ import annotations
 
@@ -166,6 +167,42 @@ def _build_parser() -> argparse.ArgumentParser:
                        help="smoke run: N=5, sweep 2,5, batch 2, one round, depths 1,2,5 (unless given explicitly)")
     bench.add_argument("--no-progress", action="store_true", help="no progress bars")
 
+    for task, help_text, iterations, start in (
+        ("edit", "text-guided editing of a real image (Eq. 23)", 50, 600),
+        ("style", "style-guided generation (Eq. 24)", 150, 600),
+        ("aesthetic", "aesthetic enhancement of a generation or a real image (Eq. 25)", 100, 600),
+    ):
+        t = sub.add_parser(task, help=help_text + " on a local diffusers pipeline",
+                           description=f"{help_text[0].upper() + help_text[1:]}: SDO (or --strategy) on the latent at "
+                           "--start-t of a local diffusers text-to-image pipeline; writes before/after PNGs, the loss "
+                           "curve and metrics.json.")
+        t.add_argument("prompt", help="the text prompt (the edit's target for 'edit')")
+        t.add_argument("--model", required=True, help="a local diffusers pipeline folder (model_index.json)")
+        t.add_argument("--clip", required=True, help="a local transformers CLIPModel folder, with its tokenizer")
+        if task in ("edit", "aesthetic"):
+            t.add_argument("--image", required=task == "edit", default=None,
+                           help="the real image to " + ("edit" if task == "edit" else "enhance (default: a generation)"))
+        if task == "edit":
+            t.add_argument("--lam", type=_non_negative_float, default=0.7, help="fidelity weight lambda (default 0.7)")
+        if task == "style":
+            t.add_argument("--reference", required=True, help="the style image")
+            t.add_argument("--layer", type=int, default=3, help="CLIP vision layer of the Gram loss (default 3)")
+        if task == "aesthetic":
+            t.add_argument("--head", required=True, help="aesthetic head weights (.safetensors or a torch state dict)")
+        t.add_argument("--strategy", default="sdo", help="gradient strategy (default sdo)")
+        t.add_argument("--start-t", type=int, default=start, help=f"timestep of the optimized latent (default {start})")
+        t.add_argument("--steps", type=_positive_int, default=50, help="sampling steps (default 50)")
+        t.add_argument("--iterations", type=_positive_int, default=iterations, help=f"Adam steps (default {iterations})")
+        t.add_argument("--lr", type=_positive_float, default=0.01, help="Adam learning rate (default 0.01)")
+        t.add_argument("--guidance-scale", type=_positive_float, default=1.0, help="classifier-free guidance (default 1: off)")
+        t.add_argument("--seed", type=int, default=0)
+        t.add_argument("--dtype", choices=("float32", "float16", "bfloat16"), default="float32",
+                       help="dtype of the frozen parts (default float32)")
+        t.add_argument("--device", type=_device, default="cpu")
+        t.add_argument("--checkpoint-vae", action="store_true", help="recompute the VAE decoder in backward")
+        t.add_argument("--output", type=_folder, default=None, help=f"folder (default: a fresh sdo-{task}-<time>)")
+        t.add_argument("--no-progress", action="store_true")
+
     train = sub.add_parser("train", help="retrain an embedded model", description="Retrain an embedded model.")
     train_sub = train.add_subparsers(dest="model", required=True, parser_class=_Parser)
     digits = train_sub.add_parser("digits", help="the digits DDPM and classifier (scikit-learn's digits)",
@@ -212,6 +249,45 @@ def _bench(args) -> None:
 _BENCH_QUICK = {"steps": 5, "sweep": (2, 5), "batch": 2, "repeats": 1, "depths": (1, 2, 5), "quality_iterations": 2}
 
 
+def _task(args) -> None:
+    import json
+
+    import torch
+    from transformers import CLIPModel, CLIPTokenizer
+
+    from . import report, tasks
+    from .strategies import get_strategy
+
+    get_strategy(args.strategy)  # a clear error before anything loads
+    dtype = getattr(torch, args.dtype)
+    pipe = tasks.load_pipeline(args.model, args.device, dtype)
+    if not Path(args.clip).is_dir():
+        raise FileNotFoundError(f"{args.clip}: no such CLIP model folder")
+    clip = CLIPModel.from_pretrained(args.clip, local_files_only=True).to(args.device).eval().requires_grad_(False)
+    common = dict(steps=args.steps, iterations=args.iterations, lr=args.lr, strategy=args.strategy, seed=args.seed,
+                  start_t=args.start_t, guidance_scale=args.guidance_scale, checkpoint_vae=args.checkpoint_vae,
+                  progress=not args.no_progress)
+    if args.command == "edit":
+        tokenizer = CLIPTokenizer.from_pretrained(args.clip, local_files_only=True)
+        image = tasks.load_image(args.image, pipe.image_size)
+        result = tasks.edit(pipe, clip, tokenizer, image, args.prompt, lam=args.lam, **common)
+    elif args.command == "style":
+        reference = tasks.load_image(args.reference, pipe.image_size)
+        result = tasks.style(pipe, clip, reference, args.prompt, layer=args.layer, **common)
+    else:
+        image = tasks.load_image(args.image, pipe.image_size) if args.image else None
+        result = tasks.aesthetic(pipe, clip, args.head, args.prompt, image=image, **common)
+    out = args.output or _fresh_folder(f"sdo-{args.command}")
+    out.mkdir(parents=True, exist_ok=True)
+    report.save_grid([("before", result.before), ("after", result.after)], out / "before_after.png", title=args.prompt)
+    report.plot_curves({args.strategy: result.optimization.losses}, out / "loss.png", f"sdo {args.command}", "iteration", "loss")
+    metrics = {"command": args.command, "prompt": args.prompt, **result.metrics, "losses": result.optimization.losses,
+               "seconds": result.optimization.seconds}
+    (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+    print(json.dumps({k: v for k, v in metrics.items() if k != "losses"}, indent=2))
+    print(f"wrote {out}/before_after.png, loss.png and metrics.json")
+
+
 def _train_digits(args) -> None:
     import json
 
@@ -236,6 +312,8 @@ def main(argv: list[str] | None = None) -> int:
             _demo(args)
         elif args.command == "bench":
             _bench(args)
+        elif args.command in ("edit", "style", "aesthetic"):
+            _task(args)
         else:
             _train_digits(args)
     except (ValueError, FileNotFoundError) as err:

@@ -1,0 +1,202 @@
+"""The paper's latent tasks on a local diffusers text-to-image pipeline (Sec. 5.1 of Dou et al., 2025):
+text-guided editing of a real image (Eq. 23), style-guided generation (Eq. 24) and aesthetic enhancement
+(Eq. 25). Each one builds a chain from the pipeline, picks the latent to optimize (a real image's DDIM inversion
+at ``start_step``, or noise run to ``start_step``), and runs :func:`~sdo.optimize_latent` on an objective of the
+decoded image.
+
+Defaults are the paper's: 50 DDIM steps, Adam lr 0.01; 50 iterations for editing (lambda 0.7), 150 for style,
+100 for aesthetic, starting at t ~ 600 for style and aesthetic.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .chain import Chain
+from .clip import AestheticScore, CLIPGramStyle, CLIPTextSimilarity
+from .inversion import invert, round_trip_error
+from .latent import LatentResult, optimize_latent
+from .objectives import Fidelity, WeightedSum
+from .sampling import sample
+from .solvers import SUPPORTED_SCHEDULERS
+from .vae import VAEDecoder, decoded, encode_prompts
+
+__all__ = ["Pipeline", "load_pipeline", "load_image", "TaskResult", "edit", "style", "aesthetic", "step_at"]
+
+
+@dataclass
+class Pipeline:
+    """The parts of a text-to-image latent diffusion pipeline the tasks use."""
+
+    denoiser: torch.nn.Module  # UNet2DConditionModel or a transformer (PixArt)
+    vae: torch.nn.Module
+    text_encoder: torch.nn.Module
+    tokenizer: object
+    scheduler: object
+    image_size: int  # pixels
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.denoiser.parameters()).device
+
+
+def load_pipeline(path: str | Path, device="cpu", dtype: torch.dtype = torch.float32, allow_hub: bool = False) -> Pipeline:
+    """A local diffusers pipeline folder (``model_index.json`` with unet or transformer, vae, text_encoder,
+    tokenizer, scheduler), offline; a hub id only with ``allow_hub=True``. The frozen parts are cast to
+    ``dtype``; everything is frozen (the tasks optimize latents)."""
+    from diffusers import DiffusionPipeline
+
+    local = Path(path).is_dir()
+    if not local and not allow_hub:
+        raise FileNotFoundError(
+            f"{path}: no such pipeline folder (a folder with model_index.json); sdo does not download models unless "
+            "you pass a hub id with allow_hub=True"
+        )
+    if local and not (Path(path) / "model_index.json").is_file():
+        raise FileNotFoundError(f"{path} has no model_index.json: not a diffusers pipeline folder")
+    pipe = DiffusionPipeline.from_pretrained(str(path), local_files_only=not allow_hub)
+    denoiser = getattr(pipe, "unet", None) or getattr(pipe, "transformer", None)
+    missing = [name for name, part in (("unet/transformer", denoiser), ("vae", getattr(pipe, "vae", None)),
+                                       ("text_encoder", getattr(pipe, "text_encoder", None)),
+                                       ("tokenizer", getattr(pipe, "tokenizer", None))) if part is None]
+    if missing:
+        raise ValueError(f"{path}: the pipeline lacks {', '.join(missing)}")
+    for module in (denoiser, pipe.vae, pipe.text_encoder):
+        module.to(device)
+        if dtype != torch.float32:
+            module.to(dtype)
+        module.eval().requires_grad_(False)
+    factor = 2 ** (len(pipe.vae.config.block_out_channels) - 1)
+    size = denoiser.config.sample_size
+    size = size if isinstance(size, int) else size[0]
+    return Pipeline(denoiser, pipe.vae, pipe.text_encoder, pipe.tokenizer, pipe.scheduler, size * factor)
+
+
+def load_image(path: str | Path, size: int) -> torch.Tensor:
+    """An image file as a (1, 3, size, size) tensor in [-1, 1] (center-cropped to a square, resized)."""
+    from PIL import Image
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such image")
+    img = Image.open(path).convert("RGB")
+    side = min(img.size)
+    left, top = (img.width - side) // 2, (img.height - side) // 2
+    img = img.crop((left, top, left + side, top + side)).resize((size, size), Image.BICUBIC)
+    x = torch.from_numpy(np.asarray(img, dtype=np.float32).copy()).permute(2, 0, 1)
+    return (x / 127.5 - 1)[None]
+
+
+def step_at(chain: Chain, t: int) -> int:
+    """The index of the chain's step whose timestep is nearest to ``t`` (the paper gives start points as t)."""
+    return int((chain.timesteps.float() - float(t)).abs().argmin())
+
+
+@dataclass
+class TaskResult:
+    before: torch.Tensor  # images in [-1, 1], (B, 3, H, W)
+    after: torch.Tensor
+    optimization: LatentResult
+    metrics: dict = field(default_factory=dict)
+
+
+def _chain(pipe: Pipeline, prompt: str, steps: int, guidance_scale: float) -> Chain:
+    """The pipeline's scheduler if sdo supports it (DDIM, DPM-Solver++, LCM, ...), else DDIM from its config
+    (SD's default PNDM), as the paper samples."""
+    from diffusers import DDIMScheduler
+
+    scheduler = pipe.scheduler
+    if type(scheduler).__name__ not in SUPPORTED_SCHEDULERS:
+        scheduler = DDIMScheduler.from_config(scheduler.config, clip_sample=False)
+    cond, uncond = encode_prompts(pipe.text_encoder, pipe.tokenizer, [prompt])
+    kwargs = dict(cond=cond, uncond=uncond, guidance_scale=guidance_scale) if guidance_scale != 1 else dict(cond=cond)
+    return Chain.from_diffusers(pipe.denoiser, scheduler, steps, **kwargs)
+
+
+def _run(pipe, chain, latent, start, objective, decode, strategy, iterations, lr, seed, progress) -> tuple:
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        before = decode(sample(chain, latent, start=start)).float()
+    result = optimize_latent(chain, latent, decoded(objective, decode), strategy=strategy, start=start,
+                             iterations=iterations, lr=lr, progress=progress)
+    with torch.no_grad():
+        after = decode(result.best_sample).float()
+    return before, after, result
+
+
+def _noise_latent(pipe: Pipeline, chain: Chain, start: int, seed: int) -> torch.Tensor:
+    """Noise run (without a graph) from x_T to step ``start``: the latent the generation tasks optimize."""
+    channels = pipe.denoiser.config.in_channels
+    side = pipe.image_size // 2 ** (len(pipe.vae.config.block_out_channels) - 1)
+    gen = torch.Generator().manual_seed(seed)
+    dtype = next(pipe.denoiser.parameters()).dtype
+    x = (torch.randn(1, channels, side, side, generator=gen) * chain.init_noise_sigma).to(pipe.device, dtype)
+    if start == 0:
+        return x
+    with torch.no_grad():
+        return sample(chain, x, stop=start)
+
+
+def edit(pipe: Pipeline, clip, clip_tokenizer, image: torch.Tensor, prompt: str, *, lam: float = 0.7,
+         start_t: int = 600, steps: int = 50, guidance_scale: float = 1.0, strategy="sdo", iterations: int = 50,
+         lr: float = 0.01, seed: int = 0, checkpoint_vae: bool = False, progress: bool = True) -> TaskResult:
+    """Text-guided editing of a real image (Eq. 23): invert it to the step nearest ``start_t``, then minimize
+    ``CLIP(x0, prompt) + lam * |x0 - image|_1`` over that latent."""
+    chain = _chain(pipe, prompt, steps, guidance_scale)
+    start = step_at(chain, start_t)
+    decode = VAEDecoder(pipe.vae, checkpoint=checkpoint_vae)
+    image = image.to(pipe.device)
+    with torch.no_grad():
+        latents = pipe.vae.encode(image.to(next(pipe.vae.parameters()).dtype)).latent_dist.mean * decode.scaling_factor
+    latent = invert(chain, latents, start)
+    clip_term = CLIPTextSimilarity(clip, prompt, clip_tokenizer)
+    objective = WeightedSum([(1.0, clip_term), (lam, Fidelity(image.float()))])
+    before, after, result = _run(pipe, chain, latent, start, objective, decode, strategy, iterations, lr, seed, progress)
+    metrics = {
+        "start_step": start, "start_t": int(chain.timesteps[start]),
+        "inversion_round_trip_error": float(round_trip_error(chain, latents, start).max()),
+        "clip_similarity_before": float(1 - clip_term(before).mean()), "clip_similarity_after": float(1 - clip_term(after).mean()),
+        "l1_to_image_before": float(Fidelity(image.float())(before).mean()), "l1_to_image_after": float(Fidelity(image.float())(after).mean()),
+    }
+    return TaskResult(before, after, result, metrics)
+
+
+def style(pipe: Pipeline, clip, reference: torch.Tensor, prompt: str, *, layer: int = 3, start_t: int = 600,
+          steps: int = 50, guidance_scale: float = 1.0, strategy="sdo", iterations: int = 150, lr: float = 0.01,
+          seed: int = 0, checkpoint_vae: bool = False, progress: bool = True) -> TaskResult:
+    """Style-guided generation (Eq. 24): from the latent at the step nearest ``start_t`` of a generation for
+    ``prompt``, minimize the Gram-matrix distance to ``reference`` on CLIP's ``layer``-th vision layer."""
+    chain = _chain(pipe, prompt, steps, guidance_scale)
+    start = step_at(chain, start_t)
+    decode = VAEDecoder(pipe.vae, checkpoint=checkpoint_vae)
+    objective = CLIPGramStyle(clip, reference.to(pipe.device).float(), layer=layer)
+    latent = _noise_latent(pipe, chain, start, seed)
+    before, after, result = _run(pipe, chain, latent, start, objective, decode, strategy, iterations, lr, seed, progress)
+    metrics = {"start_step": start, "start_t": int(chain.timesteps[start]),
+               "style_loss_before": float(objective(before).mean()), "style_loss_after": float(objective(after).mean())}
+    return TaskResult(before, after, result, metrics)
+
+
+def aesthetic(pipe: Pipeline, clip, head: str | Path, prompt: str, *, image: torch.Tensor | None = None,
+              start_t: int = 600, steps: int = 50, guidance_scale: float = 1.0, strategy="sdo", iterations: int = 100,
+              lr: float = 0.01, seed: int = 0, checkpoint_vae: bool = False, progress: bool = True) -> TaskResult:
+    """Aesthetic enhancement (Eq. 25): minimize ``|a(x0) - 10|`` for a LAION-style head on CLIP, from a
+    generation for ``prompt`` or from a real ``image`` inverted to the step nearest ``start_t``."""
+    chain = _chain(pipe, prompt, steps, guidance_scale)
+    start = step_at(chain, start_t)
+    decode = VAEDecoder(pipe.vae, checkpoint=checkpoint_vae)
+    scorer = AestheticScore.from_file(clip, head)
+    if image is None:
+        latent = _noise_latent(pipe, chain, start, seed)
+    else:
+        with torch.no_grad():
+            enc = pipe.vae.encode(image.to(pipe.device, next(pipe.vae.parameters()).dtype))
+        latent = invert(chain, enc.latent_dist.mean * decode.scaling_factor, start)
+    before, after, result = _run(pipe, chain, latent, start, scorer, decode, strategy, iterations, lr, seed, progress)
+    metrics = {"start_step": start, "start_t": int(chain.timesteps[start]),
+               "aesthetic_before": float(scorer.score(before).mean()), "aesthetic_after": float(scorer.score(after).mean())}
+    return TaskResult(before, after, result, metrics)
