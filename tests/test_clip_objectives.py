@@ -244,11 +244,11 @@ def test_text_guided_edit_of_a_real_image_in_latent_space(clip, tokenizer, tiny_
     chain = sdo.Chain.from_diffusers(unet, DDIMScheduler(clip_sample=False), 10, cond=cond, uncond=uncond,
                                      guidance_scale=3.0)
     image = _images(batch=1, channels=3, size=16, seed=3)
-    with torch.no_grad():
-        latents = vae.encode(image).latent_dist.mean * vae.config.scaling_factor
+    decode = sdo.VAEDecoder(vae)
+    latents = decode.encode(image)
+    torch.testing.assert_close(latents, vae.encode(image).latent_dist.mean * vae.config.scaling_factor)
     start = 4
     x_start = sdo.invert(chain, latents, start=start)
-    decode = sdo.VAEDecoder(vae)
     objective = sdo.decoded(
         sdo.objectives.WeightedSum([(1.0, CLIPTextSimilarity(clip, "a thick seven", tokenizer)), (0.7, Fidelity(image))]),
         decode,

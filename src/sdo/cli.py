@@ -195,7 +195,8 @@ def _build_parser() -> argparse.ArgumentParser:
         t.add_argument("--iterations", type=_positive_int, default=iterations, help=f"Adam steps (default {iterations})")
         t.add_argument("--lr", type=_positive_float, default=0.01, help="Adam learning rate (default 0.01)")
         t.add_argument("--guidance-scale", type=_positive_float, default=1.0, help="classifier-free guidance (default 1: off)")
-        t.add_argument("--seed", type=int, default=0)
+        if task != "edit":  # editing a real image draws no noise
+            t.add_argument("--seed", type=int, default=0, help="seed of the generation's noise (default 0)")
         t.add_argument("--dtype", choices=("float32", "float16", "bfloat16"), default="float32",
                        help="dtype of the frozen parts (default float32)")
         t.add_argument("--device", type=_device, default="cpu")
@@ -264,7 +265,7 @@ def _task(args) -> None:
     if not Path(args.clip).is_dir():
         raise FileNotFoundError(f"{args.clip}: no such CLIP model folder")
     clip = CLIPModel.from_pretrained(args.clip, local_files_only=True).to(args.device).eval().requires_grad_(False)
-    common = dict(steps=args.steps, iterations=args.iterations, lr=args.lr, strategy=args.strategy, seed=args.seed,
+    common = dict(steps=args.steps, iterations=args.iterations, lr=args.lr, strategy=args.strategy,
                   start_t=args.start_t, guidance_scale=args.guidance_scale, checkpoint_vae=args.checkpoint_vae,
                   progress=not args.no_progress)
     if args.command == "edit":
@@ -273,10 +274,10 @@ def _task(args) -> None:
         result = tasks.edit(pipe, clip, tokenizer, image, args.prompt, lam=args.lam, **common)
     elif args.command == "style":
         reference = tasks.load_image(args.reference, pipe.image_size)
-        result = tasks.style(pipe, clip, reference, args.prompt, layer=args.layer, **common)
+        result = tasks.style(pipe, clip, reference, args.prompt, layer=args.layer, seed=args.seed, **common)
     else:
         image = tasks.load_image(args.image, pipe.image_size) if args.image else None
-        result = tasks.aesthetic(pipe, clip, args.head, args.prompt, image=image, **common)
+        result = tasks.aesthetic(pipe, clip, args.head, args.prompt, image=image, seed=args.seed, **common)
     out = args.output or _fresh_folder(f"sdo-{args.command}")
     out.mkdir(parents=True, exist_ok=True)
     report.save_grid([("before", result.before), ("after", result.after)], out / "before_after.png", title=args.prompt)

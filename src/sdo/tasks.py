@@ -117,8 +117,7 @@ def _chain(pipe: Pipeline, prompt: str, steps: int, guidance_scale: float) -> Ch
     return Chain.from_diffusers(pipe.denoiser, scheduler, steps, **kwargs)
 
 
-def _run(pipe, chain, latent, start, objective, decode, strategy, iterations, lr, seed, progress) -> tuple:
-    torch.manual_seed(seed)
+def _run(chain, latent, start, objective, decode, strategy, iterations, lr, progress) -> tuple:
     with torch.no_grad():
         before = decode(sample(chain, latent, start=start)).float()
     result = optimize_latent(chain, latent, decoded(objective, decode), strategy=strategy, start=start,
@@ -143,19 +142,18 @@ def _noise_latent(pipe: Pipeline, chain: Chain, start: int, seed: int) -> torch.
 
 def edit(pipe: Pipeline, clip, clip_tokenizer, image: torch.Tensor, prompt: str, *, lam: float = 0.7,
          start_t: int = 600, steps: int = 50, guidance_scale: float = 1.0, strategy="sdo", iterations: int = 50,
-         lr: float = 0.01, seed: int = 0, checkpoint_vae: bool = False, progress: bool = True) -> TaskResult:
+         lr: float = 0.01, checkpoint_vae: bool = False, progress: bool = True) -> TaskResult:
     """Text-guided editing of a real image (Eq. 23): invert it to the step nearest ``start_t``, then minimize
     ``CLIP(x0, prompt) + lam * |x0 - image|_1`` over that latent."""
     chain = _chain(pipe, prompt, steps, guidance_scale)
     start = step_at(chain, start_t)
     decode = VAEDecoder(pipe.vae, checkpoint=checkpoint_vae)
     image = image.to(pipe.device)
-    with torch.no_grad():
-        latents = pipe.vae.encode(image.to(next(pipe.vae.parameters()).dtype)).latent_dist.mean * decode.scaling_factor
+    latents = decode.encode(image)
     latent = invert(chain, latents, start)
     clip_term = CLIPTextSimilarity(clip, prompt, clip_tokenizer)
     objective = WeightedSum([(1.0, clip_term), (lam, Fidelity(image.float()))])
-    before, after, result = _run(pipe, chain, latent, start, objective, decode, strategy, iterations, lr, seed, progress)
+    before, after, result = _run(chain, latent, start, objective, decode, strategy, iterations, lr, progress)
     metrics = {
         "start_step": start, "start_t": int(chain.timesteps[start]),
         "inversion_round_trip_error": float(round_trip_error(chain, latents, start).max()),
@@ -175,7 +173,7 @@ def style(pipe: Pipeline, clip, reference: torch.Tensor, prompt: str, *, layer: 
     decode = VAEDecoder(pipe.vae, checkpoint=checkpoint_vae)
     objective = CLIPGramStyle(clip, reference.to(pipe.device).float(), layer=layer)
     latent = _noise_latent(pipe, chain, start, seed)
-    before, after, result = _run(pipe, chain, latent, start, objective, decode, strategy, iterations, lr, seed, progress)
+    before, after, result = _run(chain, latent, start, objective, decode, strategy, iterations, lr, progress)
     metrics = {"start_step": start, "start_t": int(chain.timesteps[start]),
                "style_loss_before": float(objective(before).mean()), "style_loss_after": float(objective(after).mean())}
     return TaskResult(before, after, result, metrics)
@@ -193,10 +191,8 @@ def aesthetic(pipe: Pipeline, clip, head: str | Path, prompt: str, *, image: tor
     if image is None:
         latent = _noise_latent(pipe, chain, start, seed)
     else:
-        with torch.no_grad():
-            enc = pipe.vae.encode(image.to(pipe.device, next(pipe.vae.parameters()).dtype))
-        latent = invert(chain, enc.latent_dist.mean * decode.scaling_factor, start)
-    before, after, result = _run(pipe, chain, latent, start, scorer, decode, strategy, iterations, lr, seed, progress)
+        latent = invert(chain, decode.encode(image.to(pipe.device)), start)
+    before, after, result = _run(chain, latent, start, scorer, decode, strategy, iterations, lr, progress)
     metrics = {"start_step": start, "start_t": int(chain.timesteps[start]),
                "aesthetic_before": float(scorer.score(before).mean()), "aesthetic_after": float(scorer.score(after).mean())}
     return TaskResult(before, after, result, metrics)

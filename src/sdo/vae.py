@@ -42,6 +42,13 @@ class VAEDecoder:
                 raise ValueError(f"{type(vae).__name__} has no enable_tiling()")
             vae.enable_tiling()
 
+    def encode(self, images: torch.Tensor) -> torch.Tensor:
+        """Images in [-1, 1] -> the diffusion model's latents (the posterior mean, shifted and scaled), without a
+        graph: the starting point of DDIM inversion."""
+        with torch.no_grad():
+            posterior = self.vae.encode(images.to(next(self.vae.parameters()).dtype)).latent_dist
+        return (posterior.mean - self.shift_factor) * self.scaling_factor
+
     def _decode(self, latents: torch.Tensor) -> torch.Tensor:
         out = self.vae.decode(latents / self.scaling_factor + self.shift_factor)
         return getattr(out, "sample", out[0] if isinstance(out, (tuple, list)) else out)
