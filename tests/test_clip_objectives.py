@@ -348,3 +348,43 @@ def test_task_commands_fail_clearly(tmp_path, capsys):
     assert main(["style", "x", "--model", str(tmp_path), "--clip", str(tmp_path), "--reference", "a.png",
                  "--strategy", "bptt"]) == 2
     assert "unknown strategy" in capsys.readouterr().err
+
+
+@pytest.fixture(scope="module")
+def classifier_folder(tmp_path_factory):
+    """A tiny ViT image classifier (3 classes, 16x16 input) saved with its image processor."""
+    from transformers import ViTConfig, ViTForImageClassification, ViTImageProcessor
+
+    folder = tmp_path_factory.mktemp("classifier")
+    torch.manual_seed(0)
+    ViTForImageClassification(ViTConfig(image_size=16, patch_size=4, hidden_size=16, num_hidden_layers=2,
+                                        num_attention_heads=2, intermediate_size=32, num_labels=3)).save_pretrained(folder)
+    ViTImageProcessor(size={"height": 16, "width": 16}).save_pretrained(folder)
+    return folder
+
+
+def test_adversarial_task_on_a_pipeline_folder(pipeline_folder, classifier_folder):
+    from sdo import tasks
+
+    pipe = tasks.load_pipeline(pipeline_folder)
+    classifier = tasks.ImageClassifier.from_folder(classifier_folder)
+    assert classifier(_images(channels=3, size=16)).shape == (2, 3)
+    out = tasks.adversarial(pipe, classifier, "a thick seven", target=2, tau=0.5, steps=10, iterations=3, lr=0.2,
+                            progress=False)
+    losses = out.optimization.losses
+    assert losses[-1] < losses[0], losses
+    assert out.metrics["max_abs_latent_change"] <= 0.5 + 1e-6
+    assert len(out.metrics["success"]) == 1 and out.metrics["start_step"] == 0
+
+
+def test_adversarial_command(pipeline_folder, classifier_folder, tmp_path):
+    from sdo.cli import main
+
+    out = tmp_path / "adv"
+    argv = ["adversarial", "a thick seven", "--model", str(pipeline_folder), "--classifier", str(classifier_folder),
+            "--steps", "10", "--iterations", "2", "--tau", "0.3", "--output", str(out), "--no-progress"]
+    assert main(argv) == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert {"label_before", "label_after", "success", "max_abs_latent_change"} <= set(metrics)
+    assert (out / "before_after.png").is_file()
+    assert main(["adversarial", "x", "--model", str(pipeline_folder), "--classifier", str(tmp_path / "none")]) == 2

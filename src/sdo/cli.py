@@ -1,4 +1,4 @@
-"""The ``sdo`` command: ``sdo demo`` (the main job), ``sdo bench``, ``sdo edit | style | aesthetic`` and
+"""The ``sdo`` command: ``sdo demo`` (the main job), ``sdo bench``, ``sdo edit | style | aesthetic | adversarial`` and
 ``sdo train digits``."""
 
 from __future__ import annotations
@@ -171,6 +171,7 @@ def _build_parser() -> argparse.ArgumentParser:
         ("edit", "text-guided editing of a real image (Eq. 23)", 50, 600),
         ("style", "style-guided generation (Eq. 24)", 150, 600),
         ("aesthetic", "aesthetic enhancement of a generation or a real image (Eq. 25)", 100, 600),
+        ("adversarial", "adversarial generation against an image classifier (Sec. 5.1.4)", 50, None),
     ):
         t = sub.add_parser(task, help=help_text + " on a local diffusers pipeline",
                            description=f"{help_text[0].upper() + help_text[1:]}: SDO (or --strategy) on the latent at "
@@ -178,7 +179,13 @@ def _build_parser() -> argparse.ArgumentParser:
                            "curve and metrics.json.")
         t.add_argument("prompt", help="the text prompt (the edit's target for 'edit')")
         t.add_argument("--model", required=True, help="a local diffusers pipeline folder (model_index.json)")
-        t.add_argument("--clip", required=True, help="a local transformers CLIPModel folder, with its tokenizer")
+        if task == "adversarial":
+            t.add_argument("--classifier", required=True,
+                           help="a local transformers image-classification folder (model and image processor)")
+            t.add_argument("--target", type=int, default=None, help="class to reach (default: leave the generation's own)")
+            t.add_argument("--tau", type=_positive_float, default=0.1, help="L-infinity radius on the latent (default 0.1)")
+        else:
+            t.add_argument("--clip", required=True, help="a local transformers CLIPModel folder, with its tokenizer")
         if task in ("edit", "aesthetic"):
             t.add_argument("--image", required=task == "edit", default=None,
                            help="the real image to " + ("edit" if task == "edit" else "enhance (default: a generation)"))
@@ -190,7 +197,8 @@ def _build_parser() -> argparse.ArgumentParser:
         if task == "aesthetic":
             t.add_argument("--head", required=True, help="aesthetic head weights (.safetensors or a torch state dict)")
         t.add_argument("--strategy", default="sdo", help="gradient strategy (default sdo)")
-        t.add_argument("--start-t", type=int, default=start, help=f"timestep of the optimized latent (default {start})")
+        t.add_argument("--start-t", type=int, default=start,
+                       help=f"timestep of the optimized latent (default {start or 'x_T, the initial noise'})")
         t.add_argument("--steps", type=_positive_int, default=50, help="sampling steps (default 50)")
         t.add_argument("--iterations", type=_positive_int, default=iterations, help=f"Adam steps (default {iterations})")
         t.add_argument("--lr", type=_positive_float, default=0.01, help="Adam learning rate (default 0.01)")
@@ -262,9 +270,10 @@ def _task(args) -> None:
     get_strategy(args.strategy)  # a clear error before anything loads
     dtype = getattr(torch, args.dtype)
     pipe = tasks.load_pipeline(args.model, args.device, dtype)
-    if not Path(args.clip).is_dir():
-        raise FileNotFoundError(f"{args.clip}: no such CLIP model folder")
-    clip = CLIPModel.from_pretrained(args.clip, local_files_only=True).to(args.device).eval().requires_grad_(False)
+    if args.command != "adversarial":
+        if not Path(args.clip).is_dir():
+            raise FileNotFoundError(f"{args.clip}: no such CLIP model folder")
+        clip = CLIPModel.from_pretrained(args.clip, local_files_only=True).to(args.device).eval().requires_grad_(False)
     common = dict(steps=args.steps, iterations=args.iterations, lr=args.lr, strategy=args.strategy,
                   start_t=args.start_t, guidance_scale=args.guidance_scale, checkpoint_vae=args.checkpoint_vae,
                   progress=not args.no_progress)
@@ -275,6 +284,9 @@ def _task(args) -> None:
     elif args.command == "style":
         reference = tasks.load_image(args.reference, pipe.image_size)
         result = tasks.style(pipe, clip, reference, args.prompt, layer=args.layer, seed=args.seed, **common)
+    elif args.command == "adversarial":
+        classifier = tasks.ImageClassifier.from_folder(args.classifier, args.device)
+        result = tasks.adversarial(pipe, classifier, args.prompt, target=args.target, tau=args.tau, seed=args.seed, **common)
     else:
         image = tasks.load_image(args.image, pipe.image_size) if args.image else None
         result = tasks.aesthetic(pipe, clip, args.head, args.prompt, image=image, seed=args.seed, **common)
@@ -313,7 +325,7 @@ def main(argv: list[str] | None = None) -> int:
             _demo(args)
         elif args.command == "bench":
             _bench(args)
-        elif args.command in ("edit", "style", "aesthetic"):
+        elif args.command in ("edit", "style", "aesthetic", "adversarial"):
             _task(args)
         else:
             _train_digits(args)

@@ -10,6 +10,7 @@ Defaults are the paper's: 50 DDIM steps, Adam lr 0.01; 50 iterations for editing
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -19,13 +20,14 @@ import torch
 from .chain import Chain
 from .clip import AestheticScore, CLIPGramStyle, CLIPTextSimilarity
 from .inversion import invert, round_trip_error
-from .latent import LatentResult, optimize_latent
-from .objectives import Fidelity, WeightedSum
+from .latent import LatentResult, LinfBall, optimize_latent
+from .objectives import ClassifierCrossEntropy, ClassifierMargin, Fidelity, WeightedSum
 from .sampling import sample
 from .solvers import SUPPORTED_SCHEDULERS
 from .vae import VAEDecoder, decoded, encode_prompts
 
-__all__ = ["Pipeline", "load_pipeline", "load_image", "TaskResult", "edit", "style", "aesthetic", "step_at"]
+__all__ = ["Pipeline", "load_pipeline", "load_image", "TaskResult", "ImageClassifier", "edit", "style", "aesthetic",
+           "adversarial", "step_at"]
 
 
 @dataclass
@@ -195,4 +197,65 @@ def aesthetic(pipe: Pipeline, clip, head: str | Path, prompt: str, *, image: tor
     before, after, result = _run(chain, latent, start, scorer, decode, strategy, iterations, lr, progress)
     metrics = {"start_step": start, "start_t": int(chain.timesteps[start]),
                "aesthetic_before": float(scorer.score(before).mean()), "aesthetic_after": float(scorer.score(after).mean())}
+    return TaskResult(before, after, result, metrics)
+
+
+class ImageClassifier:
+    """A transformers image classifier (``AutoModelForImageClassification``) on images in [-1, 1]: bilinear
+    resize to its input size and its own mean/std, differentiably; ``classifier(images) -> logits``."""
+
+    def __init__(self, model, size: int, mean: Sequence[float], std: Sequence[float]):
+        self.model, self.size = model.eval().requires_grad_(False), int(size)
+        self.mean, self.std = torch.tensor(mean).view(1, -1, 1, 1), torch.tensor(std).view(1, -1, 1, 1)
+
+    @classmethod
+    def from_folder(cls, path: str | Path, device="cpu") -> ImageClassifier:
+        from transformers import AutoImageProcessor, AutoModelForImageClassification
+
+        if not Path(path).is_dir():
+            raise FileNotFoundError(f"{path}: no such image classifier folder")
+        model = AutoModelForImageClassification.from_pretrained(str(path), local_files_only=True).to(device)
+        processor = AutoImageProcessor.from_pretrained(str(path), local_files_only=True)
+        size = processor.size  # an int, a dict or (transformers >= 5) a SizeDict
+        if not isinstance(size, int):
+            get = size.get if hasattr(size, "get") else lambda key: getattr(size, key, None)
+            size = get("height") or get("shortest_edge")
+        if not size:
+            raise ValueError(f"{path}: cannot read the classifier's input size from {processor.size!r}")
+        return cls(model, size, processor.image_mean, processor.image_std)
+
+    def __call__(self, images: torch.Tensor) -> torch.Tensor:
+        x = torch.nn.functional.interpolate((images + 1) / 2, size=(self.size, self.size), mode="bilinear", align_corners=False)
+        x = (x - self.mean.to(x)) / self.std.to(x)
+        return self.model(pixel_values=x.to(next(self.model.parameters()).dtype)).logits.float()
+
+
+def adversarial(pipe: Pipeline, classifier, prompt: str, *, target: int | None = None, tau: float = 0.1,
+                start_t: int | None = None, steps: int = 50, guidance_scale: float = 1.0, strategy="sdo",
+                iterations: int = 50, lr: float = 0.01, seed: int = 0, checkpoint_vae: bool = False,
+                progress: bool = True) -> TaskResult:
+    """Adversarial generation (Sec. 5.1.4): change the latent (x_T, or the one nearest ``start_t``) within an
+    L-infinity ball of radius ``tau`` so that ``classifier`` no longer gives the generation its own label
+    (Carlini-Wagner margin), or, with ``target``, gives it that class (cross-entropy)."""
+    chain = _chain(pipe, prompt, steps, guidance_scale)
+    start = 0 if start_t is None else step_at(chain, start_t)
+    decode = VAEDecoder(pipe.vae, checkpoint=checkpoint_vae)
+    latent = _noise_latent(pipe, chain, start, seed)
+    with torch.no_grad():
+        label = classifier(decode(sample(chain, latent, start=start)).float()).argmax(-1)
+    if target is None:
+        objective = ClassifierMargin(classifier, label)
+    else:
+        objective = ClassifierCrossEntropy(classifier, torch.full_like(label, int(target)))
+    with torch.no_grad():
+        before = decode(sample(chain, latent, start=start)).float()
+    result = optimize_latent(chain, latent, decoded(objective, decode), strategy=strategy, start=start,
+                             iterations=iterations, lr=lr, constraint=LinfBall(tau), progress=progress)
+    with torch.no_grad():
+        after = decode(result.best_sample).float()
+        label_after = classifier(after).argmax(-1)
+    success = label_after != label if target is None else label_after == int(target)
+    metrics = {"start_step": start, "start_t": int(chain.timesteps[start]), "label_before": label.tolist(),
+               "label_after": label_after.tolist(), "success": success.tolist(),
+               "max_abs_latent_change": float((result.latent - latent).abs().max())}
     return TaskResult(before, after, result, metrics)
