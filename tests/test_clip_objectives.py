@@ -300,6 +300,18 @@ def test_tasks_on_a_pipeline_folder_lower_their_loss(pipeline_folder, clip, toke
     assert 0 <= out.metrics["start_step"] < 10 and abs(out.metrics["start_t"] - 600) <= 100
 
 
+def test_edit_with_bfloat16_frozen_parts(pipeline_folder, clip, tokenizer):
+    """--dtype: the pipeline's parts in bfloat16 (the objective and the optimizer's arithmetic stay float32)."""
+    from sdo import tasks
+
+    pipe = tasks.load_pipeline(pipeline_folder, dtype=torch.bfloat16)
+    assert next(pipe.denoiser.parameters()).dtype == torch.bfloat16
+    out = tasks.edit(pipe, clip, tokenizer, _images(batch=1, channels=3, size=16, seed=4), "a thick seven",
+                     steps=10, iterations=3, lr=0.1, progress=False)
+    assert out.optimization.losses[-1] < out.optimization.losses[0]
+    assert out.after.dtype == torch.float32 and torch.isfinite(out.after).all()
+
+
 def test_load_pipeline_errors(tmp_path):
     from sdo import tasks
 

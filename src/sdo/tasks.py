@@ -10,6 +10,7 @@ Defaults are the paper's: 50 DDIM steps, Adam lr 0.01; 50 iterations for editing
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -60,7 +61,9 @@ def load_pipeline(path: str | Path, device="cpu", dtype: torch.dtype = torch.flo
         )
     if local and not (Path(path) / "model_index.json").is_file():
         raise FileNotFoundError(f"{path} has no model_index.json: not a diffusers pipeline folder")
-    pipe = DiffusionPipeline.from_pretrained(str(path), local_files_only=not allow_hub)
+    with warnings.catch_warnings():  # newer diffusers call it `dtype`; `torch_dtype` works in every version >= 0.30
+        warnings.filterwarnings("ignore", message=".*torch_dtype.*", category=FutureWarning)
+        pipe = DiffusionPipeline.from_pretrained(str(path), torch_dtype=dtype, local_files_only=not allow_hub)
     denoiser = getattr(pipe, "unet", None) or getattr(pipe, "transformer", None)
     missing = [name for name, part in (("unet/transformer", denoiser), ("vae", getattr(pipe, "vae", None)),
                                        ("text_encoder", getattr(pipe, "text_encoder", None)),
@@ -68,10 +71,7 @@ def load_pipeline(path: str | Path, device="cpu", dtype: torch.dtype = torch.flo
     if missing:
         raise ValueError(f"{path}: the pipeline lacks {', '.join(missing)}")
     for module in (denoiser, pipe.vae, pipe.text_encoder):
-        module.to(device)
-        if dtype != torch.float32:
-            module.to(dtype)
-        module.eval().requires_grad_(False)
+        module.to(device).eval().requires_grad_(False)
     factor = 2 ** (len(pipe.vae.config.block_out_channels) - 1)
     size = denoiser.config.sample_size
     size = size if isinstance(size, int) else size[0]
