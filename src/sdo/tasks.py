@@ -20,7 +20,7 @@ import torch
 
 from .chain import Chain
 from .clip import AestheticScore, CLIPGramStyle, CLIPTextSimilarity
-from .inversion import invert, round_trip_error
+from .inversion import invert
 from .latent import LatentResult, LinfBall, optimize_latent
 from .objectives import ClassifierCrossEntropy, ClassifierMargin, Fidelity, WeightedSum
 from .sampling import sample
@@ -119,14 +119,16 @@ def _chain(pipe: Pipeline, prompt: str, steps: int, guidance_scale: float) -> Ch
     return Chain.from_diffusers(pipe.denoiser, scheduler, steps, **kwargs)
 
 
-def _run(chain, latent, start, objective, decode, strategy, iterations, lr, progress) -> tuple:
+def _run(chain, latent, start, objective, decode, strategy, iterations, lr, progress, constraint=None) -> tuple:
+    """(latent-space sample before, decoded image before, decoded image after, the optimization)."""
     with torch.no_grad():
-        before = decode(sample(chain, latent, start=start)).float()
+        x0_before = sample(chain, latent, start=start)
+        before = decode(x0_before).float()
     result = optimize_latent(chain, latent, decoded(objective, decode), strategy=strategy, start=start,
-                             iterations=iterations, lr=lr, progress=progress)
+                             iterations=iterations, lr=lr, constraint=constraint, progress=progress)
     with torch.no_grad():
         after = decode(result.best_sample).float()
-    return before, after, result
+    return x0_before, before, after, result
 
 
 def _noise_latent(pipe: Pipeline, chain: Chain, start: int, seed: int) -> torch.Tensor:
@@ -155,10 +157,11 @@ def edit(pipe: Pipeline, clip, clip_tokenizer, image: torch.Tensor, prompt: str,
     latent = invert(chain, latents, start)
     clip_term = CLIPTextSimilarity(clip, prompt, clip_tokenizer)
     objective = WeightedSum([(1.0, clip_term), (lam, Fidelity(image.float()))])
-    before, after, result = _run(chain, latent, start, objective, decode, strategy, iterations, lr, progress)
+    x0_before, before, after, result = _run(chain, latent, start, objective, decode, strategy, iterations, lr, progress)
+    round_trip = (x0_before - latents).flatten(1).norm(dim=1) / latents.flatten(1).norm(dim=1)
     metrics = {
         "start_step": start, "start_t": int(chain.timesteps[start]),
-        "inversion_round_trip_error": float(round_trip_error(chain, latents, start).max()),
+        "inversion_round_trip_error": float(round_trip.max()),  # as sdo.round_trip_error, in latent space
         "clip_similarity_before": float(1 - clip_term(before).mean()), "clip_similarity_after": float(1 - clip_term(after).mean()),
         "l1_to_image_before": float(Fidelity(image.float())(before).mean()), "l1_to_image_after": float(Fidelity(image.float())(after).mean()),
     }
@@ -175,7 +178,7 @@ def style(pipe: Pipeline, clip, reference: torch.Tensor, prompt: str, *, layer: 
     decode = VAEDecoder(pipe.vae, checkpoint=checkpoint_vae)
     objective = CLIPGramStyle(clip, reference.to(pipe.device).float(), layer=layer)
     latent = _noise_latent(pipe, chain, start, seed)
-    before, after, result = _run(chain, latent, start, objective, decode, strategy, iterations, lr, progress)
+    _, before, after, result = _run(chain, latent, start, objective, decode, strategy, iterations, lr, progress)
     metrics = {"start_step": start, "start_t": int(chain.timesteps[start]),
                "style_loss_before": float(objective(before).mean()), "style_loss_after": float(objective(after).mean())}
     return TaskResult(before, after, result, metrics)
@@ -194,7 +197,7 @@ def aesthetic(pipe: Pipeline, clip, head: str | Path, prompt: str, *, image: tor
         latent = _noise_latent(pipe, chain, start, seed)
     else:
         latent = invert(chain, decode.encode(image.to(pipe.device)), start)
-    before, after, result = _run(chain, latent, start, scorer, decode, strategy, iterations, lr, progress)
+    _, before, after, result = _run(chain, latent, start, scorer, decode, strategy, iterations, lr, progress)
     metrics = {"start_step": start, "start_t": int(chain.timesteps[start]),
                "aesthetic_before": float(scorer.score(before).mean()), "aesthetic_after": float(scorer.score(after).mean())}
     return TaskResult(before, after, result, metrics)
@@ -247,12 +250,9 @@ def adversarial(pipe: Pipeline, classifier, prompt: str, *, target: int | None =
         objective = ClassifierMargin(classifier, label)
     else:
         objective = ClassifierCrossEntropy(classifier, torch.full_like(label, int(target)))
+    _, before, after, result = _run(chain, latent, start, objective, decode, strategy, iterations, lr, progress,
+                                    constraint=LinfBall(tau))
     with torch.no_grad():
-        before = decode(sample(chain, latent, start=start)).float()
-    result = optimize_latent(chain, latent, decoded(objective, decode), strategy=strategy, start=start,
-                             iterations=iterations, lr=lr, constraint=LinfBall(tau), progress=progress)
-    with torch.no_grad():
-        after = decode(result.best_sample).float()
         label_after = classifier(after).argmax(-1)
     success = label_after != label if target is None else label_after == int(target)
     metrics = {"start_step": start, "start_t": int(chain.timesteps[start]), "label_before": label.tolist(),
