@@ -265,7 +265,7 @@ def run_bench(cfg: BenchConfig) -> dict:
         swept = setup if m == n else build(cfg, m)
         rows = results["main"] if m == n else _measure(swept, cfg, m, ["nograd", *cfg.strategies], cfg.sweep_repeats)
         results["sweep"][str(m)] = {k: v for k, v in rows.items() if not k.endswith("+params")}
-        results["sweep_fidelity"][str(m)] = _sweep_fidelity(swept, cfg, m)
+        results["sweep_fidelity"][str(m)] = _sweep_fidelity(swept, cfg, m, results["fidelity"] if m == n else None)
         save()
     results["derived"] = _derived(results, cfg)
     save()
@@ -308,10 +308,15 @@ def _quality(cfg: BenchConfig, setup: Setup) -> dict:
     return rows
 
 
-def _sweep_fidelity(setup: Setup, cfg: BenchConfig, n: int) -> dict:
-    """How SDO's and the continuous adjoint's gradients, and the adjoint's rebuilt x_T, depend on N."""
+def _sweep_fidelity(setup: Setup, cfg: BenchConfig, n: int, known: dict | None = None) -> dict:
+    """How SDO's and the continuous adjoint's gradients, and the adjoint's rebuilt x_T, depend on N (``known``:
+    the main table's fidelity rows, when N is the main table's)."""
     named = {s: STRATEGIES[s](n, cfg.seed) for s in ("sdo", "adjoint") if s in cfg.strategies}
-    out = {k: dataclasses.asdict(v) for k, v in gradient_fidelity(setup.chain, setup.x, setup.objective, named).items()}
+    if known is not None:
+        out = {k: dict(known[k]) for k in named}
+    else:
+        fidelity = gradient_fidelity(setup.chain, setup.x, setup.objective, named)
+        out = {k: dataclasses.asdict(v) for k, v in fidelity.items()}
     if "adjoint" in named:
         out["adjoint"]["reconstruction_error_x_T"] = reconstruction_error(setup.chain, setup.x)[0]
     return out

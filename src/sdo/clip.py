@@ -72,7 +72,7 @@ def _per_image(values: torch.Tensor, batch: int) -> torch.Tensor:
 
 
 def _image_embeds(model, pixel_values: torch.Tensor) -> torch.Tensor:
-    out = model.get_image_features(pixel_values=pixel_values)
+    out = model.get_image_features(pixel_values=pixel_values.to(next(model.parameters()).dtype))
     out = getattr(out, "pooler_output", out)  # transformers >= 5 returns an output object
     return F.normalize(out, dim=-1)
 
@@ -102,7 +102,7 @@ class CLIPTextSimilarity:
     def __call__(self, x0: torch.Tensor) -> torch.Tensor:
         batch = x0.shape[0]
         pixels = self.preprocess(x0)
-        embeds = _image_embeds(self.model, pixels.to(next(self.model.parameters()).dtype))
+        embeds = _image_embeds(self.model, pixels)
         text = self.text_embeds.to(embeds)
         if text.shape[0] not in (1, batch):
             raise ValueError(f"{text.shape[0]} prompts for {batch} images: give one, or one per image")
@@ -135,7 +135,8 @@ class AestheticScore:
     loss ``|a - 10|`` per image. ``score(x0)`` gives the clipped score."""
 
     def __init__(self, model, head: nn.Module, preprocess: ClipPreprocess | None = None):
-        self.model, self.head = model, head
+        p = next(model.parameters())
+        self.model, self.head = model, head.to(p.device, p.dtype)
         self.preprocess = preprocess or ClipPreprocess.for_model(model)
 
     @staticmethod
@@ -177,8 +178,8 @@ class AestheticScore:
 
     def score(self, x0: torch.Tensor) -> torch.Tensor:
         batch = x0.shape[0]
-        embeds = _image_embeds(self.model, self.preprocess(x0).to(next(self.model.parameters()).dtype))
-        raw = _per_image(self.head.to(embeds)(embeds).squeeze(-1), batch)
+        embeds = _image_embeds(self.model, self.preprocess(x0))
+        raw = _per_image(self.head(embeds).squeeze(-1), batch)
         return raw + (raw.clamp(1.0, 10.0) - raw).detach()  # clipped value, unclipped gradient
 
     def __call__(self, x0: torch.Tensor) -> torch.Tensor:

@@ -46,8 +46,8 @@ class Guidance:
         return float(self.scale(i)) if callable(self.scale) else float(self.scale)
 
 
-def _loss_gradient(chain, i: int, x: torch.Tensor, objective) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(model output, grad_x J(x0_hat(x)), per-sample loss) at step i."""
+def _loss_gradient(chain, i: int, x: torch.Tensor, objective) -> tuple[torch.Tensor, torch.Tensor]:
+    """(model output, grad_x J(x0_hat(x))) at step i."""
     with torch.enable_grad():
         x = x.detach().requires_grad_(True)
         out = chain.denoise(i, x)
@@ -57,7 +57,7 @@ def _loss_gradient(chain, i: int, x: torch.Tensor, objective) -> tuple[torch.Ten
         if not bool(torch.isfinite(loss).all()):
             raise FloatingPointError(f"guidance objective is not finite at step {i}")
         (grad,) = torch.autograd.grad(loss.sum(), x)
-    return out.detach(), grad, loss.detach()
+    return out.detach(), grad
 
 
 def _renoise(chain, i: int, x_next: torch.Tensor, generator) -> torch.Tensor:
@@ -79,7 +79,7 @@ def guided_run(chain, x: torch.Tensor, state, steps: range, guidance: Guidance, 
                 x, state = chain.step(i, x, state)
             continue
         for r in range(guidance.time_travel):
-            out, grad, _ = _loss_gradient(chain, i, x, guidance.objective)
+            out, grad = _loss_gradient(chain, i, x, guidance.objective)
             with torch.no_grad():
                 x_next, state_next = chain.update(i, x, out, state)
                 x_next = x_next - guidance.rho(i) * grad

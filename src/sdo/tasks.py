@@ -119,16 +119,19 @@ def _chain(pipe: Pipeline, prompt: str, steps: int, guidance_scale: float) -> Ch
     return Chain.from_diffusers(pipe.denoiser, scheduler, steps, **kwargs)
 
 
-def _run(chain, latent, start, objective, decode, strategy, iterations, lr, progress, constraint=None) -> tuple:
-    """(latent-space sample before, decoded image before, decoded image after, the optimization)."""
+def _before(chain, latent, start, decode) -> tuple[torch.Tensor, torch.Tensor]:
+    """The unoptimized sample: in latent space, and decoded."""
     with torch.no_grad():
-        x0_before = sample(chain, latent, start=start)
-        before = decode(x0_before).float()
+        x0 = sample(chain, latent, start=start)
+        return x0, decode(x0).float()
+
+
+def _optimize(chain, latent, start, objective, decode, strategy, iterations, lr, progress, constraint=None) -> tuple:
+    """(decoded best sample, the optimization) of ``objective`` on decoded images."""
     result = optimize_latent(chain, latent, decoded(objective, decode), strategy=strategy, start=start,
                              iterations=iterations, lr=lr, constraint=constraint, progress=progress)
     with torch.no_grad():
-        after = decode(result.best_sample).float()
-    return x0_before, before, after, result
+        return decode(result.best_sample).float(), result
 
 
 def _noise_latent(pipe: Pipeline, chain: Chain, start: int, seed: int) -> torch.Tensor:
@@ -157,7 +160,8 @@ def edit(pipe: Pipeline, clip, clip_tokenizer, image: torch.Tensor, prompt: str,
     latent = invert(chain, latents, start)
     clip_term = CLIPTextSimilarity(clip, prompt, clip_tokenizer)
     objective = WeightedSum([(1.0, clip_term), (lam, Fidelity(image.float()))])
-    x0_before, before, after, result = _run(chain, latent, start, objective, decode, strategy, iterations, lr, progress)
+    x0_before, before = _before(chain, latent, start, decode)
+    after, result = _optimize(chain, latent, start, objective, decode, strategy, iterations, lr, progress)
     round_trip = (x0_before - latents).flatten(1).norm(dim=1) / latents.flatten(1).norm(dim=1)
     metrics = {
         "start_step": start, "start_t": int(chain.timesteps[start]),
@@ -178,7 +182,8 @@ def style(pipe: Pipeline, clip, reference: torch.Tensor, prompt: str, *, layer: 
     decode = VAEDecoder(pipe.vae, checkpoint=checkpoint_vae)
     objective = CLIPGramStyle(clip, reference.to(pipe.device).float(), layer=layer)
     latent = _noise_latent(pipe, chain, start, seed)
-    _, before, after, result = _run(chain, latent, start, objective, decode, strategy, iterations, lr, progress)
+    _, before = _before(chain, latent, start, decode)
+    after, result = _optimize(chain, latent, start, objective, decode, strategy, iterations, lr, progress)
     metrics = {"start_step": start, "start_t": int(chain.timesteps[start]),
                "style_loss_before": float(objective(before).mean()), "style_loss_after": float(objective(after).mean())}
     return TaskResult(before, after, result, metrics)
@@ -197,7 +202,8 @@ def aesthetic(pipe: Pipeline, clip, head: str | Path, prompt: str, *, image: tor
         latent = _noise_latent(pipe, chain, start, seed)
     else:
         latent = invert(chain, decode.encode(image.to(pipe.device)), start)
-    _, before, after, result = _run(chain, latent, start, scorer, decode, strategy, iterations, lr, progress)
+    _, before = _before(chain, latent, start, decode)
+    after, result = _optimize(chain, latent, start, scorer, decode, strategy, iterations, lr, progress)
     metrics = {"start_step": start, "start_t": int(chain.timesteps[start]),
                "aesthetic_before": float(scorer.score(before).mean()), "aesthetic_after": float(scorer.score(after).mean())}
     return TaskResult(before, after, result, metrics)
@@ -244,14 +250,15 @@ def adversarial(pipe: Pipeline, classifier, prompt: str, *, target: int | None =
     start = 0 if start_t is None else step_at(chain, start_t)
     decode = VAEDecoder(pipe.vae, checkpoint=checkpoint_vae)
     latent = _noise_latent(pipe, chain, start, seed)
+    _, before = _before(chain, latent, start, decode)
     with torch.no_grad():
-        label = classifier(decode(sample(chain, latent, start=start)).float()).argmax(-1)
+        label = classifier(before).argmax(-1)
     if target is None:
         objective = ClassifierMargin(classifier, label)
     else:
         objective = ClassifierCrossEntropy(classifier, torch.full_like(label, int(target)))
-    _, before, after, result = _run(chain, latent, start, objective, decode, strategy, iterations, lr, progress,
-                                    constraint=LinfBall(tau))
+    after, result = _optimize(chain, latent, start, objective, decode, strategy, iterations, lr, progress,
+                              constraint=LinfBall(tau))
     with torch.no_grad():
         label_after = classifier(after).argmax(-1)
     success = label_after != label if target is None else label_after == int(target)
