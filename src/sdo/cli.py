@@ -178,19 +178,31 @@ def _build_parser() -> argparse.ArgumentParser:
                            "--start-t of a local diffusers text-to-image pipeline; writes before/after PNGs, the loss "
                            "curve and metrics.json.")
         t.add_argument("prompt", help="the text prompt (the edit's target for 'edit')")
-        t.add_argument("--model", required=True, help="a local diffusers pipeline folder (model_index.json)")
+        if task == "edit":
+            t.add_argument("--model", default=None, help="a local diffusers pipeline folder (model_index.json); "
+                           "default: the embedded digits DDPM and image-text model (offline, CPU)")
+        else:
+            t.add_argument("--model", required=True, help="a local diffusers pipeline folder (model_index.json)")
         if task == "adversarial":
             t.add_argument("--classifier", required=True,
                            help="a local transformers image-classification folder (model and image processor)")
             t.add_argument("--target", type=int, default=None, help="class to reach (default: leave the generation's own)")
             t.add_argument("--tau", type=_positive_float, default=0.1, help="L-infinity radius on the latent (default 0.1)")
         else:
-            t.add_argument("--clip", required=True, help="a local transformers CLIPModel folder, with its tokenizer")
-        if task in ("edit", "aesthetic"):
-            t.add_argument("--image", required=task == "edit", default=None,
-                           help="the real image to " + ("edit" if task == "edit" else "enhance (default: a generation)"))
+            t.add_argument("--clip", required=task != "edit", default=None,
+                           help="a local transformers CLIPModel folder, with its tokenizer" +
+                           (" (needed with --model)" if task == "edit" else ""))
+        if task == "aesthetic":
+            t.add_argument("--image", default=None, help="the real image to enhance (default: a generation)")
         if task == "edit":
-            t.add_argument("--lam", type=_non_negative_float, default=0.7, help="fidelity weight lambda (default 0.7)")
+            source = t.add_mutually_exclusive_group(required=True)
+            source.add_argument("--image", default=None, help="the real image to edit (for the embedded digits: white "
+                                "ink on black, or dark on light, which is negated)")
+            source.add_argument("--digit", type=int, default=None,
+                                help="edit this held-out digit of the embedded models' test split (0-296)")
+            t.add_argument("--lam", type=_non_negative_float, default=None,
+                           help="fidelity weight lambda (default: 0.5 on the embedded digits, an attribute edit; 0.7 "
+                           "with --model, as the paper)")
         if task == "style":
             t.add_argument("--reference", required=True, help="the style image")
             t.add_argument("--layer", type=int, default=3, help="CLIP vision layer of the Gram loss (default 3)")
@@ -223,6 +235,14 @@ def _build_parser() -> argparse.ArgumentParser:
     digits.add_argument("--classifier-epochs", type=_positive_int, default=None, help="classifier epochs")
     digits.add_argument("--eval-samples", type=_positive_int, default=None, help="samples for the quality figure")
     digits.add_argument("--no-progress", action="store_true", help="no progress bars")
+    digit_clip = train_sub.add_parser("digit-clip", help="the image-text model of the embedded text-guided edit",
+                                      description="Train the digits image tower and the projection of the frozen "
+                                      "MiniLM text tower contrastively on captioned digits; write digit_clip.safetensors "
+                                      "and digit_clip_card.json (held-out retrieval).")
+    digit_clip.add_argument("--output", type=_folder, default=None, help="folder (default: the package's weights folder)")
+    digit_clip.add_argument("--seed", type=int, default=0, help="seed (default 0)")
+    digit_clip.add_argument("--steps", type=_positive_int, default=None, help="optimizer steps (default 1500)")
+    digit_clip.add_argument("--no-progress", action="store_true", help="no progress bars")
     return parser
 
 
@@ -259,16 +279,20 @@ _BENCH_QUICK = {"steps": 5, "sweep": (2, 5), "batch": 2, "repeats": 1, "depths":
 
 
 def _task(args) -> None:
-    import json
-
     import torch
     from transformers import CLIPModel, CLIPTokenizer
 
-    from . import report, tasks
+    from . import tasks
     from .strategies import get_strategy
 
     get_strategy(args.strategy)  # a clear error before anything loads
     dtype = getattr(torch, args.dtype)
+    if args.command == "edit" and args.model is None:
+        _save_task(args, _edit_digits(args))
+        return
+    if args.command == "edit" and (args.clip is None or args.image is None):
+        raise ValueError("editing a pipeline's image (--model) needs --clip and --image (--digit is for the embedded "
+                         "digits, without --model)")
     pipe = tasks.load_pipeline(args.model, args.device, dtype)
     if args.command != "adversarial":
         if not Path(args.clip).is_dir():
@@ -280,7 +304,7 @@ def _task(args) -> None:
     if args.command == "edit":
         tokenizer = CLIPTokenizer.from_pretrained(args.clip, local_files_only=True)
         image = tasks.load_image(args.image, pipe.image_size)
-        result = tasks.edit(pipe, clip, tokenizer, image, args.prompt, lam=args.lam, **common)
+        result = tasks.edit(pipe, clip, tokenizer, image, args.prompt, lam=0.7 if args.lam is None else args.lam, **common)
     elif args.command == "style":
         reference = tasks.load_image(args.reference, pipe.image_size)
         result = tasks.style(pipe, clip, reference, args.prompt, layer=args.layer, seed=args.seed, **common)
@@ -290,6 +314,33 @@ def _task(args) -> None:
     else:
         image = tasks.load_image(args.image, pipe.image_size) if args.image else None
         result = tasks.aesthetic(pipe, clip, args.head, args.prompt, image=image, seed=args.seed, **common)
+    _save_task(args, result)
+
+
+def _edit_digits(args):
+    """``sdo edit`` without --model: the embedded digits DDPM and image-text model."""
+    from . import tasks
+    from .embedded.digits import HELD_OUT, load_dataset
+
+    if args.dtype != "float32" or args.guidance_scale != 1 or args.checkpoint_vae:
+        raise ValueError("the embedded digits edit runs in float32, unguided, without a VAE: drop --dtype, "
+                         "--guidance-scale and --checkpoint-vae, or pass --model")
+    if args.digit is not None:
+        if not 0 <= args.digit < HELD_OUT:
+            raise ValueError(f"--digit must be in 0..{HELD_OUT - 1} (the held-out split), got {args.digit}")
+        image = load_dataset("test")[0][args.digit : args.digit + 1]
+    else:
+        image = tasks.load_digit_image(args.image)
+    return tasks.edit_digits(image, args.prompt, lam=0.5 if args.lam is None else args.lam, start_t=args.start_t,
+                             steps=args.steps, strategy=args.strategy, iterations=args.iterations, lr=args.lr,
+                             device=args.device, progress=not args.no_progress)
+
+
+def _save_task(args, result) -> None:
+    import json
+
+    from . import report
+
     out = args.output or _fresh_folder(f"sdo-{args.command}")
     out.mkdir(parents=True, exist_ok=True)
     report.save_grid([("before", result.before), ("after", result.after)], out / "before_after.png", title=args.prompt)
@@ -299,6 +350,23 @@ def _task(args) -> None:
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
     print(json.dumps({k: v for k, v in metrics.items() if k != "losses"}, indent=2))
     print(f"wrote {out}/before_after.png, loss.png and metrics.json")
+
+
+def _train(args) -> None:
+    import json
+
+    from .embedded import weights_dir
+
+    if args.model == "digit-clip":
+        from .embedded.digit_clip import DigitCLIPConfig, train_digit_clip
+
+        cfg = DigitCLIPConfig(seed=args.seed, **({"steps": args.steps} if args.steps else {}))
+        output = args.output or Path(str(weights_dir()))
+        _, card = train_digit_clip(output, cfg, progress=not args.no_progress)
+        print(json.dumps({k: card[k] for k in ("held_out", "seconds")}, indent=2))
+        print(f"wrote digit_clip.safetensors and digit_clip_card.json to {output}")
+    else:
+        _train_digits(args)
 
 
 def _train_digits(args) -> None:
@@ -328,7 +396,7 @@ def main(argv: list[str] | None = None) -> int:
         elif args.command in ("edit", "style", "aesthetic", "adversarial"):
             _task(args)
         else:
-            _train_digits(args)
+            _train(args)
     except (ValueError, FileNotFoundError) as err:
         print(f"sdo {args.command}: error: {err}", file=sys.stderr)
         return 2

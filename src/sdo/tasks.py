@@ -27,8 +27,8 @@ from .sampling import sample
 from .solvers import SUPPORTED_SCHEDULERS
 from .vae import VAEDecoder, decoded, encode_prompts
 
-__all__ = ["Pipeline", "load_pipeline", "load_image", "TaskResult", "ImageClassifier", "edit", "style", "aesthetic",
-           "adversarial", "step_at"]
+__all__ = ["Pipeline", "load_pipeline", "load_image", "TaskResult", "ImageClassifier", "edit", "edit_digits", "style",
+           "aesthetic", "adversarial", "step_at", "load_digit_image"]
 
 
 @dataclass
@@ -265,4 +265,57 @@ def adversarial(pipe: Pipeline, classifier, prompt: str, *, target: int | None =
     metrics = {"start_step": start, "start_t": int(chain.timesteps[start]), "label_before": label.tolist(),
                "label_after": label_after.tolist(), "success": success.tolist(),
                "max_abs_latent_change": float((result.latent - latent).abs().max())}
+    return TaskResult(before, after, result, metrics)
+
+
+def load_digit_image(path: str | Path) -> torch.Tensor:
+    """An image file as a (1, 1, 16, 16) digit in [-1, 1], white ink on black as the embedded models were trained
+    (grey levels averaged; a picture whose border is brighter than its middle, dark ink on paper, is negated)."""
+    x = load_image(path, 16).mean(dim=1, keepdim=True)
+    border = torch.cat([x[..., 0, :], x[..., -1, :], x[..., :, 0], x[..., :, -1]], dim=-1).mean()
+    return -x if border > x[..., 4:12, 4:12].mean() else x
+
+
+def edit_digits(image: torch.Tensor, prompt: str, *, lam: float = 0.5, start_t: int = 600, steps: int = 50,
+                strategy="sdo", iterations: int = 50, lr: float = 0.01, device="cpu", models=None, clip=None,
+                progress: bool = True) -> TaskResult:
+    """Text-guided editing (Eq. 23) of digits (B, 1, 16, 16) in [-1, 1] with the embedded models, offline: the
+    unconditional branch of the digits DDPM, DDIM-inverted to the step nearest ``start_t``, and the embedded
+    image-text model (``sdo.embedded.load_digit_clip``); lambda = 0.5 as the paper's attribute edits.
+    ``models`` (``load_digits()``) and ``clip`` (``(model, tokenizer)``) may be passed to skip loading.
+
+    Besides the CLIP score and the L1 fidelity, the metrics measure the edit on the pixels, independently of the
+    model that drove it: ink mass and slant (``sdo.embedded.digit_clip.ink_statistics``) and the embedded
+    classifier's label, before and after."""
+    from .embedded import load_digit_clip, load_digits
+    from .embedded.digit_clip import ink_statistics
+
+    if image.ndim != 4 or image.shape[1:] != (1, 16, 16):
+        raise ValueError(f"expected digits of shape (B, 1, 16, 16) in [-1, 1], got {tuple(image.shape)}")
+    models = models or load_digits(device)
+    clip_model, tokenizer = clip or load_digit_clip(device)
+    image = image.to(device)
+    null = torch.tensor([models.null_class], device=device)
+    chain = Chain.from_diffusers(models.unet, models.scheduler, steps, cond={"class_labels": null})
+    start = step_at(chain, start_t)
+    latent = invert(chain, image, start)
+    clip_term = CLIPTextSimilarity(clip_model, prompt, tokenizer)
+    fidelity = Fidelity(image)
+    objective = WeightedSum([(1.0, clip_term), (lam, fidelity)])
+    identity = lambda x: x  # noqa: E731  (pixel space: nothing to decode)
+    before_x0, before = _before(chain, latent, start, identity)
+    after, result = _optimize(chain, latent, start, objective, identity, strategy, iterations, lr, progress)
+    with torch.no_grad():
+        labels = {name: models.classifier(x.clamp(-1, 1)).argmax(-1).tolist()
+                  for name, x in (("image", image), ("before", before), ("after", after))}
+    stats = {name: ink_statistics(x.cpu()) for name, x in (("image", image), ("before", before), ("after", after))}
+    metrics = {
+        "start_step": start, "start_t": int(chain.timesteps[start]), "lambda": lam,
+        "inversion_round_trip_error": float(((before_x0 - image).flatten(1).norm(dim=1) / image.flatten(1).norm(dim=1)).max()),
+        "clip_similarity_before": (1 - clip_term(before)).tolist(), "clip_similarity_after": (1 - clip_term(after)).tolist(),
+        "l1_to_image_before": fidelity(before).tolist(), "l1_to_image_after": fidelity(after).tolist(),
+        **{f"ink_mass_{name}": v[0].tolist() for name, v in stats.items()},
+        **{f"slant_{name}": v[1].tolist() for name, v in stats.items()},
+        **{f"label_{name}": v for name, v in labels.items()},
+    }
     return TaskResult(before, after, result, metrics)

