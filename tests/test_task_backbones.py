@@ -145,6 +145,28 @@ def test_pixart_folder_loads_and_its_chain_is_the_diffusers_pipeline(pixart_fold
     torch.testing.assert_close(ours, expected, rtol=1e-4, atol=1e-5)
 
 
+def test_pixart_micro_conditions_where_the_transformer_uses_them(pixart_folder):
+    """PixArt-alpha at 1024 px conditions on (height, width) and the aspect ratio: given in both CFG branches."""
+    from dataclasses import replace
+
+    from diffusers import PixArtTransformer2DModel
+
+    pipe = tasks.load_pipeline(pixart_folder)
+    # 12 channels: the size and aspect-ratio embeddings take a third of them each
+    config = dict(pipe.denoiser.config, use_additional_conditions=True, attention_head_dim=6,
+                  cross_attention_dim=12)
+    torch.manual_seed(0)
+    pipe = replace(pipe, denoiser=PixArtTransformer2DModel.from_config(config).eval().requires_grad_(False))
+    kwargs = backbones.text_conditioning(pipe, PROMPT, 2.0)
+    for branch in (kwargs["cond"], kwargs["uncond"]):
+        micro = branch["added_cond_kwargs"]
+        assert micro["resolution"].tolist() == [[16.0, 16.0]] and micro["aspect_ratio"].tolist() == [[1.0]]
+    chain = tasks._chain(pipe, PROMPT, 4, 2.0, None)
+    with torch.no_grad():
+        x0 = sample(chain, torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(0)))
+    assert x0.shape == (2, 4, 8, 8) and torch.isfinite(x0).all()
+
+
 @pytest.mark.parametrize("task", ["style", "aesthetic", "adversarial", "edit"])
 def test_tasks_on_a_pixart_folder_lower_their_loss(pixart_folder, clip, tokenizer, classifier_folder, head, task):
     """Every task on PixArt-alpha with classifier-free guidance; PixArt's own DPM-Solver++ samples, except for the

@@ -210,8 +210,8 @@ def _build_parser() -> argparse.ArgumentParser:
                        help="classifier-free guidance (default 1: off); an LCM-distilled UNet embeds it instead")
         t.add_argument("--scheduler", choices=_TASK_SCHEDULERS, default=None,
                        help="sampler, built from the pipeline scheduler's config (default: the pipeline's own where sdo "
-                       "supports it, else ddim)" + ("; editing inverts the image, which needs ddim or euler"
-                                                    if task == "edit" else ""))
+                       "supports it, else ddim)" + ("; inverting a real image needs ddim or euler"
+                                                    if task in ("edit", "aesthetic") else ""))
         if task != "edit":  # editing a real image draws no noise
             t.add_argument("--seed", type=int, default=0, help="seed of the generation's noise (default 0)")
         t.add_argument("--dtype", choices=("float32", "float16", "bfloat16"), default="float32",
