@@ -113,6 +113,10 @@ def _name_list(text: str) -> tuple[str, ...]:
     return names
 
 
+# sdo.backbones.SCHEDULERS, spelled out so that parsing the command line imports no torch (a test keeps them equal)
+_TASK_SCHEDULERS = ("ddim", "dpm-solver++", "lcm", "euler")
+
+
 def _build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="sdo", description="Gradient-based control of diffusion sampling (SDO and its baselines).")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
@@ -214,7 +218,12 @@ def _build_parser() -> argparse.ArgumentParser:
         t.add_argument("--steps", type=_positive_int, default=50, help="sampling steps (default 50)")
         t.add_argument("--iterations", type=_positive_int, default=iterations, help=f"Adam steps (default {iterations})")
         t.add_argument("--lr", type=_positive_float, default=0.01, help="Adam learning rate (default 0.01)")
-        t.add_argument("--guidance-scale", type=_positive_float, default=1.0, help="classifier-free guidance (default 1: off)")
+        t.add_argument("--guidance-scale", type=_positive_float, default=1.0,
+                       help="classifier-free guidance (default 1: off); an LCM-distilled UNet embeds it instead")
+        t.add_argument("--scheduler", choices=_TASK_SCHEDULERS, default=None,
+                       help="sampler, built from the pipeline scheduler's config (default: the pipeline's own where sdo "
+                       "supports it, else ddim)" + ("; inverting a real image needs ddim or euler"
+                                                    if task in ("edit", "aesthetic") else ""))
         if task != "edit":  # editing a real image draws no noise
             t.add_argument("--seed", type=int, default=0, help="seed of the generation's noise (default 0)")
         t.add_argument("--dtype", choices=("float32", "float16", "bfloat16"), default="float32",
@@ -299,8 +308,8 @@ def _task(args) -> None:
             raise FileNotFoundError(f"{args.clip}: no such CLIP model folder")
         clip = CLIPModel.from_pretrained(args.clip, local_files_only=True).to(args.device).eval().requires_grad_(False)
     common = dict(steps=args.steps, iterations=args.iterations, lr=args.lr, strategy=args.strategy,
-                  start_t=args.start_t, guidance_scale=args.guidance_scale, checkpoint_vae=args.checkpoint_vae,
-                  progress=not args.no_progress)
+                  start_t=args.start_t, guidance_scale=args.guidance_scale, scheduler=args.scheduler,
+                  checkpoint_vae=args.checkpoint_vae, progress=not args.no_progress)
     if args.command == "edit":
         tokenizer = CLIPTokenizer.from_pretrained(args.clip, local_files_only=True)
         image = tasks.load_image(args.image, pipe.image_size)

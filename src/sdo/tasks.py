@@ -6,6 +6,11 @@ decoded image.
 
 Defaults are the paper's: 50 DDIM steps, Adam lr 0.01; 50 iterations for editing (lambda 0.7), 150 for style,
 100 for aesthetic, starting at t ~ 600 for style and aesthetic.
+
+Backbones: Stable Diffusion 1.x/2.x UNets, PixArt transformers and LCM-distilled UNets, each conditioned as its
+diffusers pipeline does (:mod:`sdo.backbones`). Schedulers: the pipeline's own where sdo supports it, else DDIM,
+or the one named by ``scheduler=`` ("ddim", "dpm-solver++", "lcm", "euler"). Editing, and aesthetic enhancement of
+a real image, invert the image with the sampler, which needs a deterministic one-step scheduler (DDIM, Euler).
 """
 
 from __future__ import annotations
@@ -18,14 +23,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .backbones import task_scheduler, text_conditioning
 from .chain import Chain
 from .clip import AestheticScore, CLIPGramStyle, CLIPTextSimilarity
-from .inversion import invert
+from .inversion import check_ode, invert
 from .latent import LatentResult, LinfBall, optimize_latent
 from .objectives import ClassifierCrossEntropy, ClassifierMargin, Fidelity, WeightedSum
-from .sampling import sample
-from .solvers import SUPPORTED_SCHEDULERS
-from .vae import VAEDecoder, decoded, encode_prompts
+from .sampling import sample, step_range
+from .vae import VAEDecoder, decoded
 
 __all__ = ["Pipeline", "load_pipeline", "load_image", "TaskResult", "ImageClassifier", "edit", "edit_digits", "style",
            "aesthetic", "adversarial", "step_at", "load_digit_image"]
@@ -41,6 +46,7 @@ class Pipeline:
     tokenizer: object
     scheduler: object
     image_size: int  # pixels
+    name: str = ""  # the diffusers pipeline class (PixArt-alpha and -sigma differ in prompt length)
 
     @property
     def device(self) -> torch.device:
@@ -75,7 +81,8 @@ def load_pipeline(path: str | Path, device="cpu", dtype: torch.dtype = torch.flo
     factor = 2 ** (len(pipe.vae.config.block_out_channels) - 1)
     size = denoiser.config.sample_size
     size = size if isinstance(size, int) else size[0]
-    return Pipeline(denoiser, pipe.vae, pipe.text_encoder, pipe.tokenizer, pipe.scheduler, size * factor)
+    return Pipeline(denoiser, pipe.vae, pipe.text_encoder, pipe.tokenizer, pipe.scheduler, size * factor,
+                    type(pipe).__name__)
 
 
 def load_image(path: str | Path, size: int) -> torch.Tensor:
@@ -106,65 +113,87 @@ class TaskResult:
     metrics: dict = field(default_factory=dict)
 
 
-def _chain(pipe: Pipeline, prompt: str, steps: int, guidance_scale: float) -> Chain:
-    """The pipeline's scheduler if sdo supports it (DDIM, DPM-Solver++, LCM, ...), else DDIM from its config
-    (SD's default PNDM), as the paper samples."""
-    from diffusers import DDIMScheduler
-
-    scheduler = pipe.scheduler
-    if type(scheduler).__name__ not in SUPPORTED_SCHEDULERS:
-        scheduler = DDIMScheduler.from_config(scheduler.config, clip_sample=False)
-    cond, uncond = encode_prompts(pipe.text_encoder, pipe.tokenizer, [prompt])
-    kwargs = dict(cond=cond, uncond=uncond, guidance_scale=guidance_scale) if guidance_scale != 1 else dict(cond=cond)
-    return Chain.from_diffusers(pipe.denoiser, scheduler, steps, **kwargs)
+def _chain(pipe: Pipeline, prompt: str, steps: int, guidance_scale: float, scheduler: str | None) -> Chain:
+    """The task's chain: ``scheduler`` (see :func:`sdo.backbones.task_scheduler`) over the pipeline's backbone,
+    conditioned on ``prompt`` as its pipeline does (:func:`sdo.backbones.text_conditioning`)."""
+    return Chain.from_diffusers(pipe.denoiser, task_scheduler(pipe.scheduler, scheduler), steps,
+                                **text_conditioning(pipe, prompt, guidance_scale))
 
 
-def _before(chain, latent, start, decode) -> tuple[torch.Tensor, torch.Tensor]:
+def _where(chain: Chain, start: int) -> dict:
+    """The metrics that say where the optimization ran: its start step and timestep, and the sampler."""
+    return {"start_step": start, "start_t": int(chain.timesteps[start]), "solver": type(chain.solver).__name__}
+
+
+def _invert(chain: Chain, latents: torch.Tensor, start: int, task: str) -> torch.Tensor:
+    """DDIM inversion of ``latents`` to step ``start``, with an error that names the way out when the chain's
+    scheduler cannot run backwards (LCM re-noises every step; 2nd-order DPM-Solver++ reads the previous step)."""
+    try:
+        check_ode(chain, step_range(chain, start), f"{task} (DDIM inversion of the image)")
+    except ValueError as err:
+        raise ValueError(f"{err}. Pass scheduler='ddim' (command line: --scheduler ddim) to invert and sample "
+                         "with DDIM") from None
+    return invert(chain, latents, start)
+
+
+def _replay(generator: torch.Generator) -> torch.Generator:
+    """A copy of ``generator`` at its current state: the unoptimized sample then draws the same solver noise as
+    every optimization iteration (stochastic schedulers such as LCM), so 'before' is iteration 0's sample."""
+    copy = torch.Generator()
+    copy.set_state(generator.get_state())
+    return copy
+
+
+def _before(chain, latent, start, decode, generator=None) -> tuple[torch.Tensor, torch.Tensor]:
     """The unoptimized sample: in latent space, and decoded."""
     with torch.no_grad():
-        x0 = sample(chain, latent, start=start)
+        x0 = sample(chain, latent, start=start, generator=generator)
         return x0, decode(x0).float()
 
 
-def _optimize(chain, latent, start, objective, decode, strategy, iterations, lr, progress, constraint=None) -> tuple:
+def _optimize(chain, latent, start, objective, decode, strategy, iterations, lr, progress, constraint=None,
+              generator=None) -> tuple:
     """(decoded best sample, the optimization) of ``objective`` on decoded images."""
     result = optimize_latent(chain, latent, decoded(objective, decode), strategy=strategy, start=start,
-                             iterations=iterations, lr=lr, constraint=constraint, progress=progress)
+                             iterations=iterations, lr=lr, constraint=constraint, progress=progress,
+                             generator=generator)
     with torch.no_grad():
         return decode(result.best_sample).float(), result
 
 
-def _noise_latent(pipe: Pipeline, chain: Chain, start: int, seed: int) -> torch.Tensor:
-    """Noise run (without a graph) from x_T to step ``start``: the latent the generation tasks optimize."""
+def _noise_latent(pipe: Pipeline, chain: Chain, start: int, generator: torch.Generator) -> torch.Tensor:
+    """Noise run (without a graph) from x_T to step ``start``: the latent the generation tasks optimize. x_T,
+    then the noise of stochastic steps before ``start``, come from ``generator``."""
     channels = pipe.denoiser.config.in_channels
     side = pipe.image_size // 2 ** (len(pipe.vae.config.block_out_channels) - 1)
-    gen = torch.Generator().manual_seed(seed)
     dtype = next(pipe.denoiser.parameters()).dtype
-    x = (torch.randn(1, channels, side, side, generator=gen) * chain.init_noise_sigma).to(pipe.device, dtype)
+    x = (torch.randn(1, channels, side, side, generator=generator) * chain.init_noise_sigma).to(pipe.device, dtype)
     if start == 0:
         return x
     with torch.no_grad():
-        return sample(chain, x, stop=start)
+        return sample(chain, x, stop=start, generator=generator)
 
 
 def edit(pipe: Pipeline, clip, clip_tokenizer, image: torch.Tensor, prompt: str, *, lam: float = 0.7,
-         start_t: int = 600, steps: int = 50, guidance_scale: float = 1.0, strategy="sdo", iterations: int = 50,
-         lr: float = 0.01, checkpoint_vae: bool = False, progress: bool = True) -> TaskResult:
+         start_t: int = 600, steps: int = 50, guidance_scale: float = 1.0, scheduler: str | None = None,
+         strategy="sdo", iterations: int = 50, lr: float = 0.01, checkpoint_vae: bool = False,
+         progress: bool = True) -> TaskResult:
     """Text-guided editing of a real image (Eq. 23): invert it to the step nearest ``start_t``, then minimize
-    ``CLIP(x0, prompt) + lam * |x0 - image|_1`` over that latent."""
-    chain = _chain(pipe, prompt, steps, guidance_scale)
+    ``CLIP(x0, prompt) + lam * |x0 - image|_1`` over that latent. The inversion needs a deterministic one-step
+    scheduler: a ValueError says to pass ``scheduler="ddim"`` for LCM or 2nd-order DPM-Solver++."""
+    chain = _chain(pipe, prompt, steps, guidance_scale, scheduler)
     start = step_at(chain, start_t)
     decode = VAEDecoder(pipe.vae, checkpoint=checkpoint_vae)
     image = image.to(pipe.device)
     latents = decode.encode(image)
-    latent = invert(chain, latents, start)
+    latent = _invert(chain, latents, start, "edit")
     clip_term = CLIPTextSimilarity(clip, prompt, clip_tokenizer)
     objective = WeightedSum([(1.0, clip_term), (lam, Fidelity(image.float()))])
     x0_before, before = _before(chain, latent, start, decode)
     after, result = _optimize(chain, latent, start, objective, decode, strategy, iterations, lr, progress)
     round_trip = (x0_before - latents).flatten(1).norm(dim=1) / latents.flatten(1).norm(dim=1)
     metrics = {
-        "start_step": start, "start_t": int(chain.timesteps[start]),
+        **_where(chain, start),
         "inversion_round_trip_error": float(round_trip.max()),  # as sdo.round_trip_error, in latent space
         "clip_similarity_before": float(1 - clip_term(before).mean()), "clip_similarity_after": float(1 - clip_term(after).mean()),
         "l1_to_image_before": float(Fidelity(image.float())(before).mean()), "l1_to_image_after": float(Fidelity(image.float())(after).mean()),
@@ -173,38 +202,45 @@ def edit(pipe: Pipeline, clip, clip_tokenizer, image: torch.Tensor, prompt: str,
 
 
 def style(pipe: Pipeline, clip, reference: torch.Tensor, prompt: str, *, layer: int = 3, start_t: int = 600,
-          steps: int = 50, guidance_scale: float = 1.0, strategy="sdo", iterations: int = 150, lr: float = 0.01,
-          seed: int = 0, checkpoint_vae: bool = False, progress: bool = True) -> TaskResult:
+          steps: int = 50, guidance_scale: float = 1.0, scheduler: str | None = None, strategy="sdo",
+          iterations: int = 150, lr: float = 0.01, seed: int = 0, checkpoint_vae: bool = False,
+          progress: bool = True) -> TaskResult:
     """Style-guided generation (Eq. 24): from the latent at the step nearest ``start_t`` of a generation for
     ``prompt``, minimize the Gram-matrix distance to ``reference`` on CLIP's ``layer``-th vision layer."""
-    chain = _chain(pipe, prompt, steps, guidance_scale)
+    chain = _chain(pipe, prompt, steps, guidance_scale, scheduler)
     start = step_at(chain, start_t)
     decode = VAEDecoder(pipe.vae, checkpoint=checkpoint_vae)
     objective = CLIPGramStyle(clip, reference.to(pipe.device).float(), layer=layer)
-    latent = _noise_latent(pipe, chain, start, seed)
-    _, before = _before(chain, latent, start, decode)
-    after, result = _optimize(chain, latent, start, objective, decode, strategy, iterations, lr, progress)
-    metrics = {"start_step": start, "start_t": int(chain.timesteps[start]),
+    gen = torch.Generator().manual_seed(seed)
+    latent = _noise_latent(pipe, chain, start, gen)
+    _, before = _before(chain, latent, start, decode, _replay(gen))
+    after, result = _optimize(chain, latent, start, objective, decode, strategy, iterations, lr, progress,
+                              generator=gen)
+    metrics = {**_where(chain, start),
                "style_loss_before": float(objective(before).mean()), "style_loss_after": float(objective(after).mean())}
     return TaskResult(before, after, result, metrics)
 
 
 def aesthetic(pipe: Pipeline, clip, head: str | Path, prompt: str, *, image: torch.Tensor | None = None,
-              start_t: int = 600, steps: int = 50, guidance_scale: float = 1.0, strategy="sdo", iterations: int = 100,
-              lr: float = 0.01, seed: int = 0, checkpoint_vae: bool = False, progress: bool = True) -> TaskResult:
+              start_t: int = 600, steps: int = 50, guidance_scale: float = 1.0, scheduler: str | None = None,
+              strategy="sdo", iterations: int = 100, lr: float = 0.01, seed: int = 0, checkpoint_vae: bool = False,
+              progress: bool = True) -> TaskResult:
     """Aesthetic enhancement (Eq. 25): minimize ``|a(x0) - 10|`` for a LAION-style head on CLIP, from a
-    generation for ``prompt`` or from a real ``image`` inverted to the step nearest ``start_t``."""
-    chain = _chain(pipe, prompt, steps, guidance_scale)
+    generation for ``prompt`` or from a real ``image`` inverted to the step nearest ``start_t`` (which needs a
+    deterministic one-step scheduler, as :func:`edit` does)."""
+    chain = _chain(pipe, prompt, steps, guidance_scale, scheduler)
     start = step_at(chain, start_t)
     decode = VAEDecoder(pipe.vae, checkpoint=checkpoint_vae)
     scorer = AestheticScore.from_file(clip, head)
+    gen = torch.Generator().manual_seed(seed)
     if image is None:
-        latent = _noise_latent(pipe, chain, start, seed)
+        latent = _noise_latent(pipe, chain, start, gen)
     else:
-        latent = invert(chain, decode.encode(image.to(pipe.device)), start)
-    _, before = _before(chain, latent, start, decode)
-    after, result = _optimize(chain, latent, start, scorer, decode, strategy, iterations, lr, progress)
-    metrics = {"start_step": start, "start_t": int(chain.timesteps[start]),
+        latent = _invert(chain, decode.encode(image.to(pipe.device)), start, "aesthetic")
+    _, before = _before(chain, latent, start, decode, _replay(gen))
+    after, result = _optimize(chain, latent, start, scorer, decode, strategy, iterations, lr, progress,
+                              generator=gen)
+    metrics = {**_where(chain, start),
                "aesthetic_before": float(scorer.score(before).mean()), "aesthetic_after": float(scorer.score(after).mean())}
     return TaskResult(before, after, result, metrics)
 
@@ -240,17 +276,18 @@ class ImageClassifier:
 
 
 def adversarial(pipe: Pipeline, classifier, prompt: str, *, target: int | None = None, tau: float = 0.1,
-                start_t: int | None = None, steps: int = 50, guidance_scale: float = 1.0, strategy="sdo",
-                iterations: int = 50, lr: float = 0.01, seed: int = 0, checkpoint_vae: bool = False,
-                progress: bool = True) -> TaskResult:
+                start_t: int | None = None, steps: int = 50, guidance_scale: float = 1.0,
+                scheduler: str | None = None, strategy="sdo", iterations: int = 50, lr: float = 0.01, seed: int = 0,
+                checkpoint_vae: bool = False, progress: bool = True) -> TaskResult:
     """Adversarial generation (Sec. 5.1.4): change the latent (x_T, or the one nearest ``start_t``) within an
     L-infinity ball of radius ``tau`` so that ``classifier`` no longer gives the generation its own label
     (Carlini-Wagner margin), or, with ``target``, gives it that class (cross-entropy)."""
-    chain = _chain(pipe, prompt, steps, guidance_scale)
+    chain = _chain(pipe, prompt, steps, guidance_scale, scheduler)
     start = 0 if start_t is None else step_at(chain, start_t)
     decode = VAEDecoder(pipe.vae, checkpoint=checkpoint_vae)
-    latent = _noise_latent(pipe, chain, start, seed)
-    _, before = _before(chain, latent, start, decode)
+    gen = torch.Generator().manual_seed(seed)
+    latent = _noise_latent(pipe, chain, start, gen)
+    _, before = _before(chain, latent, start, decode, _replay(gen))
     with torch.no_grad():
         label = classifier(before).argmax(-1)
     if target is None:
@@ -258,11 +295,11 @@ def adversarial(pipe: Pipeline, classifier, prompt: str, *, target: int | None =
     else:
         objective = ClassifierCrossEntropy(classifier, torch.full_like(label, int(target)))
     after, result = _optimize(chain, latent, start, objective, decode, strategy, iterations, lr, progress,
-                              constraint=LinfBall(tau))
+                              constraint=LinfBall(tau), generator=gen)
     with torch.no_grad():
         label_after = classifier(after).argmax(-1)
     success = label_after != label if target is None else label_after == int(target)
-    metrics = {"start_step": start, "start_t": int(chain.timesteps[start]), "label_before": label.tolist(),
+    metrics = {**_where(chain, start), "label_before": label.tolist(),
                "label_after": label_after.tolist(), "success": success.tolist(),
                "max_abs_latent_change": float((result.latent - latent).abs().max())}
     return TaskResult(before, after, result, metrics)

@@ -1,5 +1,5 @@
 """Latent-space chains: the VAE decoder inside the graph, so an objective on images reaches a latent
-diffusion model's latents (Stable Diffusion, PixArt, LCM), and prompt conditioning for text-to-image UNets.
+diffusion model's latents (Stable Diffusion, PixArt, LCM), and prompt conditioning for text-to-image denoisers.
 
     decode = sdo.VAEDecoder(vae, checkpoint=True)
     objective = sdo.decoded(clip_objective, decode)        # latent x0 -> image -> loss
@@ -70,21 +70,32 @@ def decoded(objective: Callable[[torch.Tensor], torch.Tensor], decoder: Callable
 
 
 def encode_prompts(text_encoder, tokenizer, prompts: str | Sequence[str], negative: str | Sequence[str] = "",
-                   key: str = "encoder_hidden_states") -> tuple[dict, dict]:
-    """``(cond, uncond)`` keyword arguments for a text-conditioned UNet (Stable Diffusion's
-    ``encoder_hidden_states``): the text encoder's last hidden state of the prompts and of the negative
-    prompts (the empty prompt by default), padded to the tokenizer's maximum length as SD pipelines do. Pass them
-    to ``Chain.from_diffusers(..., cond=cond, uncond=uncond, guidance_scale=7.5)``."""
+                   key: str = "encoder_hidden_states", *, max_length: int | None = None,
+                   attention_mask_key: str | None = None) -> tuple[dict, dict]:
+    """``(cond, uncond)`` keyword arguments for a text-conditioned denoiser: the text encoder's last hidden state
+    of the prompts and of the negative prompts (the empty prompt by default) under ``key``, each padded to
+    ``max_length`` tokens (default: the tokenizer's ``model_max_length``) as diffusers pipelines do. Pass them to
+    ``Chain.from_diffusers(..., cond=cond, uncond=uncond, guidance_scale=7.5)``.
+
+    By default this is Stable Diffusion's conditioning: CLIP sees the padded tokens without an attention mask.
+    With ``attention_mask_key`` (PixArt's ``"encoder_attention_mask"``) the tokenizer's attention mask goes to
+    the text encoder (T5 must not attend to padding) and into both dicts under that key, as PixArt pipelines
+    pass it to their transformer (with ``max_length=120`` for PixArt-alpha).
+    """
     prompts = [prompts] if isinstance(prompts, str) else list(prompts)
     negative = [negative] * len(prompts) if isinstance(negative, str) else list(negative)
     if len(negative) != len(prompts):
         raise ValueError(f"{len(negative)} negative prompts for {len(prompts)} prompts")
     device = next(text_encoder.parameters()).device
+    length = tokenizer.model_max_length if max_length is None else int(max_length)
 
-    def encode(texts):
-        tokens = tokenizer(texts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
-                           return_tensors="pt")
+    def encode(texts) -> dict:
+        tokens = tokenizer(texts, padding="max_length", max_length=length, truncation=True, return_tensors="pt")
+        ids = tokens.input_ids.to(device)
         with torch.no_grad():
-            return text_encoder(tokens.input_ids.to(device))[0]
+            if attention_mask_key is None:
+                return {key: text_encoder(ids)[0]}
+            mask = tokens.attention_mask.to(device)
+            return {key: text_encoder(ids, attention_mask=mask)[0], attention_mask_key: mask}
 
-    return {key: encode(prompts)}, {key: encode(negative)}
+    return encode(prompts), encode(negative)
