@@ -143,5 +143,7 @@ def test_edit_command_errors(capsys):
     assert "unguided" in capsys.readouterr().err
     assert main(["edit", "a thick 8", "--digit", "1", "--model", "somewhere"]) == 2
     assert "--clip and --image" in capsys.readouterr().err
+    assert main(["edit", "a thick 8", "--digit", "1", "--scheduler", "lcm"]) == 2  # LCM cannot be inverted
+    assert "--scheduler ddim" in capsys.readouterr().err
     with pytest.raises(ValueError, match="expected digits"):
         tasks.edit_digits(torch.zeros(1, 3, 16, 16), "a one")

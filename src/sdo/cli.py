@@ -341,7 +341,7 @@ def _edit_digits(args):
     else:
         image = tasks.load_digit_image(args.image)
     return tasks.edit_digits(image, args.prompt, lam=0.5 if args.lam is None else args.lam, start_t=args.start_t,
-                             steps=args.steps, strategy=args.strategy, iterations=args.iterations, lr=args.lr,
+                             steps=args.steps, scheduler=args.scheduler, strategy=args.strategy, iterations=args.iterations, lr=args.lr,
                              device=args.device, progress=not args.no_progress)
 
 

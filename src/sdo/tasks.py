@@ -313,9 +313,9 @@ def load_digit_image(path: str | Path) -> torch.Tensor:
     return -x if border > x[..., 4:12, 4:12].mean() else x
 
 
-def edit_digits(image: torch.Tensor, prompt: str, *, lam: float = 0.5, start_t: int = 600, steps: int = 50,
-                strategy="sdo", iterations: int = 50, lr: float = 0.01, device="cpu", models=None, clip=None,
-                progress: bool = True) -> TaskResult:
+def edit_digits(image: torch.Tensor, prompt: str | Sequence[str], *, lam: float = 0.5, start_t: int = 600,
+                steps: int = 50, scheduler: str | None = None, strategy="sdo", iterations: int = 50, lr: float = 0.01,
+                device="cpu", models=None, clip=None, progress: bool = True) -> TaskResult:
     """Text-guided editing (Eq. 23) of digits (B, 1, 16, 16) in [-1, 1] with the embedded models, offline: the
     unconditional branch of the digits DDPM, DDIM-inverted to the step nearest ``start_t``, and the embedded
     image-text model (``sdo.embedded.load_digit_clip``); lambda = 0.5 as the paper's attribute edits.
@@ -333,9 +333,10 @@ def edit_digits(image: torch.Tensor, prompt: str, *, lam: float = 0.5, start_t: 
     clip_model, tokenizer = clip or load_digit_clip(device)
     image = image.to(device)
     null = torch.tensor([models.null_class], device=device)
-    chain = Chain.from_diffusers(models.unet, models.scheduler, steps, cond={"class_labels": null})
+    chain = Chain.from_diffusers(models.unet, task_scheduler(models.scheduler, scheduler), steps,
+                                 cond={"class_labels": null})
     start = step_at(chain, start_t)
-    latent = invert(chain, image, start)
+    latent = _invert(chain, image, start, "edit")
     clip_term = CLIPTextSimilarity(clip_model, prompt, tokenizer)
     fidelity = Fidelity(image)
     objective = WeightedSum([(1.0, clip_term), (lam, fidelity)])
@@ -347,7 +348,7 @@ def edit_digits(image: torch.Tensor, prompt: str, *, lam: float = 0.5, start_t: 
                   for name, x in (("image", image), ("before", before), ("after", after))}
     stats = {name: ink_statistics(x.cpu()) for name, x in (("image", image), ("before", before), ("after", after))}
     metrics = {
-        "start_step": start, "start_t": int(chain.timesteps[start]), "lambda": lam,
+        **_where(chain, start), "lambda": lam,
         "inversion_round_trip_error": float(((before_x0 - image).flatten(1).norm(dim=1) / image.flatten(1).norm(dim=1)).max()),
         "clip_similarity_before": (1 - clip_term(before)).tolist(), "clip_similarity_after": (1 - clip_term(after)).tolist(),
         "l1_to_image_before": fidelity(before).tolist(), "l1_to_image_after": fidelity(after).tolist(),
