@@ -177,10 +177,11 @@ def _build_parser() -> argparse.ArgumentParser:
         ("aesthetic", "aesthetic enhancement of a generation or a real image (Eq. 25)", 100, 600),
         ("adversarial", "adversarial generation against an image classifier (Sec. 5.1.4)", 50, None),
     ):
-        t = sub.add_parser(task, help=help_text + " on a local diffusers pipeline",
+        where = " (without --model: a digit, with the embedded models)" if task == "edit" else ""
+        t = sub.add_parser(task, help=help_text + " on a local diffusers pipeline" + where,
                            description=f"{help_text[0].upper() + help_text[1:]}: SDO (or --strategy) on the latent at "
-                           "--start-t of a local diffusers text-to-image pipeline; writes before/after PNGs, the loss "
-                           "curve and metrics.json.")
+                           f"--start-t of a local diffusers text-to-image pipeline{where}; writes before/after PNGs, "
+                           "the loss curve and metrics.json.")
         t.add_argument("prompt", help="the text prompt (the edit's target for 'edit')")
         if task == "edit":
             t.add_argument("--model", default=None, help="a local diffusers pipeline folder (model_index.json); "
