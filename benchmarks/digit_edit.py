@@ -31,7 +31,7 @@ EXPECTED = {"thick": ("ink_mass", 1), "thin": ("ink_mass", -1), "slanted": ("sla
 
 def summarize(name: str, m: dict, labels: list[int], seconds: float) -> dict:
     key, sign = EXPECTED[name]
-    moved = [sign * (a - b) for a, b in zip(m[f"{key}_after"], m[f"{key}_image"], strict=True)]
+    change = [a - b for a, b in zip(m[f"{key}_after"], m[f"{key}_image"], strict=True)]
     return {
         "clip_before": statistics.mean(m["clip_similarity_before"]),
         "clip_after": statistics.mean(m["clip_similarity_after"]),
@@ -39,8 +39,8 @@ def summarize(name: str, m: dict, labels: list[int], seconds: float) -> dict:
         "l1_before": statistics.mean(m["l1_to_image_before"]),
         "l1_after": statistics.mean(m["l1_to_image_after"]),
         "attribute": key,
-        "attribute_moved_as_asked": statistics.mean(float(v > 0) for v in moved),
-        "attribute_change_mean": sign * statistics.mean(moved),
+        "attribute_moved_as_asked": statistics.mean(float(sign * c > 0) for c in change),
+        "attribute_change_mean": statistics.mean(change),
         "label_kept": statistics.mean(float(a == b) for a, b in zip(m["label_after"], labels, strict=True)),
         "inversion_round_trip_error": m["inversion_round_trip_error"],
         "seconds": seconds,

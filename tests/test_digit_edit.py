@@ -83,11 +83,17 @@ def test_embedded_model_matches_its_card_on_held_out_digits(clip):
 
 
 def test_training_writes_weights_that_load(tmp_path):
-    model, card = train_digit_clip(tmp_path, DigitCLIPConfig(steps=5, batch=16), progress=False)
+    model, card = train_digit_clip(tmp_path, DigitCLIPConfig(steps=5, batch=16, width=8, embed_dim=16), progress=False)
     assert (tmp_path / "digit_clip.safetensors").is_file()
     assert json.loads((tmp_path / "digit_clip_card.json").read_text())["config"]["steps"] == 5
     assert not any(k.startswith("text_model.") for k in model.trained_state_dict())
     assert 0 <= card["held_out"]["class_accuracy_words"] <= 1
+    loaded, tokenizer = load_digit_clip(folder=tmp_path)  # the non-default sizes come from the card
+    assert loaded.card["config"]["width"] == 8
+    for key, value in model.trained_state_dict().items():
+        torch.testing.assert_close(loaded.state_dict()[key], value, rtol=0, atol=0)
+    tokens = tokenizer(["a thick 8"], return_tensors="pt")
+    torch.testing.assert_close(loaded.get_text_features(**tokens), model.get_text_features(**tokens))
     with pytest.raises(ValueError, match="no text_model"):
         DigitCLIP().get_text_features(torch.zeros(1, 3, dtype=torch.long), torch.ones(1, 3, dtype=torch.long))
 

