@@ -1,5 +1,5 @@
-"""The ``sdo`` command: ``sdo demo`` (the main job), ``sdo bench``, ``sdo edit | style | aesthetic | adversarial`` and
-``sdo train digits``."""
+"""The ``sdo`` command: ``sdo demo`` (the main job), ``sdo bench``, ``sdo edit | style | aesthetic | adversarial``,
+``sdo finetune``, ``sdo lora scale | merge`` and ``sdo train digits | digit-clip``."""
 
 from __future__ import annotations
 
@@ -8,6 +8,8 @@ import datetime
 import math
 import sys
 from pathlib import Path
+
+from .cli_finetune import add_parsers, run_finetune, run_lora
 
 __all__ = ["main"]
 
@@ -253,6 +255,7 @@ def _build_parser() -> argparse.ArgumentParser:
     digit_clip.add_argument("--seed", type=int, default=0, help="seed (default 0)")
     digit_clip.add_argument("--steps", type=_positive_int, default=None, help="optimizer steps (default 1500)")
     digit_clip.add_argument("--no-progress", action="store_true", help="no progress bars")
+    add_parsers(sub)
     return parser
 
 
@@ -405,11 +408,20 @@ def main(argv: list[str] | None = None) -> int:
             _bench(args)
         elif args.command in ("edit", "style", "aesthetic", "adversarial"):
             _task(args)
+        elif args.command == "finetune":
+            run_finetune(args)
+        elif args.command == "lora":
+            run_lora(args)
         else:
             _train(args)
-    except (ValueError, FileNotFoundError) as err:
+    except (ValueError, FileNotFoundError, FileExistsError) as err:
         print(f"sdo {args.command}: error: {err}", file=sys.stderr)
         return 2
+    except RuntimeError as err:
+        if type(err).__name__ != "NonFiniteError":
+            raise
+        print(f"sdo {args.command}: error: {err}", file=sys.stderr)
+        return 3
     except KeyboardInterrupt:
         print(f"sdo {args.command}: interrupted", file=sys.stderr)
         return 130

@@ -66,7 +66,7 @@ def plot_curves(
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(5.5, 3.5))
     for name, values in curves.items():
-        ax.plot(range(len(values)) if x is None else list(x), list(values), label=name, marker="o" if x else None)
+        ax.plot(range(len(values)) if x is None else list(x), list(values), label=name, marker="o" if x and len(values) <= 30 else None)
     if "x" in log:
         ax.set_xscale("log")
         if x is not None:  # label the measured points, not powers of ten

@@ -91,6 +91,7 @@ class Strategy:
     """Base class. Subclasses choose the graph-keeping steps in :meth:`select` or override :meth:`run`."""
 
     name: ClassVar[str] = ""
+    checkpoint: bool = False  # recompute the kept denoiser calls in backward instead of storing their activations
 
     def select(self, steps: range) -> range | set[int]:
         """Indices (within ``steps``) whose denoiser call keeps its graph; random choices are drawn here."""
@@ -101,8 +102,11 @@ class Strategy:
         keep = self.select(steps)
         grad = torch.is_grad_enabled()
         for i in steps:
-            with torch.set_grad_enabled(grad and i in keep):
-                out = chain.denoise(i, x)
+            if grad and i in keep and self.checkpoint:
+                out = checkpoint(chain.denoise, i, x, use_reentrant=False)
+            else:
+                with torch.set_grad_enabled(grad and i in keep):
+                    out = chain.denoise(i, x)
             x, state = chain.update(i, x, out, state)
         return x
 
@@ -136,12 +140,13 @@ class Checkpoint(Strategy):
 
 @register_strategy("truncated")
 class Truncated(Strategy):
-    """Only the last ``k`` denoiser calls keep a graph (DRaFT-K; ``k=1`` is AlignProp-1 / DRaFT-1)."""
+    """Only the last ``k`` denoiser calls keep a graph (DRaFT-K; ``k=1`` is AlignProp-1 / DRaFT-1).
+    ``checkpoint=True`` recomputes those calls in backward (the same gradient, less memory)."""
 
-    def __init__(self, k: int = 1):
+    def __init__(self, k: int = 1, checkpoint: bool = False):
         if int(k) < 1:
             raise ValueError(f"k must be >= 1, got {k}")
-        self.k = int(k)
+        self.k, self.checkpoint = int(k), bool(checkpoint)
 
     def select(self, steps):
         return range(max(steps.start, steps.stop - self.k), steps.stop)
@@ -150,12 +155,14 @@ class Truncated(Strategy):
 @register_strategy("random-truncated")
 class RandomTruncated(Strategy):
     """The last k denoiser calls keep a graph, k ~ Uniform{low, ..., high} drawn once per trajectory
-    (AlignProp's randomized truncation; k is capped at the number of steps that run)."""
+    (AlignProp's randomized truncation; k is capped at the number of steps that run). ``checkpoint=True``
+    recomputes the kept calls in backward, as AlignProp's authors run it."""
 
-    def __init__(self, low: int = 1, high: int = 50, generator: torch.Generator | None = None):
+    def __init__(self, low: int = 1, high: int = 50, generator: torch.Generator | None = None,
+                 checkpoint: bool = False):
         if not 1 <= int(low) <= int(high):
             raise ValueError(f"need 1 <= low <= high, got low={low}, high={high}")
-        self.low, self.high, self.generator = int(low), int(high), generator
+        self.low, self.high, self.generator, self.checkpoint = int(low), int(high), generator, bool(checkpoint)
 
     def select(self, steps):
         k = _randint(self.low, self.high, self.generator)

@@ -1,0 +1,453 @@
+"""``finetune``: reward fine-tuning of a diffusion model's denoiser with LoRA, the gradient taken through the
+sampler by a strategy (Sec. 5.2 of Dou et al., 2025).
+
+Per update: draw conditions and initial noise, sample with the chosen strategy, score the decoded samples with
+a differentiable reward, and step AdamW on ``-mean reward`` (plus, optionally, DRaFT+'s penalty that keeps the
+tuned denoiser near its base). Strategies by name:
+
+==================  ====================================================================  ==========================
+``sdo``             one denoiser call, drawn uniformly per update, keeps its graph (Eq. 20)  SDO (this library)
+``random-truncated``the last k ~ U{1..N} calls keep graphs, recomputed in backward          AlignProp-uniform
+``truncated``       the last ``k`` calls keep graphs                                         DRaFT-K; k=1: AlignProp-1
+``checkpoint``      every call, recomputed in backward                                       full BPTT
+==================  ====================================================================  ==========================
+
+Runs the same under ``accelerate launch`` on several processes: every process draws the same global batch
+from the same seeds and keeps its slice, gradients are averaged with one all-reduce per update (accelerate's
+``reduce``; no DDP hooks, so every strategy's backward works), so weights stay identical across ranks and equal
+a one-process run with the same global batch. Nothing is lost on a kill: see :mod:`sdo.checkpoints`.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import statistics
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from . import report
+from .chain import Chain
+from .checkpoints import (
+    latest_checkpoint,
+    load_checkpoint,
+    load_optimizer_state,
+    optimizer_state,
+    rng_state,
+    save_checkpoint,
+    set_rng_state,
+)
+from .denoiser import Denoiser
+from .lora import DEFAULT_TARGETS, add_lora, lora_disabled, lora_parameters, lora_scale, lora_state_dict, save_lora
+from .sampling import sample
+from .solvers import solver_from_scheduler
+from .strategies import Checkpoint, Full, RandomTruncated, Shortcut, Truncated
+
+__all__ = ["FinetuneConfig", "FinetuneTask", "FinetuneResult", "NonFiniteError", "finetune", "STRATEGIES"]
+
+STRATEGIES = ("sdo", "random-truncated", "truncated", "checkpoint", "full")
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+class NonFiniteError(RuntimeError):
+    """Too many updates in a row had a non-finite loss or gradient."""
+
+
+@dataclass
+class FinetuneConfig:
+    output: Path  # run folder: lora/, checkpoints/, metrics.jsonl, samples/, reward.png, summary.json
+    strategy: str = "sdo"  # one of STRATEGIES
+    k: int = 1  # truncated: the denoiser calls kept (DRaFT-K; 1 is AlignProp-1)
+    steps: int = 50  # sampler steps N
+    eta: float = 0.0  # DDIM's stochasticity
+    guidance_scale: float | None = None  # classifier-free guidance (None: the conditional model alone)
+    updates: int = 100  # optimizer updates
+    batch_size: int = 8  # samples per micro-batch, over all processes (divisible by their number)
+    accumulation: int = 1  # micro-batches per update
+    lr: float = 1e-3  # AdamW learning rate
+    weight_decay: float = 1e-4
+    betas: tuple[float, float] = (0.9, 0.999)
+    max_grad_norm: float | None = 1.0  # clip the global gradient norm (None: no clipping)
+    lr_scheduler: str = "constant"  # diffusers.optimization.get_scheduler name (constant, cosine, linear, ...)
+    warmup: int = 0  # LR warm-up updates
+    rank: int = 4  # LoRA rank
+    alpha: float | None = None  # LoRA alpha (None: the rank, scale 1)
+    target_modules: tuple[str, ...] = DEFAULT_TARGETS  # module names (or suffixes) that get a LoRA
+    base_dtype: str = "float32"  # float32 | bfloat16 | float16: the frozen base weights; the LoRA stays float32
+    regularizer: float = 0.0  # DRaFT+: weight of mean ||eps_tuned - eps_base||^2 over the graph-keeping calls
+    seed: int = 0  # seeds the LoRA init, the noise, the conditions and the strategy's random steps
+    checkpoint_every: int = 10  # updates between checkpoints (and at the end)
+    keep_checkpoints: int = 2
+    sample_every: int = 10  # updates between sample grids at fixed seeds (0: none)
+    sample_count: int = 16
+    eval_count: int = 64  # samples scored at the end, per LoRA scale
+    eval_scales: tuple[float, ...] = (0.0, 0.5, 1.0)  # LoRA scales of the final evaluation (0 = the base model)
+    max_nonfinite: int = 5  # this many non-finite updates in a row stop the run
+    time_budget: float | None = None  # stop once the updates have taken this many seconds (equal-time comparisons)
+    resume: bool = False  # continue from the last checkpoint in output/checkpoints
+    tensorboard: bool = False  # also log to TensorBoard (needs the tensorboard package)
+    cpu: bool = False  # stay on the CPU even when a GPU is visible
+    progress: bool = True
+
+    def __post_init__(self):
+        self.output = Path(self.output)
+        self.betas = tuple(float(b) for b in self.betas)
+        self.target_modules = (self.target_modules,) if isinstance(self.target_modules, str) else tuple(self.target_modules)
+        self.eval_scales = tuple(float(s) for s in self.eval_scales)
+        if self.strategy not in STRATEGIES:
+            raise ValueError(f"unknown strategy {self.strategy!r}; use one of {', '.join(STRATEGIES)}")
+        if self.base_dtype not in _DTYPES:
+            raise ValueError(f"base_dtype must be one of {', '.join(_DTYPES)}, got {self.base_dtype!r}")
+        for name in ("k", "steps", "updates", "batch_size", "accumulation", "rank", "checkpoint_every",
+                     "keep_checkpoints", "sample_count", "eval_count", "max_nonfinite"):
+            if int(getattr(self, name)) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        for name in ("lr",):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
+        for name in ("weight_decay", "regularizer", "eta", "warmup", "sample_every"):
+            if not getattr(self, name) >= 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if self.max_grad_norm is not None and not self.max_grad_norm > 0:
+            raise ValueError(f"max_grad_norm must be > 0 or None, got {self.max_grad_norm}")
+        if self.time_budget is not None and not self.time_budget > 0:
+            raise ValueError(f"time_budget must be > 0 or None, got {self.time_budget}")
+        if self.output.exists() and not self.output.is_dir():
+            raise ValueError(f"output {self.output} exists and is not a folder")
+
+    @classmethod
+    def from_dict(cls, values: dict) -> FinetuneConfig:
+        """From a parsed config file; unknown keys are an error that lists the known ones."""
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ValueError(f"unknown fine-tuning option(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
+        return cls(**values)
+
+
+@dataclass
+class FinetuneTask:
+    """What is tuned, how its samples are made and how they are scored."""
+
+    model: torch.nn.Module  # the denoiser the LoRA goes into (a diffusers UNet or transformer)
+    scheduler: Any  # a diffusers scheduler: its config and ``steps`` make the sampler
+    conditions: Sequence  # each sample's condition (prompt, class label) is drawn uniformly from here
+    encode: Callable[[list], tuple[dict, dict | None]]  # conditions -> (cond, uncond) model keyword arguments
+    latent_shape: tuple[int, ...]  # (channels, height, width) of one latent
+    reward: Callable[[torch.Tensor, list], torch.Tensor]  # (images in [-1, 1], conditions) -> one reward each
+    decode: Callable[[torch.Tensor], torch.Tensor] | None = None  # latents -> images (a VAE); None: pixel model
+    describe: Callable[[torch.Tensor, list], dict] | None = None  # extra metrics of final samples (a judge)
+    caption: Callable[[torch.Tensor, list], list[str]] | None = None  # captions of sample grids
+
+
+@dataclass
+class FinetuneResult:
+    output: Path
+    updates: int  # updates done (skipped ones included)
+    skipped: int  # updates skipped for a non-finite loss or gradient
+    seconds: float  # time spent in updates (sample grids and checkpoints excluded)
+    seconds_per_update: float  # the median
+    metrics: list[dict] = field(default_factory=list)  # one record per update, as in metrics.jsonl
+    evaluation: dict = field(default_factory=dict)  # final samples per LoRA scale: reward and the task's metrics
+
+
+class _Anchored(torch.nn.Module):
+    """The tuned model; on calls that keep a graph it also runs the frozen base (LoRA off, no graph) and records
+    DRaFT+'s penalty, the mean squared difference of the two outputs."""
+
+    def __init__(self, model: torch.nn.Module, weight: float):
+        super().__init__()
+        self.model, self.weight, self.penalties, self.recording = model, weight, [], False
+        self.config = getattr(model, "config", None)
+
+    def forward(self, sample, timestep=None, **kwargs):
+        out = self.model(sample, timestep=timestep, **kwargs)
+        if self.weight and self.recording and torch.is_grad_enabled():
+            with torch.no_grad(), lora_disabled(self.model):
+                base = self.model(sample, timestep=timestep, **kwargs)
+            a, b = (getattr(o, "sample", o[0] if isinstance(o, tuple) else o) for o in (out, base))
+            self.penalties.append(((a.float() - b.float()) ** 2).mean())
+        return out
+
+
+def _strategy(cfg: FinetuneConfig, generator: torch.Generator):
+    return {"sdo": lambda: Shortcut(at="random", generator=generator),
+            "random-truncated": lambda: RandomTruncated(1, cfg.steps, generator=generator, checkpoint=True),
+            "truncated": lambda: Truncated(cfg.k),
+            "checkpoint": Checkpoint, "full": Full}[cfg.strategy]()
+
+
+def _accelerator(cfg: FinetuneConfig):
+    from accelerate import Accelerator
+    from accelerate.utils import ProjectConfiguration
+
+    if cfg.tensorboard:
+        try:
+            import tensorboard  # noqa: F401
+        except ImportError:
+            raise ImportError("tensorboard=True needs the tensorboard package (pip install tensorboard)") from None
+    project = ProjectConfiguration(project_dir=str(cfg.output), logging_dir=str(cfg.output / "tensorboard"))
+    return Accelerator(cpu=cfg.cpu, log_with="tensorboard" if cfg.tensorboard else None, project_config=project)
+
+
+class _Run:
+    """The state of one fine-tuning run; :meth:`update` is one optimizer update."""
+
+    def __init__(self, task: FinetuneTask, cfg: FinetuneConfig):
+        from diffusers.optimization import get_scheduler
+
+        self.task, self.cfg = task, cfg
+        self.acc = acc = _accelerator(cfg)
+        if cfg.batch_size % acc.num_processes:
+            raise ValueError(f"batch_size={cfg.batch_size} must be divisible by the {acc.num_processes} processes")
+        if not len(task.conditions):
+            raise ValueError("the task has no conditions to draw from")
+        self.local = cfg.batch_size // acc.num_processes
+        model = task.model
+        if cfg.base_dtype != "float32":
+            model.to(dtype=_DTYPES[cfg.base_dtype])
+        model.to(acc.device)
+        self.lora_config = add_lora(model, rank=cfg.rank, alpha=cfg.alpha, target_modules=cfg.target_modules,
+                                    init_seed=cfg.seed)
+        self.params = lora_parameters(model)
+        self.wrapped = _Anchored(model, cfg.regularizer)
+        self.optimizer = torch.optim.AdamW(self.params, lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
+        self.lr_scheduler = get_scheduler(cfg.lr_scheduler, self.optimizer, num_warmup_steps=cfg.warmup,
+                                          num_training_steps=cfg.updates)
+        # the same seeds on every process: each draws the global batch and keeps its slice
+        self.generators = {name: torch.Generator().manual_seed(cfg.seed * 1000 + i)
+                           for i, name in enumerate(("data", "strategy", "noise"))}
+        self.generators["noise"].manual_seed(cfg.seed * 1000 + 2 + 100 * acc.process_index)
+        self.strategy = _strategy(cfg, self.generators["strategy"])
+        self.solver = solver_from_scheduler(task.scheduler, cfg.steps, eta=cfg.eta)
+        self.dtype = _DTYPES[cfg.base_dtype]
+        self.step, self.skipped, self.in_a_row, self.seconds = 0, 0, 0, 0.0
+
+    # -- sampling ---------------------------------------------------------------------------------------------
+    def chain(self, conditions: list) -> Chain:
+        cond, uncond = self.task.encode(conditions)
+        guided = uncond is not None and self.cfg.guidance_scale is not None
+        return Chain(Denoiser(self.wrapped, cond, uncond if guided else None,
+                              self.cfg.guidance_scale if guided else None), self.solver)
+
+    def images(self, latents: torch.Tensor) -> torch.Tensor:
+        return (latents if self.task.decode is None else self.task.decode(latents)).float()
+
+    def draw(self, n: int, generator: torch.Generator) -> tuple[list, torch.Tensor]:
+        index = torch.randint(len(self.task.conditions), (n,), generator=generator)
+        x = torch.randn(n, *self.task.latent_shape, generator=generator) * self.solver.init_noise_sigma
+        return [self.task.conditions[int(i)] for i in index], x.to(self.acc.device, self.dtype)
+
+    # -- one update -------------------------------------------------------------------------------------------
+    def update(self) -> dict:
+        cfg, acc = self.cfg, self.acc
+        start = time.perf_counter()
+        rank = slice(acc.process_index * self.local, (acc.process_index + 1) * self.local)
+        rewards, losses, penalties = [], [], []
+        for _ in range(cfg.accumulation):
+            conditions, x = self.draw(cfg.batch_size, self.generators["data"])
+            conditions, x = conditions[rank], x[rank]
+            self.wrapped.penalties, self.wrapped.recording = [], True
+            x0 = sample(self.chain(conditions), x, strategy=self.strategy, generator=self.generators["noise"])
+            self.wrapped.recording = False
+            reward = self.task.reward(self.images(x0), conditions)
+            if tuple(reward.shape) != (len(conditions),):
+                raise ValueError(f"the reward returned shape {tuple(reward.shape)}; expected ({len(conditions)},)")
+            penalty = torch.stack(self.wrapped.penalties).mean() if self.wrapped.penalties else reward.new_zeros(())
+            loss = -reward.float().mean() + cfg.regularizer * penalty
+            (loss / cfg.accumulation).backward()
+            rewards.append(reward.detach().float())
+            losses.append(loss.detach().float())
+            penalties.append(penalty.detach().float())
+        grads = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).flatten() for p in self.params])
+        scalars = torch.stack([torch.stack(losses).mean(), torch.stack(penalties).mean()])
+        if acc.num_processes > 1:
+            grads, scalars = acc.reduce(grads, "mean"), acc.reduce(scalars.to(acc.device), "mean")
+        rewards = acc.gather(torch.cat(rewards).to(acc.device)).cpu()
+        finite = bool(torch.isfinite(grads).all() and torch.isfinite(scalars).all())
+        norm = float(grads.norm())
+        if finite:
+            offset = 0
+            for p in self.params:
+                p.grad = grads[offset: offset + p.numel()].view_as(p).to(p.dtype)
+                offset += p.numel()
+            if cfg.max_grad_norm is not None:
+                torch.nn.utils.clip_grad_norm_(self.params, cfg.max_grad_norm)
+            self.optimizer.step()
+            self.lr_scheduler.step()
+            self.in_a_row = 0
+        else:
+            self.skipped += 1
+            self.in_a_row += 1
+        self.optimizer.zero_grad(set_to_none=True)
+        self.step += 1
+        seconds = time.perf_counter() - start
+        if acc.num_processes > 1:  # the slowest process's time, so that a time budget stops every process together
+            seconds = float(acc.reduce(torch.tensor([seconds], device=acc.device), "max"))
+        self.seconds += seconds
+        finite_rewards = rewards[torch.isfinite(rewards)]
+        return {"update": self.step, "reward_mean": float(finite_rewards.mean()) if len(finite_rewards) else math.nan,
+                "reward_std": float(finite_rewards.std()) if len(finite_rewards) > 1 else 0.0,
+                "loss": float(scalars[0]), "penalty": float(scalars[1]), "grad_norm": norm,
+                "lr": self.lr_scheduler.get_last_lr()[0], "seconds": seconds, "elapsed": self.seconds,
+                "skipped": not finite, "skipped_total": self.skipped}
+
+    # -- checkpoints ------------------------------------------------------------------------------------------
+    def save(self) -> Path | None:
+        path = None
+        if self.acc.is_main_process:
+            opt_tensors, opt_meta = optimizer_state(self.optimizer)
+            rng_tensors, rng_meta = rng_state(self.generators)
+            meta = {"optimizer": opt_meta, "rng": rng_meta, "lr_scheduler": self.lr_scheduler.state_dict(),
+                    "skipped": self.skipped, "in_a_row": self.in_a_row, "seconds": self.seconds,
+                    "processes": self.acc.num_processes}
+            tensors = {"lora": lora_state_dict(self.task.model), "optimizer": opt_tensors, "rng": rng_tensors}
+            path = save_checkpoint(self.cfg.output / "checkpoints", self.step, tensors, meta, self.cfg.keep_checkpoints)
+        self.acc.wait_for_everyone()
+        return path
+
+    def restore(self) -> bool:
+        from peft import set_peft_model_state_dict
+
+        path = latest_checkpoint(self.cfg.output / "checkpoints")
+        if path is None:
+            return False
+        tensors, meta = load_checkpoint(path)
+        result = set_peft_model_state_dict(self.task.model, tensors["lora"])
+        if getattr(result, "unexpected_keys", None):
+            raise ValueError(f"{path}: the checkpoint's LoRA does not fit this run ({result.unexpected_keys[:3]})")
+        load_optimizer_state(self.optimizer, tensors["optimizer"], meta["optimizer"])
+        self.lr_scheduler.load_state_dict(meta["lr_scheduler"])
+        noise = self.generators["noise"].get_state() if meta["processes"] != self.acc.num_processes else None
+        set_rng_state(self.generators, tensors["rng"], meta["rng"])
+        if noise is not None:  # another process count: keep this process's own noise stream
+            self.generators["noise"].set_state(noise)
+        self.step, self.skipped, self.in_a_row, self.seconds = meta["step"], meta["skipped"], meta["in_a_row"], meta["seconds"]
+        return True
+
+    # -- pictures ---------------------------------------------------------------------------------------------
+    def fixed_samples(self, n: int, scale: float = 1.0) -> tuple[torch.Tensor, list]:
+        """Samples from fixed seeds (the same at every update and in every run with this seed), no graph."""
+        conditions, x = self.draw(n, torch.Generator().manual_seed(10_000 + self.cfg.seed))
+        with torch.no_grad(), lora_scale(self.task.model, scale):
+            x0 = sample(self.chain(conditions), x, generator=torch.Generator().manual_seed(20_000 + self.cfg.seed))
+            return self.images(x0), conditions
+
+    def grid(self, path: Path, rows: list[tuple[str, float]]) -> None:
+        shown, captions = [], []
+        for label, scale in rows:
+            images, conditions = self.fixed_samples(self.cfg.sample_count, scale)
+            shown.append((label, images.cpu()))
+            captions.append(self.task.caption(images, conditions) if self.task.caption else None)
+        report.save_grid(shown, path, captions=None if captions[0] is None else captions,
+                         value_range=(-1.0, 1.0))
+
+
+def _read_metrics(path: Path, upto: int) -> list[dict]:
+    if not path.is_file():
+        return []
+    records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return [r for r in records if r["update"] <= upto]
+
+
+def _write_metrics(path: Path, records: list[dict]) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text("".join(json.dumps(r) + "\n" for r in records))
+    tmp.replace(path)
+
+
+def finetune(task: FinetuneTask, config: FinetuneConfig) -> FinetuneResult:
+    """Fine-tune ``task.model`` with LoRA on ``task.reward`` (see the module docstring); the LoRA is added to
+    the model in place and saved in ``config.output/lora`` (diffusers/peft safetensors format)."""
+    from tqdm.auto import tqdm
+
+    cfg = config
+    run = _Run(task, cfg)
+    acc, out = run.acc, cfg.output
+    checkpoints = out / "checkpoints"
+    if run.acc.is_main_process:
+        out.mkdir(parents=True, exist_ok=True)
+    acc.wait_for_everyone()
+    if cfg.resume:
+        if not run.restore():
+            raise FileNotFoundError(f"resume=True but {checkpoints} holds no checkpoint")
+    elif latest_checkpoint(checkpoints) is not None:
+        raise FileExistsError(f"{out} already holds a run; pass resume=True (--resume) to continue it, or a new output")
+    metrics_path = out / "metrics.jsonl"
+    metrics = _read_metrics(metrics_path, run.step)  # drops what a killed run logged after its last checkpoint
+    if acc.is_main_process:
+        _write_metrics(metrics_path, metrics)
+        (out / "config.json").write_text(json.dumps(asdict(cfg), indent=1, default=str))
+    if cfg.tensorboard:
+        acc.init_trackers("sdo-finetune", config={k: str(v) for k, v in asdict(cfg).items()})
+    bar = tqdm(total=cfg.updates, initial=run.step, desc=f"finetune {cfg.strategy}",
+               disable=not (cfg.progress and acc.is_main_process))
+    with metrics_path.open("a") if acc.is_main_process else open("/dev/null", "w") as log:
+        while run.step < cfg.updates and not (cfg.time_budget is not None and run.seconds >= cfg.time_budget):
+            record = run.update()
+            metrics.append(record)
+            log.write(json.dumps(record) + "\n")
+            log.flush()
+            if cfg.tensorboard:
+                acc.log({k: v for k, v in record.items() if isinstance(v, (int, float))}, step=run.step)
+            bar.update(1)
+            bar.set_postfix(reward=f"{record['reward_mean']:.3f}", skipped=run.skipped)
+            if run.in_a_row >= cfg.max_nonfinite:
+                raise NonFiniteError(
+                    f"{run.in_a_row} updates in a row had a non-finite loss or gradient (update {run.step}); stopped "
+                    f"with the last good checkpoint kept in {checkpoints}. Lower lr, set max_grad_norm, or check the "
+                    "reward for NaN/inf")
+            if run.step % cfg.checkpoint_every == 0:
+                run.save()
+                if acc.is_main_process:
+                    _plot(out, metrics, cfg.strategy)
+            if cfg.sample_every and run.step % cfg.sample_every == 0 and acc.is_main_process:
+                (out / "samples").mkdir(exist_ok=True)
+                run.grid(out / "samples" / f"step-{run.step:07d}.png", [(f"update {run.step}", 1.0)])
+    bar.close()
+    if run.step % cfg.checkpoint_every:
+        run.save()
+    evaluation = _finish(run, metrics)
+    if cfg.tensorboard:
+        acc.end_training()
+    per_update = [r["seconds"] for r in metrics]
+    return FinetuneResult(out, run.step, run.skipped, run.seconds,
+                          statistics.median(per_update) if per_update else math.nan, metrics, evaluation)
+
+
+def _plot(out: Path, metrics: list[dict], label: str) -> None:
+    """``reward.png``: the mean reward of each update against the seconds spent in updates."""
+    kept = [r for r in metrics if not r["skipped"]]
+    if kept:
+        report.plot_curves({label: [r["reward_mean"] for r in kept]}, out / "reward.png", "reward during fine-tuning",
+                           "seconds in updates", "mean reward of the batch", x=[r["elapsed"] for r in kept])
+
+
+def _finish(run: _Run, metrics: list[dict]) -> dict:
+    """Save the LoRA, check the ranks agree, score final samples per LoRA scale, draw the curves."""
+    cfg, acc, task, out = run.cfg, run.acc, run.task, run.cfg.output
+    flat = torch.cat([p.detach().flatten() for p in run.params]).to(acc.device)
+    spread = float((acc.gather(flat[None]) - flat[None]).abs().max()) if acc.num_processes > 1 else 0.0
+    evaluation = {}
+    if acc.is_main_process:
+        save_lora(task.model, out / "lora", config=run.lora_config)
+        for scale in cfg.eval_scales:
+            images, conditions = run.fixed_samples(cfg.eval_count, scale)
+            with torch.no_grad():
+                reward = task.reward(images, conditions).float()
+            entry = {"reward_mean": float(reward.mean()), "reward_std": float(reward.std()) if len(reward) > 1 else 0.0}
+            entry.update(task.describe(images, conditions) if task.describe else {})
+            evaluation[f"{scale:g}"] = entry
+        run.grid(out / "final.png", [(f"LoRA x{s:g}", s) for s in cfg.eval_scales])
+        _plot(out, metrics, cfg.strategy)
+        summary = {"updates": run.step, "skipped": run.skipped, "seconds": run.seconds, "processes": acc.num_processes,
+                   "rank_max_abs_diff": spread, "evaluation": evaluation,
+                   "seconds_per_update": statistics.median([r["seconds"] for r in metrics]) if metrics else None}
+        (out / "summary.json").write_text(json.dumps(summary, indent=1))
+    acc.wait_for_everyone()
+    return evaluation
