@@ -170,9 +170,15 @@ class _Anchored(torch.nn.Module):
         if self.weight and self.recording and torch.is_grad_enabled():
             with torch.no_grad(), lora_disabled(self.model):
                 base = self.model(sample, timestep=timestep, **kwargs)
-            a, b = (getattr(o, "sample", o[0] if isinstance(o, tuple) else o) for o in (out, base))
-            self.penalties.append(((a.float() - b.float()) ** 2).mean())
+            # kept as a pair: the penalty is computed after sampling, outside any checkpointed region
+            self.penalties.append(tuple(getattr(o, "sample", o[0] if isinstance(o, tuple) else o) for o in (out, base)))
         return out
+
+    def penalty(self) -> torch.Tensor | None:
+        """The mean over the recorded calls of mean((tuned - base)^2), or None when none was recorded."""
+        if not self.penalties:
+            return None
+        return torch.stack([((a.float() - b.float()) ** 2).mean() for a, b in self.penalties]).mean()
 
 
 def _strategy(cfg: FinetuneConfig, generator: torch.Generator):
@@ -258,7 +264,9 @@ class _Run:
             reward = self.task.reward(self.images(x0), conditions)
             if tuple(reward.shape) != (len(conditions),):
                 raise ValueError(f"the reward returned shape {tuple(reward.shape)}; expected ({len(conditions)},)")
-            penalty = torch.stack(self.wrapped.penalties).mean() if self.wrapped.penalties else reward.new_zeros(())
+            penalty = self.wrapped.penalty()
+            penalty = reward.new_zeros(()) if penalty is None else penalty
+            self.wrapped.penalties = []
             loss = -reward.float().mean() + cfg.regularizer * penalty
             (loss / cfg.accumulation).backward()
             rewards.append(reward.detach().float())
