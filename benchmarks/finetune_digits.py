@@ -30,7 +30,7 @@ from pathlib import Path
 import torch
 
 from sdo import report
-from sdo.finetune import FinetuneConfig, finetune
+from sdo.finetuning import FinetuneConfig, finetune
 from sdo.reward_tasks import digits_task
 from sdo.rewards import DigitJudge
 

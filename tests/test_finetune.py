@@ -1,4 +1,4 @@
-"""LoRA reward fine-tuning (sdo.finetune): the gradient of one update against hand-written loops, skipped
+"""LoRA reward fine-tuning (sdo.finetune, sdo.finetuning): the gradient of one update against hand-written loops, skipped
 non-finite updates, kill-and-resume equality, 2-process Accelerate equality, DRaFT+'s penalty, the judge,
 the command line, and a text-to-image pipeline task."""
 
@@ -16,7 +16,7 @@ import torch
 from safetensors.torch import load_file
 
 import sdo
-from sdo.finetune import FinetuneConfig, NonFiniteError, finetune
+from sdo.finetuning import FinetuneConfig, NonFiniteError, finetune
 from sdo.lora import lora_parameters, read_lora
 from sdo.reward_tasks import digits_task, pipeline_task
 from sdo.rewards import ClassLogProb, DigitJudge, InkReward, WeightedReward
@@ -62,7 +62,7 @@ def test_updates_equal_hand_written_loop(digits, judge, tmp_path, strategy, kw):
     """Three updates of each strategy, with DRaFT+'s penalty, move the LoRA exactly as AdamW on the gradients of a
     hand-written loop that keeps the graphs of the same denoiser calls (SDO: the one step its generator draws) and
     adds w * mean((tuned - base)^2) over those calls."""
-    from sdo.finetune import _strategy
+    from sdo.finetuning import _strategy
     from sdo.lora import add_lora, lora_disabled
 
     task = _task(digits, judge)
@@ -94,7 +94,7 @@ def test_updates_equal_hand_written_loop(digits, judge, tmp_path, strategy, kw):
         loss = -ref.reward(x, labels).mean() + cfg.regularizer * penalty
         grads = torch.autograd.grad(loss, params)
         assert sum(g.abs().sum() for g in grads) > 0
-        assert math.isclose(result.metrics[update]["penalty"], float(penalty), rel_tol=1e-4, abs_tol=1e-9)
+        assert math.isclose(result.metrics[update]["penalty"], float(penalty.detach()), rel_tol=1e-4, abs_tol=1e-9)
         for p, g in zip(params, grads, strict=True):
             p.grad = g
         opt.step()
@@ -104,7 +104,7 @@ def test_updates_equal_hand_written_loop(digits, judge, tmp_path, strategy, kw):
 
 
 def test_strategies_keep_the_right_calls():
-    from sdo.finetune import _strategy
+    from sdo.finetuning import _strategy
 
     g = torch.Generator().manual_seed(0)
     cfg = lambda **kw: FinetuneConfig(output="unused", steps=50, **kw)  # noqa: E731
@@ -253,7 +253,7 @@ def test_cli_fields_match_the_config():
 
     parsed = set(c._INT) | set(c._FLOAT) | set(c._OPTIONAL_FLOAT) | set(c._TUPLE) | set(c._CHOICES) | set(c._FLAGS)
     assert parsed | {"output", "lr_scheduler", "progress"} == {f.name for f in fields(FinetuneConfig)}
-    assert c._CHOICES["strategy"] == sdo.finetune.STRATEGIES
+    assert c._CHOICES["strategy"] == sdo.finetuning.STRATEGIES
 
 
 def test_judge_reads_real_digits_and_rejects_textures(judge):

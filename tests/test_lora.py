@@ -336,3 +336,26 @@ def test_scale_and_merge_refuse_bad_input():
         merge_loras([(state, config, 1.0), (wide, config, 1.0)])
     with pytest.raises(ValueError, match="rank 4 but its weights have rank 2"):
         merge_loras([({k: v[:2] if "lora_A" in k else v[:, :2] for k, v in state.items()}, config, 1.0)])
+
+
+def test_lora_command_scales_and_merges_like_the_functions(tmp_path, capsys):
+    """`sdo lora scale` and `sdo lora merge` write the folders scale_lora_files / merge_lora_files write."""
+    from sdo.cli import main
+
+    for name, seed, targets in (("a", 2, DEFAULT_TARGETS), ("b", 3, ("to_q", "conv1"))):
+        model = tiny_unet()
+        add_lora(model, rank=2, target_modules=targets)
+        randomize(model, seed=seed)
+        save_lora(model, tmp_path / name)
+    assert main(["lora", "scale", str(tmp_path / "a"), str(tmp_path / "cli_scaled"), "--alpha", "0.5"]) == 0
+    scale_lora_files(tmp_path / "a", tmp_path / "fn_scaled", 0.5)
+    assert main(["lora", "merge", str(tmp_path / "a"), str(tmp_path / "b"), "--weights", "1,-0.5",
+                 "--output", str(tmp_path / "cli_merged")]) == 0
+    merge_lora_files([tmp_path / "a", tmp_path / "b"], [1.0, -0.5], tmp_path / "fn_merged")
+    for cli, fn in (("cli_scaled", "fn_scaled"), ("cli_merged", "fn_merged")):
+        (s1, c1), (s2, c2) = read_lora(tmp_path / cli), read_lora(tmp_path / fn)
+        assert c1 == c2 and s1.keys() == s2.keys()
+        assert all(torch.equal(s1[k], s2[k]) for k in s1)
+    assert main(["lora", "merge", str(tmp_path / "a"), str(tmp_path / "b"), "--weights", "1",
+                 "--output", str(tmp_path / "bad")]) == 2
+    assert "one weight per LoRA" in capsys.readouterr().err

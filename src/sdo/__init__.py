@@ -3,12 +3,14 @@
     chain = sdo.Chain.from_diffusers(unet, scheduler, 50)
     x0 = sdo.sample(chain, x_T, strategy="sdo")          # graph of one denoiser call only
     result = sdo.optimize_latent(chain, x_T, objective)  # Adam on the initial noise
+    sdo.finetune(task, sdo.FinetuneConfig(output="run"))  # LoRA reward fine-tuning through the sampler
 """
 
 from .adjoint import Adjoint
 from .chain import Chain
 from .denoiser import Denoiser
 from .diagnostics import GradientFidelity, gradient_fidelity, gradient_norm_by_depth
+from .finetuning import FinetuneConfig, FinetuneResult, FinetuneTask, NonFiniteError, finetune
 from .guidance import Guidance
 from .inversion import invert, round_trip_error
 from .latent import LatentResult, LinfBall, optimize_latent
@@ -64,4 +66,9 @@ __all__ = [
     "optimize_latent",
     "LatentResult",
     "LinfBall",
+    "finetune",
+    "FinetuneConfig",
+    "FinetuneTask",
+    "FinetuneResult",
+    "NonFiniteError",
 ]

@@ -1,7 +1,7 @@
-"""``sdo finetune`` and ``sdo lora scale|merge``: the command-line side of :mod:`sdo.finetune` and :mod:`sdo.lora`.
+"""``sdo finetune`` and ``sdo lora scale|merge``: the command-line side of :mod:`sdo.finetuning` and :mod:`sdo.lora`.
 
 ``sdo finetune --config run.toml --strategy sdo`` reads a JSON or TOML file whose keys are
-:class:`~sdo.finetune.FinetuneConfig` fields and the task's options (``task``, ``reward``, ``target``, ``labels``,
+:class:`~sdo.FinetuneConfig` fields and the task's options (``task``, ``reward``, ``target``, ``labels``,
 ``model``, ``prompts``, ``clip``, ``head``); flags override the file. The options are saved in the run folder
 (``command.json``), so ``sdo finetune --output RUN --resume`` continues a run with the options it was started
 with (flags given with ``--resume`` override them, e.g. a larger ``--updates``). Parsing imports no torch.
@@ -140,7 +140,7 @@ def _task(options: dict, cfg):
 
 
 def run_finetune(args) -> None:
-    from .finetune import FinetuneConfig, finetune
+    from .finetuning import FinetuneConfig, finetune
 
     given = load_config(args.config) if getattr(args, "config", None) else {}
     given.update({k: v for k, v in vars(args).items() if k not in ("command", "config")})

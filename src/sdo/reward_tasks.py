@@ -1,4 +1,4 @@
-"""Fine-tuning tasks (:class:`sdo.finetune.FinetuneTask`) ready to run: the embedded digits model toward a
+"""Fine-tuning tasks (:class:`sdo.FinetuneTask`) ready to run: the embedded digits model toward a
 target class (offline, CPU, minutes), and a local text-to-image pipeline (Stable Diffusion, PixArt, LCM) on
 a CLIP or aesthetic reward over a set of prompts (Sec. 5.2 of Dou et al., 2025)."""
 
@@ -9,7 +9,7 @@ from collections.abc import Sequence
 import torch
 
 from .backbones import task_scheduler, text_conditioning
-from .finetune import FinetuneTask
+from .finetuning import FinetuneTask
 from .rewards import DigitJudge, digits_reward, from_objective
 
 __all__ = ["digits_task", "pipeline_task"]
