@@ -238,14 +238,14 @@ class _Run:
             x0 = sample(self.chain(conditions), x, generator=torch.Generator().manual_seed(20_000 + self.cfg.seed))
             return self.images(x0), conditions
 
-    def grid(self, path: Path, rows: list[tuple[str, float]]) -> None:
-        shown, captions = [], []
-        for label, scale in rows:
-            images, conditions = self.fixed_samples(self.cfg.sample_count, scale)
-            shown.append((label, images.cpu()))
-            captions.append(self.task.caption(images, conditions) if self.task.caption else None)
-        report.save_grid(shown, path, captions=None if captions[0] is None else captions,
-                         value_range=(-1.0, 1.0))
+    def grid(self, path: Path, rows: list[tuple[str, torch.Tensor, list]]) -> None:
+        """One row of at most ``sample_count`` samples per ``(label, images, conditions)``, captioned by the task."""
+        n = self.cfg.sample_count
+        shown = [(label, images[:n].cpu()) for label, images, _ in rows]
+        captions = None
+        if self.task.caption:
+            captions = [self.task.caption(images[:n], conditions[:n]) for _, images, conditions in rows]
+        report.save_grid(shown, path, captions=captions, value_range=(-1.0, 1.0))
 
 
 def _read_metrics(path: Path, upto: int) -> list[dict]:
@@ -308,7 +308,8 @@ def finetune(task: FinetuneTask, config: FinetuneConfig) -> FinetuneResult:
                     _plot(out, metrics, cfg.strategy)
             if cfg.sample_every and run.step % cfg.sample_every == 0 and acc.is_main_process:
                 (out / "samples").mkdir(exist_ok=True)
-                run.grid(out / "samples" / f"step-{run.step:07d}.png", [(f"update {run.step}", 1.0)])
+                run.grid(out / "samples" / f"step-{run.step:07d}.png",
+                         [(f"update {run.step}", *run.fixed_samples(cfg.sample_count))])
     bar.close()
     if run.step % cfg.checkpoint_every:
         run.save()
@@ -333,7 +334,7 @@ def _finish(run: _Run, metrics: list[dict]) -> dict:
     cfg, acc, task, out = run.cfg, run.acc, run.task, run.cfg.output
     flat = torch.cat([p.detach().flatten() for p in run.params]).to(acc.device)
     spread = float((acc.gather(flat[None]) - flat[None]).abs().max()) if acc.num_processes > 1 else 0.0
-    evaluation = {}
+    evaluation, rows = {}, []
     if acc.is_main_process:
         save_lora(task.model, out / "lora", config=run.lora_config)
         for scale in cfg.eval_scales:
@@ -343,7 +344,9 @@ def _finish(run: _Run, metrics: list[dict]) -> dict:
             entry = {"reward_mean": float(reward.mean()), "reward_std": float(reward.std()) if len(reward) > 1 else 0.0}
             entry.update(task.describe(images, conditions) if task.describe else {})
             evaluation[f"{scale:g}"] = entry
-        run.grid(out / "final.png", [(f"LoRA x{s:g}", s) for s in cfg.eval_scales])
+            # the grid's own fixed-seed draw of sample_count (the first rows of a larger draw are other samples)
+            rows.append((f"LoRA x{scale:g}", *run.fixed_samples(cfg.sample_count, scale)))
+        run.grid(out / "final.png", rows)
         _plot(out, metrics, cfg.strategy)
         summary = {"updates": run.step, "skipped": run.skipped, "seconds": run.seconds, "processes": acc.num_processes,
                    "rank_max_abs_diff": spread, "evaluation": evaluation,
