@@ -112,7 +112,8 @@ def _report(args, runs: dict, curves: dict, times: dict) -> None:
               "classifier: 3", "judge: 3", "judge: no digit", "judge: 3 at LoRA x0.5"]
     table = report.format_table(header, rows)
     text = (f"# Reward fine-tuning on the embedded digits model\n\n`python benchmarks/finetune_digits.py "
-            f"--budget {args.budget:g} --regularizer {args.regularizer:g} --unregularized '{args.unregularized}' --lr {args.lr:g} --batch {args.batch} "
+            f"--budget {args.budget:g} --methods {args.methods} --regularizer {args.regularizer:g} "
+            f"--unregularized '{args.unregularized}' --output {args.output} --lr {args.lr:g} --batch {args.batch} "
             f"--steps {args.steps}`\n\n{args.budget:g} s of updates per run, batch {args.batch}, N={args.steps}, LoRA rank 4 on "
             f"{', '.join(TARGETS)}; eval: 64 fixed-seed samples at LoRA scale 1. The base model (LoRA x0): reward "
             f"{base['reward_mean']:.3f}, classifier reads 3 in {base['classifier_target']:.2f}, judge in "
