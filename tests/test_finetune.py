@@ -318,3 +318,20 @@ def test_pipeline_task_on_tiny_stable_diffusion(pipeline_folder, clip, tokenizer
     cond = task.encode(["a red square"])[0]
     with torch.no_grad():
         torch.testing.assert_close(fresh(x, 500, **cond).sample, task.model(x, 500, **cond).sample, rtol=1e-4, atol=1e-5)
+
+
+def test_cli_pipeline_clip_reward(pipeline_folder, clip, tokenizer, tmp_path):
+    """`sdo finetune --model --clip --prompts`: the CLIP reward scores each image against its own prompt (the
+    prompt set encoded once) and the run finishes with a finite, moving reward."""
+    from sdo.cli import main
+
+    clip.save_pretrained(tmp_path / "clip")
+    tokenizer.save_pretrained(tmp_path / "clip")
+    code = main(["finetune", "--model", str(pipeline_folder), "--clip", str(tmp_path / "clip"), "--prompts",
+                 "a red square|a blue circle", "--steps", "2", "--updates", "2", "--batch-size", "2", "--lr", "0.05",
+                 "--guidance-scale", "3", "--sample-every", "0", "--eval-count", "2", "--eval-scales", "1",
+                 "--no-progress", "--cpu", "--output", str(tmp_path / "run")])
+    assert code == 0
+    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert len(records) == 2 and all(math.isfinite(r["reward_mean"]) and -1 <= r["reward_mean"] <= 1 for r in records)
+    assert all(r["grad_norm"] > 0 for r in records)

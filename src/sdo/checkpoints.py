@@ -8,24 +8,39 @@ A checkpoint holds named tensor groups (the LoRA, the optimizer's state, RNG sta
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import random
 import shutil
+import tempfile
 from pathlib import Path
 
 import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
-__all__ = ["save_checkpoint", "load_checkpoint", "latest_checkpoint", "optimizer_state", "load_optimizer_state",
-           "rng_state", "set_rng_state"]
+__all__ = ["atomic_write", "write_json", "save_checkpoint", "load_checkpoint", "latest_checkpoint",
+           "optimizer_state", "load_optimizer_state", "rng_state", "set_rng_state"]
 
 
-def _replace_json(path: Path, data: dict) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(data, indent=1))
-    os.replace(tmp, path)
+def atomic_write(path: str | os.PathLike, write) -> None:
+    """``write(tmp)`` to a temporary file beside ``path``, then ``os.replace`` it onto ``path``."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+
+
+def write_json(path: str | os.PathLike, data) -> None:
+    """``data`` as JSON in ``path``, atomically."""
+    atomic_write(path, lambda tmp: Path(tmp).write_text(json.dumps(data, indent=1, default=str)))
 
 
 def save_checkpoint(root: str | Path, step: int, tensors: dict[str, dict[str, torch.Tensor]], meta: dict,
@@ -44,7 +59,7 @@ def save_checkpoint(root: str | Path, step: int, tensors: dict[str, dict[str, to
     if final.exists():  # a rerun of the same step (after a resume): the new copy wins
         shutil.rmtree(final)
     os.replace(tmp, final)
-    _replace_json(root / "latest.json", {"step": step, "path": final.name})
+    write_json(root / "latest.json", {"step": step, "path": final.name})
     done = sorted(p for p in root.glob("step-*") if p.is_dir())
     for old in done[: max(len(done) - keep, 0)]:
         shutil.rmtree(old, ignore_errors=True)

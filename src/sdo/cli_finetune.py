@@ -130,9 +130,12 @@ def _task(options: dict, cfg):
         reward = ("objective", AestheticScore(clip, AestheticScore.load_head(options["head"])))
     elif name == "clip":
         tokenizer = CLIPTokenizer.from_pretrained(options["clip"], local_files_only=True)
+        prompts = _prompts(options["prompts"])
+        embeds = CLIPTextSimilarity(clip, prompts, tokenizer).text_embeds  # the prompt set, encoded once
+        row = {p: i for i, p in enumerate(prompts)}
 
-        def reward(images, prompts):  # CLIP similarity of each image to its own prompt
-            return 1 - CLIPTextSimilarity(clip, list(prompts), tokenizer)(images)
+        def reward(images, batch):  # CLIP similarity of each image to its own prompt
+            return 1 - CLIPTextSimilarity(clip, text_embeds=embeds[[row[p] for p in batch]])(images)
     else:
         raise ValueError(f"unknown pipeline reward {name!r}; use clip or aesthetic")
     gs = cfg.guidance_scale if cfg.guidance_scale is not None else 1.0
@@ -140,6 +143,7 @@ def _task(options: dict, cfg):
 
 
 def run_finetune(args) -> None:
+    from .checkpoints import write_json
     from .finetuning import FinetuneConfig, finetune
 
     given = load_config(args.config) if getattr(args, "config", None) else {}
@@ -149,22 +153,14 @@ def run_finetune(args) -> None:
     saved = Path(given["output"]) / "command.json"  # a resumed run starts from the options it was started with
     values = json.loads(saved.read_text()) if given.get("resume") and saved.is_file() else {}
     values.update(given)
-    _write_json(saved, {k: v for k, v in values.items() if k != "resume"})
+    saved.parent.mkdir(parents=True, exist_ok=True)
+    write_json(saved, {k: v for k, v in values.items() if k != "resume"})
     options = {k: values.pop(k) for k in _TASK_KEYS if k in values}
     cfg = FinetuneConfig.from_dict(values)
     result = finetune(_task(options, cfg), cfg)
     print(json.dumps({"updates": result.updates, "skipped": result.skipped, "seconds": round(result.seconds, 2),
                       "seconds_per_update": round(result.seconds_per_update, 4), "evaluation": result.evaluation}, indent=2))
     print(f"wrote {cfg.output}/lora, metrics.jsonl, reward.png, final.png and summary.json", file=sys.stderr)
-
-
-def _write_json(path: Path, data: dict) -> None:
-    import os
-
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(data, indent=1, default=str))
-    os.replace(tmp, path)
 
 
 def run_lora(args) -> None:

@@ -31,6 +31,7 @@ import torch
 from . import report
 from .chain import Chain
 from .checkpoints import (
+    atomic_write,
     latest_checkpoint,
     load_checkpoint,
     load_optimizer_state,
@@ -256,9 +257,7 @@ def _read_metrics(path: Path, upto: int) -> list[dict]:
 
 
 def _write_metrics(path: Path, records: list[dict]) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text("".join(json.dumps(r) + "\n" for r in records))
-    tmp.replace(path)
+    atomic_write(path, lambda tmp: Path(tmp).write_text("".join(json.dumps(r) + "\n" for r in records)))
 
 
 def finetune(task: FinetuneTask, config: FinetuneConfig) -> FinetuneResult:

@@ -24,13 +24,14 @@ import functools
 import json
 import math
 import os
-import tempfile
 import warnings
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import torch
 from torch import nn
+
+from .checkpoints import atomic_write
 
 __all__ = ["DEFAULT_TARGETS", "add_lora", "lora_parameters", "lora_state_dict", "save_lora", "read_lora",
            "write_lora", "load_lora", "scale_lora", "merge_loras", "scale_lora_files", "merge_lora_files",
@@ -169,19 +170,6 @@ def lora_state_dict(model: nn.Module, adapter_name: str = "default") -> dict[str
     return get_peft_model_state_dict(model, adapter_name=adapter_name)
 
 
-def _atomic_write(path: Path, write) -> None:
-    """``write(tmp)`` to a temporary file beside ``path``, then ``os.replace`` it onto ``path``."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
-
-
 def write_lora(folder: str | os.PathLike, state: dict[str, torch.Tensor], config: dict) -> None:
     """Write a LoRA folder (format in the module docstring), each file atomically (temporary file + os.replace)."""
     from safetensors.torch import save_file
@@ -193,8 +181,8 @@ def write_lora(folder: str | os.PathLike, state: dict[str, torch.Tensor], config
     text = json.dumps(config, indent=2, sort_keys=True)
     tensors = {k: v.detach().cpu().contiguous() for k, v in state.items()}
     metadata = {"format": "pt", _METADATA_KEY: text}
-    _atomic_write(folder / _WEIGHTS, lambda tmp: save_file(tensors, tmp, metadata=metadata))
-    _atomic_write(folder / _CONFIG, lambda tmp: Path(tmp).write_text(text + "\n"))
+    atomic_write(folder / _WEIGHTS, lambda tmp: save_file(tensors, tmp, metadata=metadata))
+    atomic_write(folder / _CONFIG, lambda tmp: Path(tmp).write_text(text + "\n"))
 
 
 def save_lora(model: nn.Module, folder: str | os.PathLike, adapter_name: str = "default", config=None) -> None:
