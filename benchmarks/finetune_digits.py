@@ -1,12 +1,19 @@
-"""Reward fine-tuning on the embedded digits model at equal wall-clock: SDO against AlignProp-uniform and
-AlignProp-1 (Sec. 5.2 of Dou et al., 2025, on a model that runs on a CPU).
+"""Reward fine-tuning on the embedded digits model at equal wall-clock: SDO and ShortFT against AlignProp-uniform,
+AlignProp-1 and DRaFT-K (Sec. 5.2 of Dou et al., 2025; Guo et al., ICCV 2025; on a model that runs on a CPU).
 
 The unconditional digits DDPM (N = 50 DDIM steps) gets a LoRA trained to make the classifier read every sample
 as a 3 (reward: log p(3 | x0)). Each method runs for the same seconds of updates, from the same seeds:
 
 - ``sdo``: one denoiser call keeps its graph, at a step drawn uniformly per update (Eq. 20);
 - ``alignprop-uniform``: the last k ~ U{1..50} calls keep graphs, recomputed in backward, as AlignProp runs;
-- ``alignprop-1``: the last call only (DRaFT-1).
+- ``alignprop-1``: the last call only (DRaFT-1); ``draft-5``: the last 5 (DRaFT-K);
+- ``shortft``: four stacked per-segment LoRAs trained end to end through the chain shortened by the shipped
+  few-step student, in four progressive stages of a quarter of the budget each.
+
+``--variance-seeds S`` also measures, at the initial point (base model, fresh LoRAs), each method's LoRA gradient on
+S independent batches: its spread across seeds (relative variance, tr Cov / |mean|^2) and how well its mean points
+along the mean gradient of full backpropagation (cosine). For ShortFT it is the gradient of the first segment's
+LoRA, which is active at every timestep like the single LoRA of the others.
 
 Then 64 fixed-seed samples per method and LoRA scale are scored by the reward and read by the judge, a k-NN
 on the real digits that was not the reward (a grey texture the classifier calls 3 is "no digit" to it).
@@ -15,6 +22,8 @@ reward hacking that the judge catches.
 
     python benchmarks/finetune_digits.py                     # 4 runs of 300 s of updates: about 25 minutes
     python benchmarks/finetune_digits.py --budget 20 --output /tmp/quick
+    python benchmarks/finetune_digits.py --methods shortft,sdo,draft-5,alignprop-uniform --unregularized '' \
+        --variance-seeds 12 --output benchmarks/results/shortft_digits     # ShortFT's comparison: about 30 minutes
 """
 
 from __future__ import annotations
@@ -35,7 +44,8 @@ from sdo.reward_tasks import digits_task
 from sdo.rewards import DigitJudge
 
 METHODS = {"sdo": dict(strategy="sdo"), "alignprop-uniform": dict(strategy="random-truncated"),
-           "alignprop-1": dict(strategy="truncated", k=1)}
+           "alignprop-1": dict(strategy="truncated", k=1), "draft-5": dict(strategy="truncated", k=5),
+           "shortft": dict(strategy="shortft"), "full": dict(strategy="checkpoint")}
 TARGETS = ("to_q", "to_k", "to_v", "to_out.0", "conv1", "conv2")
 
 
@@ -54,6 +64,7 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--steps", type=int, default=50)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--variance-seeds", type=int, default=0, help="batches of the gradient-variance study (0: none)")
     args = parser.parse_args()
     args.output.mkdir(parents=True, exist_ok=True)
     torch.set_num_threads(2)
@@ -64,10 +75,7 @@ def main() -> None:
     for method, reg in plan:
         name = method if reg == args.regularizer else f"{method} (no penalty)"
         folder = args.output / "runs" / (method if reg == args.regularizer else f"{method}-no-penalty")
-        cfg = FinetuneConfig(output=folder, **METHODS[method], steps=args.steps, updates=100_000,
-                             batch_size=args.batch, lr=args.lr, rank=4, target_modules=TARGETS, regularizer=reg,
-                             time_budget=args.budget, seed=args.seed, checkpoint_every=25, sample_every=0,
-                             eval_count=64, eval_scales=(0.0, 0.5, 1.0), progress=False)
+        cfg = _config(args, method, folder, reg)
         if folder.exists():  # a fresh run every time
             shutil.rmtree(folder)
         start = time.perf_counter()
@@ -84,10 +92,59 @@ def main() -> None:
         curves[name] = _smooth([m["reward_mean"] for m in kept])
         times[name] = [m["elapsed"] for m in kept]
         print(json.dumps({name: runs[name]}, indent=1), flush=True)
-    _report(args, runs, curves, times)
+    variance = _variance(args, judge) if args.variance_seeds else {}
+    _report(args, runs, curves, times, variance)
 
 
-def _report(args, runs: dict, curves: dict, times: dict) -> None:
+def _config(args, method: str, folder: Path, regularizer: float, **over) -> FinetuneConfig:
+    values = dict(output=folder, **METHODS[method], steps=args.steps, updates=100_000, batch_size=args.batch,
+                  lr=args.lr, rank=4, target_modules=TARGETS, regularizer=regularizer, time_budget=args.budget,
+                  seed=args.seed, checkpoint_every=25, sample_every=0, eval_count=64, eval_scales=(0.0, 0.5, 1.0),
+                  progress=False)
+    return FinetuneConfig(**{**values, **over})
+
+
+def _variance(args, judge) -> dict:
+    """Each method's LoRA gradient at the initial point on ``variance_seeds`` batches (module docstring)."""
+    from sdo.finetuning import _Run
+    from sdo.lora import lora_parameters
+    from sdo.shortft import _ShortRun
+
+    grads, seconds = {}, {}
+    methods = ["full"] + [m for m in args.methods.split(",") if m != "full"]
+    for method in methods:
+        folder = args.output / "runs" / f"variance-{method}"
+        shutil.rmtree(folder, ignore_errors=True)
+        task = digits_task("class", target=3, judge=judge)
+        cfg = _config(args, method, folder, args.regularizer, time_budget=None)
+        run = (_ShortRun if cfg.strategy == "shortft" else _Run)(task, cfg)
+        first = sum(p.numel() for p in lora_parameters(task.model, "segment_1" if cfg.strategy == "shortft" else "default"))
+        rows, spent = [], []
+        for s in range(args.variance_seeds):
+            for i, gen in enumerate(run.generators.values()):
+                gen.manual_seed(7_000 + 10 * s + i)
+            start = time.perf_counter()
+            grad = run.gradient()[0]
+            spent.append(time.perf_counter() - start)
+            run.optimizer.zero_grad(set_to_none=True)
+            rows.append(grad[:first].double())
+        grads[method], seconds[method] = torch.stack(rows), statistics.median(spent)
+        print(f"variance: {method} done, {seconds[method]:.2f} s per gradient", flush=True)
+    reference = grads["full"].mean(0)
+    out = {}
+    for method, g in grads.items():
+        mean = g.mean(0)
+        spread = float(((g - mean) ** 2).sum(1).mean() / mean.square().sum())
+        cos = torch.nn.functional.cosine_similarity
+        per_seed = cos(g, reference[None].expand_as(g), dim=1)
+        out[method] = {"mean_norm": float(mean.norm()), "per_batch_norm": float(g.norm(dim=1).mean()),
+                       "relative_variance": spread, "cosine_mean_to_full": float(cos(mean, reference, dim=0)),
+                       "cosine_batch_to_full_mean": float(per_seed.mean()),
+                       "cosine_batch_to_full_std": float(per_seed.std()), "seconds_per_gradient": seconds[method]}
+    return out
+
+
+def _report(args, runs: dict, curves: dict, times: dict, variance: dict) -> None:
     plt = report._pyplot()
     fig, ax = plt.subplots(figsize=(6.5, 4))
     for name, values in curves.items():
@@ -114,14 +171,22 @@ def _report(args, runs: dict, curves: dict, times: dict) -> None:
     text = (f"# Reward fine-tuning on the embedded digits model\n\n`python benchmarks/finetune_digits.py "
             f"--budget {args.budget:g} --methods {args.methods} --regularizer {args.regularizer:g} "
             f"--unregularized '{args.unregularized}' --output {args.output} --lr {args.lr:g} --batch {args.batch} "
-            f"--steps {args.steps}`\n\n{args.budget:g} s of updates per run, batch {args.batch}, N={args.steps}, LoRA rank 4 on "
+            f"--steps {args.steps} --variance-seeds {args.variance_seeds}`\n\n{args.budget:g} s of updates per run, batch {args.batch}, N={args.steps}, LoRA rank 4 on "
             f"{', '.join(TARGETS)}; eval: 64 fixed-seed samples at LoRA scale 1. The base model (LoRA x0): reward "
             f"{base['reward_mean']:.3f}, classifier reads 3 in {base['classifier_target']:.2f}, judge in "
             f"{base['judge_target']:.2f}.\n\n{table}\n\nMachine: {platform.processor() or platform.machine()}, "
             f"torch {torch.__version__}, {torch.get_num_threads()} threads.\n")
+    if variance:
+        rows = [[m, f"{v['seconds_per_gradient']:.2f}", f"{v['per_batch_norm']:.3g}", f"{v['mean_norm']:.3g}",
+                 f"{v['relative_variance']:.2f}", f"{v['cosine_mean_to_full']:.3f}",
+                 f"{v['cosine_batch_to_full_mean']:.3f} ± {v['cosine_batch_to_full_std']:.3f}"] for m, v in variance.items()]
+        header = ["method", "s/gradient", "|g| per batch", "|mean g|", "tr Cov / |mean|^2", "cos(mean, full mean)",
+                  "cos(batch g, full mean)"]
+        text += (f"\n## LoRA gradient across {args.variance_seeds} batches at the initial point\n\n"
+                 f"{report.format_table(header, rows)}\n")
     (args.output / "results.md").write_text(text)
     (args.output / "results.json").write_text(json.dumps({"args": {k: str(v) for k, v in vars(args).items()},
-                                                          "runs": runs}, indent=1))
+                                                          "runs": runs, "variance": variance}, indent=1))
     print(text)
 
 

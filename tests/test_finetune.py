@@ -252,7 +252,7 @@ def test_cli_fields_match_the_config():
     from sdo import cli_finetune as c
 
     parsed = set(c._INT) | set(c._FLOAT) | set(c._OPTIONAL_FLOAT) | set(c._TUPLE) | set(c._CHOICES) | set(c._FLAGS)
-    assert parsed | {"output", "lr_scheduler", "progress"} == {f.name for f in fields(FinetuneConfig)}
+    assert parsed | {"output", "lr_scheduler", "progress", "progressive"} == {f.name for f in fields(FinetuneConfig)}
     assert c._CHOICES["strategy"] == sdo.finetuning.STRATEGIES
 
 

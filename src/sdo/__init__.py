@@ -4,6 +4,7 @@
     x0 = sdo.sample(chain, x_T, strategy="sdo")          # graph of one denoiser call only
     result = sdo.optimize_latent(chain, x_T, objective)  # Adam on the initial noise
     sdo.finetune(task, sdo.FinetuneConfig(output="run"))  # LoRA reward fine-tuning through the sampler
+    sdo.shortft(task, sdo.FinetuneConfig(output="run"))  # ShortFT: through a chain shortened by a few-step model
 """
 
 from .adjoint import Adjoint
@@ -16,6 +17,7 @@ from .inversion import invert, round_trip_error
 from .latent import LatentResult, LinfBall, optimize_latent
 from .reversible import Reversible, edict_step
 from .sampling import sample
+from .shortft import TimestepLoRA, load_shortft, segment_ends, short_chain, shortft
 from .solvers import SUPPORTED_SCHEDULERS, Solver, SolverState, solver_from_scheduler
 from .strategies import (
     Checkpoint,
@@ -67,6 +69,11 @@ __all__ = [
     "LatentResult",
     "LinfBall",
     "finetune",
+    "shortft",
+    "short_chain",
+    "segment_ends",
+    "TimestepLoRA",
+    "load_shortft",
     "FinetuneConfig",
     "FinetuneTask",
     "FinetuneResult",

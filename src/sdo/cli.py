@@ -1,5 +1,5 @@
 """The ``sdo`` command: ``sdo demo`` (the main job), ``sdo bench``, ``sdo edit | style | aesthetic | adversarial``,
-``sdo finetune``, ``sdo lora scale | merge`` and ``sdo train digits | digit-clip``."""
+``sdo finetune``, ``sdo shortft``, ``sdo lora scale | merge`` and ``sdo train digits | digit-clip | student``."""
 
 from __future__ import annotations
 
@@ -255,6 +255,15 @@ def _build_parser() -> argparse.ArgumentParser:
     digit_clip.add_argument("--seed", type=int, default=0, help="seed (default 0)")
     digit_clip.add_argument("--steps", type=_positive_int, default=None, help="optimizer steps (default 1500)")
     digit_clip.add_argument("--no-progress", action="store_true", help="no progress bars")
+    student = train_sub.add_parser("student", help="the few-step student of the digits DDPM (ShortFT's shortcut)",
+                                   description="Distill the few-step student from the digits DDPM's 50-step DDIM "
+                                   "trajectories; write digits_student.safetensors and digits_student_card.json "
+                                   "(its trajectory error against the teacher at the segment boundaries).")
+    student.add_argument("--output", type=_folder, default=None, help="folder (default: the package's weights folder)")
+    student.add_argument("--seed", type=int, default=0, help="seed (default 0)")
+    student.add_argument("--train-steps", type=_positive_int, default=None, help="optimizer steps (default 2000)")
+    student.add_argument("--trajectories", type=_positive_int, default=None, help="teacher trajectories (default 2048)")
+    student.add_argument("--no-progress", action="store_true", help="no progress bars")
     add_parsers(sub)
     return parser
 
@@ -370,7 +379,18 @@ def _train(args) -> None:
 
     from .embedded import weights_dir
 
-    if args.model == "digit-clip":
+    if args.model == "student":
+        from .embedded.student import StudentConfig, train_student
+
+        cfg = StudentConfig(seed=args.seed)
+        for name in ("train_steps", "trajectories"):
+            if getattr(args, name) is not None:
+                setattr(cfg, name, getattr(args, name))
+        output = args.output or Path(str(weights_dir()))
+        card = train_student(output, cfg, progress=not args.no_progress)
+        print(json.dumps({k: card[k] for k in ("held_out", "seconds")}, indent=2))
+        print(f"wrote digits_student.safetensors and digits_student_card.json to {output}")
+    elif args.model == "digit-clip":
         from .embedded.digit_clip import DigitCLIPConfig, train_digit_clip
 
         cfg = DigitCLIPConfig(seed=args.seed, **({"steps": args.steps} if args.steps else {}))
@@ -408,7 +428,7 @@ def main(argv: list[str] | None = None) -> int:
             _bench(args)
         elif args.command in ("edit", "style", "aesthetic", "adversarial"):
             _task(args)
-        elif args.command == "finetune":
+        elif args.command in ("finetune", "shortft"):
             run_finetune(args)
         elif args.command == "lora":
             run_lora(args)

@@ -1,4 +1,5 @@
-"""``sdo finetune`` and ``sdo lora scale|merge``: the command-line side of :mod:`sdo.finetuning` and :mod:`sdo.lora`.
+"""``sdo finetune``, ``sdo shortft`` and ``sdo lora scale|merge``: the command-line side of :mod:`sdo.finetuning`,
+:mod:`sdo.shortft` and :mod:`sdo.lora`. ``sdo shortft`` is ``sdo finetune --strategy shortft``.
 
 ``sdo finetune --config run.toml --strategy sdo`` reads a JSON or TOML file whose keys are
 :class:`~sdo.FinetuneConfig` fields and the task's options (``task``, ``reward``, ``target``, ``labels``,
@@ -17,15 +18,15 @@ from pathlib import Path
 __all__ = ["add_parsers", "run_finetune", "run_lora", "load_config"]
 
 # FinetuneConfig's fields by how the command line parses them (a test keeps this list equal to the dataclass)
-_INT = ("k", "steps", "updates", "batch_size", "accumulation", "rank", "warmup", "seed", "checkpoint_every",
+_INT = ("k", "segments", "steps", "updates", "batch_size", "accumulation", "rank", "warmup", "seed", "checkpoint_every",
         "keep_checkpoints", "sample_every", "sample_count", "eval_count", "max_nonfinite")
 _FLOAT = ("eta", "lr", "weight_decay", "regularizer")
 _OPTIONAL_FLOAT = ("guidance_scale", "max_grad_norm", "alpha", "time_budget")
 _TUPLE = {"betas": float, "target_modules": str, "eval_scales": float}
-_CHOICES = {"strategy": ("sdo", "random-truncated", "truncated", "checkpoint", "full"),
+_CHOICES = {"strategy": ("sdo", "random-truncated", "truncated", "checkpoint", "full", "shortft"),
             "base_dtype": ("float32", "bfloat16", "float16")}
 _FLAGS = ("resume", "tensorboard", "cpu")
-_TASK_KEYS = ("task", "reward", "target", "labels", "ink_weight", "model", "prompts", "clip", "head")
+_TASK_KEYS = ("task", "reward", "target", "labels", "ink_weight", "model", "prompts", "clip", "head", "few_step")
 
 
 def _optional_float(text: str):
@@ -37,10 +38,21 @@ def _tuple(kind):
 
 
 def add_parsers(sub) -> None:
-    """Add ``finetune`` and ``lora`` to the ``sdo`` command's subparsers."""
-    ft = sub.add_parser("finetune", help="LoRA reward fine-tuning through the sampler (SDO, AlignProp, DRaFT)",
-                        description="Fine-tune a LoRA on a differentiable reward. Without --model: the embedded digits "
-                        "DDPM toward a target class. Runs under `accelerate launch` as well.", argument_default=argparse.SUPPRESS)
+    """Add ``finetune``, ``shortft`` and ``lora`` to the ``sdo`` command's subparsers."""
+    _finetune_arguments(sub.add_parser(
+        "finetune", help="LoRA reward fine-tuning through the sampler (SDO, AlignProp, DRaFT, ShortFT)",
+        description="Fine-tune a LoRA on a differentiable reward. Without --model: the embedded digits DDPM toward a "
+        "target class. Runs under `accelerate launch` as well.", argument_default=argparse.SUPPRESS))
+    _finetune_arguments(sub.add_parser(
+        "shortft", help="ShortFT: LoRA fine-tuning through a chain shortened by a few-step model",
+        description="ShortFT (Guo et al., ICCV 2025): per-segment stacked LoRAs trained end to end through a chain "
+        "whose later segments are crossed by a frozen few-step model; progressive stages. `sdo finetune --strategy "
+        "shortft`, with the same options. Without --model: the embedded digits DDPM and its shipped few-step student.",
+        argument_default=argparse.SUPPRESS))
+    _lora_parsers(sub)
+
+
+def _finetune_arguments(ft) -> None:
     ft.add_argument("--config", type=Path, help="JSON or TOML file of options (flags override it)")
     ft.add_argument("--output", type=Path, help="run folder (required here or in the config)")
     for name in _INT:
@@ -57,6 +69,8 @@ def add_parsers(sub) -> None:
     for name in _FLAGS:
         ft.add_argument("--" + name, dest=name, action="store_true")
     ft.add_argument("--no-progress", dest="progress", action="store_false")
+    ft.add_argument("--no-progressive", dest="progressive", action="store_false",
+                    help="shortft: train every LoRA on the stage-1 chain throughout")
     task = ft.add_argument_group("task")
     task.add_argument("--task", choices=("digits", "pipeline"), help="default: digits without --model")
     task.add_argument("--reward", help="digits: class | ink | class+ink (default class); pipeline: clip | aesthetic")
@@ -67,7 +81,11 @@ def add_parsers(sub) -> None:
     task.add_argument("--prompts", help="pipeline: a text file, one prompt per line, or prompts separated by |")
     task.add_argument("--clip", help="pipeline: a local CLIP model folder (the reward's)")
     task.add_argument("--head", help="pipeline: aesthetic head (safetensors) for --reward aesthetic")
+    task.add_argument("--few-step", dest="few_step", help="shortft, pipeline: a diffusers folder of the few-step "
+                      "model (the pipeline's denoiser with e.g. a Hyper-SD LoRA fused in and saved)")
 
+
+def _lora_parsers(sub) -> None:
     lora = sub.add_parser("lora", help="scale or merge LoRA folders", description="LoRA arithmetic on saved folders.")
     lora_sub = lora.add_subparsers(dest="action", required=True)
     scale = lora_sub.add_parser("scale", help="theta + alpha * delta: a LoRA whose update is scaled by alpha")
@@ -109,8 +127,8 @@ def _task(options: dict, cfg):
     kind = options.get("task") or ("pipeline" if options.get("model") else "digits")
     device = "cpu" if cfg.cpu or not torch.cuda.is_available() else "cuda"
     if kind == "digits":
-        if options.get("model") or options.get("prompts"):
-            raise ValueError("--model and --prompts are for --task pipeline")
+        if options.get("model") or options.get("prompts") or options.get("few_step"):
+            raise ValueError("--model, --prompts and --few-step are for --task pipeline")
         return digits_task(options.get("reward", "class"), options.get("target", 3), options.get("labels"),
                            options.get("ink_weight", 0.1), device=device)
     from transformers import CLIPModel, CLIPTokenizer
@@ -139,7 +157,11 @@ def _task(options: dict, cfg):
     else:
         raise ValueError(f"unknown pipeline reward {name!r}; use clip or aesthetic")
     gs = cfg.guidance_scale if cfg.guidance_scale is not None else 1.0
-    return pipeline_task(pipe, _prompts(options["prompts"]), reward, guidance_scale=gs)
+    few_step = None
+    if options.get("few_step"):
+        few_step = type(pipe.denoiser).from_pretrained(options["few_step"], local_files_only=True)
+        few_step.to(device).eval().requires_grad_(False)
+    return pipeline_task(pipe, _prompts(options["prompts"]), reward, guidance_scale=gs, few_step=few_step)
 
 
 def run_finetune(args) -> None:
@@ -148,6 +170,9 @@ def run_finetune(args) -> None:
 
     given = load_config(args.config) if getattr(args, "config", None) else {}
     given.update({k: v for k, v in vars(args).items() if k not in ("command", "config")})
+    if args.command == "shortft":
+        if given.setdefault("strategy", "shortft") != "shortft":
+            raise ValueError(f"sdo shortft runs strategy shortft, not {given['strategy']!r}; use sdo finetune for that")
     if "output" not in given:
         raise ValueError("give the run folder: --output or `output` in the config")
     saved = Path(given["output"]) / "command.json"  # a resumed run starts from the options it was started with

@@ -78,7 +78,8 @@ def _strategy(cfg: FinetuneConfig, generator: torch.Generator):
     return {"sdo": lambda: Shortcut(at="random", generator=generator),
             "random-truncated": lambda: RandomTruncated(1, cfg.steps, generator=generator, checkpoint=True),
             "truncated": lambda: Truncated(cfg.k),
-            "checkpoint": Checkpoint, "full": Full}[cfg.strategy]()
+            "checkpoint": Checkpoint, "full": Full,
+            "shortft": lambda: None}[cfg.strategy]()  # ShortFT samples its own chain (sdo.shortft)
 
 
 def _accelerator(cfg: FinetuneConfig):
@@ -111,10 +112,7 @@ class _Run:
         if cfg.base_dtype != "float32":
             model.to(dtype=_DTYPES[cfg.base_dtype])
         model.to(acc.device)
-        self.lora_config = add_lora(model, rank=cfg.rank, alpha=cfg.alpha, target_modules=cfg.target_modules,
-                                    init_seed=cfg.seed)
-        self.params = lora_parameters(model)
-        self.wrapped = _Anchored(model, cfg.regularizer)
+        self.wrapped = _Anchored(self.add_loras(model), cfg.regularizer)
         self.optimizer = torch.optim.AdamW(self.params, lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
         self.lr_scheduler = get_scheduler(cfg.lr_scheduler, self.optimizer, num_warmup_steps=cfg.warmup,
                                           num_training_steps=cfg.updates)
@@ -126,6 +124,40 @@ class _Run:
         self.solver = solver_from_scheduler(task.scheduler, cfg.steps, eta=cfg.eta)
         self.dtype = _DTYPES[cfg.base_dtype]
         self.step, self.skipped, self.in_a_row, self.seconds = 0, 0, 0, 0.0
+
+    # -- what subclasses (ShortFT) change -----------------------------------------------------------------------
+    def add_loras(self, model: torch.nn.Module) -> torch.nn.Module:
+        """Add the trainable LoRA(s), set ``self.params`` (all LoRA weights) and return the model to sample with."""
+        self.lora_config = add_lora(model, rank=self.cfg.rank, alpha=self.cfg.alpha,
+                                    target_modules=self.cfg.target_modules, init_seed=self.cfg.seed)
+        self.params = lora_parameters(model)
+        return model
+
+    def forward(self, conditions: list, x: torch.Tensor) -> torch.Tensor:
+        """The sample of one micro-batch, differentiable as the strategy allows."""
+        return sample(self.chain(conditions), x, strategy=self.strategy, generator=self.generators["noise"])
+
+    def lora_tensors(self) -> dict[str, dict[str, torch.Tensor]]:
+        """The LoRA weights, by checkpoint group."""
+        return {"lora": lora_state_dict(self.task.model)}
+
+    def load_lora_tensors(self, tensors: dict, path: Path) -> None:
+        from peft import set_peft_model_state_dict
+
+        result = set_peft_model_state_dict(self.task.model, tensors["lora"])
+        if getattr(result, "unexpected_keys", None):
+            raise ValueError(f"{path}: the checkpoint's LoRA does not fit this run ({result.unexpected_keys[:3]})")
+
+    def scaled(self, scale: float):
+        """A context in which the LoRA(s) act at ``scale`` (0: the base model)."""
+        return lora_scale(self.task.model, scale)
+
+    def save_loras(self, out: Path) -> None:
+        save_lora(self.task.model, out / "lora", config=self.lora_config)
+
+    def extra(self) -> dict:
+        """Extra fields of the update's metrics record."""
+        return {}
 
     # -- sampling ---------------------------------------------------------------------------------------------
     def chain(self, conditions: list) -> Chain:
@@ -143,16 +175,17 @@ class _Run:
         return [self.task.conditions[int(i)] for i in index], x.to(self.acc.device, self.dtype)
 
     # -- one update -------------------------------------------------------------------------------------------
-    def update(self) -> dict:
+    def gradient(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """One update's micro-batches, backward included: (the trainable LoRA weights' gradient, flattened and
+        averaged over processes; every process's rewards; the mean loss and penalty)."""
         cfg, acc = self.cfg, self.acc
-        start = time.perf_counter()
         rank = slice(acc.process_index * self.local, (acc.process_index + 1) * self.local)
         rewards, losses, penalties = [], [], []
         for _ in range(cfg.accumulation):
             conditions, x = self.draw(cfg.batch_size, self.generators["data"])
             conditions, x = conditions[rank], x[rank]
             self.wrapped.penalties, self.wrapped.recording = [], True
-            x0 = sample(self.chain(conditions), x, strategy=self.strategy, generator=self.generators["noise"])
+            x0 = self.forward(conditions, x)
             self.wrapped.recording = False
             reward = self.task.reward(self.images(x0), conditions)
             if tuple(reward.shape) != (len(conditions),):
@@ -165,20 +198,28 @@ class _Run:
             rewards.append(reward.detach().float())
             losses.append(loss.detach().float())
             penalties.append(penalty.detach().float())
-        grads = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).flatten() for p in self.params])
+        trainable = [p for p in self.params if p.requires_grad]
+        grads = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).flatten() for p in trainable])
         scalars = torch.stack([torch.stack(losses).mean(), torch.stack(penalties).mean()])
         if acc.num_processes > 1:
             grads, scalars = acc.reduce(grads, "mean"), acc.reduce(scalars.to(acc.device), "mean")
-        rewards = acc.gather(torch.cat(rewards).to(acc.device)).cpu()
+        return grads, acc.gather(torch.cat(rewards).to(acc.device)).cpu(), scalars
+
+    def update(self) -> dict:
+        cfg, acc = self.cfg, self.acc
+        start = time.perf_counter()
+        record = self.extra()
+        grads, rewards, scalars = self.gradient()
+        trainable = [p for p in self.params if p.requires_grad]
         finite = bool(torch.isfinite(grads).all() and torch.isfinite(scalars).all())
         norm = float(grads.norm())
         if finite:
             offset = 0
-            for p in self.params:
+            for p in trainable:
                 p.grad = grads[offset: offset + p.numel()].view_as(p).to(p.dtype)
                 offset += p.numel()
             if cfg.max_grad_norm is not None:
-                torch.nn.utils.clip_grad_norm_(self.params, cfg.max_grad_norm)
+                torch.nn.utils.clip_grad_norm_(trainable, cfg.max_grad_norm)
             self.optimizer.step()
             self.lr_scheduler.step()
             self.in_a_row = 0
@@ -192,7 +233,7 @@ class _Run:
             seconds = float(acc.reduce(torch.tensor([seconds], device=acc.device), "max"))
         self.seconds += seconds
         finite_rewards = rewards[torch.isfinite(rewards)]
-        return {"update": self.step, "reward_mean": float(finite_rewards.mean()) if len(finite_rewards) else math.nan,
+        return {**record, "update": self.step, "reward_mean": float(finite_rewards.mean()) if len(finite_rewards) else math.nan,
                 "reward_std": float(finite_rewards.std()) if len(finite_rewards) > 1 else 0.0,
                 "loss": float(scalars[0]), "penalty": float(scalars[1]), "grad_norm": norm,
                 "lr": self.lr_scheduler.get_last_lr()[0], "seconds": seconds, "elapsed": self.seconds,
@@ -207,21 +248,17 @@ class _Run:
             meta = {"optimizer": opt_meta, "rng": rng_meta, "lr_scheduler": self.lr_scheduler.state_dict(),
                     "skipped": self.skipped, "in_a_row": self.in_a_row, "seconds": self.seconds,
                     "processes": self.acc.num_processes}
-            tensors = {"lora": lora_state_dict(self.task.model), "optimizer": opt_tensors, "rng": rng_tensors}
+            tensors = {**self.lora_tensors(), "optimizer": opt_tensors, "rng": rng_tensors}
             path = save_checkpoint(self.cfg.output / "checkpoints", self.step, tensors, meta, self.cfg.keep_checkpoints)
         self.acc.wait_for_everyone()
         return path
 
     def restore(self) -> bool:
-        from peft import set_peft_model_state_dict
-
         path = latest_checkpoint(self.cfg.output / "checkpoints")
         if path is None:
             return False
         tensors, meta = load_checkpoint(path)
-        result = set_peft_model_state_dict(self.task.model, tensors["lora"])
-        if getattr(result, "unexpected_keys", None):
-            raise ValueError(f"{path}: the checkpoint's LoRA does not fit this run ({result.unexpected_keys[:3]})")
+        self.load_lora_tensors(tensors, path)
         load_optimizer_state(self.optimizer, tensors["optimizer"], meta["optimizer"])
         self.lr_scheduler.load_state_dict(meta["lr_scheduler"])
         noise = self.generators["noise"].get_state() if meta["processes"] != self.acc.num_processes else None
@@ -235,7 +272,7 @@ class _Run:
     def fixed_samples(self, n: int, scale: float = 1.0) -> tuple[torch.Tensor, list]:
         """Samples from fixed seeds (the same at every update and in every run with this seed), no graph."""
         conditions, x = self.draw(n, torch.Generator().manual_seed(10_000 + self.cfg.seed))
-        with torch.no_grad(), lora_scale(self.task.model, scale):
+        with torch.no_grad(), self.scaled(scale):
             x0 = sample(self.chain(conditions), x, generator=torch.Generator().manual_seed(20_000 + self.cfg.seed))
             return self.images(x0), conditions
 
@@ -263,10 +300,18 @@ def _write_metrics(path: Path, records: list[dict]) -> None:
 def finetune(task: FinetuneTask, config: FinetuneConfig) -> FinetuneResult:
     """Fine-tune ``task.model`` with LoRA on ``task.reward`` (see the module docstring); the LoRA is added to
     the model in place and saved in ``config.output/lora`` (diffusers/peft safetensors format)."""
+    if config.strategy == "shortft":
+        from .shortft import shortft
+
+        return shortft(task, config)
+    return _train(_Run(task, config))
+
+
+def _train(run: _Run) -> FinetuneResult:
+    """The loop of :func:`finetune` and :func:`sdo.shortft`: updates, logs, checkpoints, sample grids, the end."""
     from tqdm.auto import tqdm
 
-    cfg = config
-    run = _Run(task, cfg)
+    cfg = run.cfg
     acc, out = run.acc, cfg.output
     checkpoints = out / "checkpoints"
     if run.acc.is_main_process:
@@ -335,7 +380,7 @@ def _finish(run: _Run, metrics: list[dict]) -> dict:
     spread = float((acc.gather(flat[None]) - flat[None]).abs().max()) if acc.num_processes > 1 else 0.0
     evaluation, rows = {}, []
     if acc.is_main_process:
-        save_lora(task.model, out / "lora", config=run.lora_config)
+        run.save_loras(out)
         for scale in cfg.eval_scales:
             images, conditions = run.fixed_samples(cfg.eval_count, scale)
             with torch.no_grad():

@@ -13,7 +13,7 @@ from .lora import DEFAULT_TARGETS
 
 __all__ = ["FinetuneConfig", "FinetuneTask", "FinetuneResult", "NonFiniteError", "STRATEGIES"]
 
-STRATEGIES = ("sdo", "random-truncated", "truncated", "checkpoint", "full")
+STRATEGIES = ("sdo", "random-truncated", "truncated", "checkpoint", "full", "shortft")
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -26,6 +26,8 @@ class FinetuneConfig:
     output: Path  # run folder: lora/, checkpoints/, metrics.jsonl, samples/, reward.png, summary.json
     strategy: str = "sdo"  # one of STRATEGIES
     k: int = 1  # truncated: the denoiser calls kept (DRaFT-K; 1 is AlignProp-1)
+    segments: int = 4  # shortft: the chain's segments, one stacked LoRA each (the paper's k = 4)
+    progressive: bool = True  # shortft: train in `segments` stages (stage i trains LoRAs i..k), else stage 1 only
     steps: int = 50  # sampler steps N
     eta: float = 0.0  # DDIM's stochasticity
     guidance_scale: float | None = None  # classifier-free guidance (None: the conditional model alone)
@@ -66,7 +68,7 @@ class FinetuneConfig:
             raise ValueError(f"unknown strategy {self.strategy!r}; use one of {', '.join(STRATEGIES)}")
         if self.base_dtype not in _DTYPES:
             raise ValueError(f"base_dtype must be one of {', '.join(_DTYPES)}, got {self.base_dtype!r}")
-        for name in ("k", "steps", "updates", "batch_size", "accumulation", "rank", "checkpoint_every",
+        for name in ("k", "segments", "steps", "updates", "batch_size", "accumulation", "rank", "checkpoint_every",
                      "keep_checkpoints", "sample_count", "eval_count", "max_nonfinite"):
             if int(getattr(self, name)) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
@@ -76,6 +78,11 @@ class FinetuneConfig:
         for name in ("weight_decay", "regularizer", "eta", "warmup", "sample_every"):
             if not getattr(self, name) >= 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if self.strategy == "shortft":
+            if self.segments > self.steps:
+                raise ValueError(f"segments={self.segments} cannot exceed steps={self.steps}")
+            if self.eta:
+                raise ValueError("shortft jumps along the deterministic chain: eta must be 0")
         if self.max_grad_norm is not None and not self.max_grad_norm > 0:
             raise ValueError(f"max_grad_norm must be > 0 or None, got {self.max_grad_norm}")
         if self.time_budget is not None and not self.time_budget > 0:
@@ -106,6 +113,7 @@ class FinetuneTask:
     decode: Callable[[torch.Tensor], torch.Tensor] | None = None  # latents -> images (a VAE); None: pixel model
     describe: Callable[[torch.Tensor, list], dict] | None = None  # extra metrics of final samples (a judge)
     caption: Callable[[torch.Tensor, list], list[str]] | None = None  # captions of sample grids
+    few_step: torch.nn.Module | None = None  # shortft: the frozen few-step model, called like ``model``
 
 
 @dataclass

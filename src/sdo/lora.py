@@ -33,7 +33,7 @@ from torch import nn
 
 from .checkpoints import atomic_write
 
-__all__ = ["DEFAULT_TARGETS", "add_lora", "lora_parameters", "lora_state_dict", "save_lora", "read_lora",
+__all__ = ["DEFAULT_TARGETS", "add_lora", "lora_layers", "lora_parameters", "lora_state_dict", "save_lora", "read_lora",
            "write_lora", "load_lora", "scale_lora", "merge_loras", "scale_lora_files", "merge_lora_files",
            "delta_weights", "lora_disabled", "set_lora_scale", "lora_scale"]
 
@@ -45,7 +45,7 @@ _METADATA_KEY = "lora_adapter_metadata"  # diffusers' LORA_ADAPTER_METADATA_KEY
 _A, _B = ".lora_A.weight", ".lora_B.weight"
 
 
-def _lora_layers(model: nn.Module, adapter_name: str) -> list[tuple[str, nn.Module]]:
+def lora_layers(model: nn.Module, adapter_name: str) -> list[tuple[str, nn.Module]]:
     """(module name, peft LoraLayer) of every module carrying ``adapter_name``."""
     from peft.tuners.lora import LoraLayer
 
@@ -117,7 +117,7 @@ def _inject(model: nn.Module, config, adapter_name: str, *, trainable: bool, see
             p.requires_grad_(trainable if id(p) in new else grads.get(id(p), False))
 
     new = set()
-    for _, m in _lora_layers(model, adapter_name):
+    for _, m in lora_layers(model, adapter_name):
         for d in (m.lora_A, m.lora_B):
             d[adapter_name].to(torch.promote_types(d[adapter_name].weight.dtype, torch.float32))  # half -> float32
             new.update(id(p) for p in d[adapter_name].parameters())
@@ -128,7 +128,7 @@ def _inject(model: nn.Module, config, adapter_name: str, *, trainable: bool, see
     except BaseException:
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", "Adapter .* was active which is now deleted")
-            for _, m in _lora_layers(model, adapter_name):
+            for _, m in lora_layers(model, adapter_name):
                 m.delete_adapter(adapter_name)
         model.peft_config.pop(adapter_name)
         settle([], set())
@@ -157,7 +157,7 @@ def add_lora(model: nn.Module, *, rank: int = 4, alpha: float | None = None,
 
 def lora_parameters(model: nn.Module, adapter_name: str = "default") -> list[nn.Parameter]:
     """The LoRA A and B weights of ``adapter_name``, in ``model.named_parameters()`` order (for the optimizer)."""
-    ids = {id(p) for _, m in _lora_layers(model, adapter_name) for d in (m.lora_A, m.lora_B)
+    ids = {id(p) for _, m in lora_layers(model, adapter_name) for d in (m.lora_A, m.lora_B)
            for p in d[adapter_name].parameters()}
     return [p for p in model.parameters() if id(p) in ids]
 
@@ -166,7 +166,7 @@ def lora_state_dict(model: nn.Module, adapter_name: str = "default") -> dict[str
     """peft's ``get_peft_model_state_dict``: keys ``<module>.lora_A.weight`` / ``.lora_B.weight``, no adapter name."""
     from peft import get_peft_model_state_dict
 
-    _lora_layers(model, adapter_name)
+    lora_layers(model, adapter_name)
     return get_peft_model_state_dict(model, adapter_name=adapter_name)
 
 
@@ -344,7 +344,7 @@ def merge_lora_files(srcs: Sequence[str | os.PathLike], weights: Sequence[float]
 
 def delta_weights(model: nn.Module, adapter_name: str = "default") -> dict[str, torch.Tensor]:
     """{module name: dW} of ``adapter_name`` at its current scale (peft's ``get_delta_weight``; keeps the graph)."""
-    return {n: m.get_delta_weight(adapter_name) for n, m in _lora_layers(model, adapter_name)}
+    return {n: m.get_delta_weight(adapter_name) for n, m in lora_layers(model, adapter_name)}
 
 
 @contextlib.contextmanager
@@ -375,14 +375,14 @@ def set_lora_scale(model: nn.Module, scale: float, adapter_name: str = "default"
     """Interpolate at inference: theta + scale * dtheta (0 = base, 1 = trained), via peft's ``LoraLayer.set_scale``."""
     if not math.isfinite(scale):
         raise ValueError(f"scale must be finite, got {scale}")
-    for _, m in _lora_layers(model, adapter_name):
+    for _, m in lora_layers(model, adapter_name):
         m.set_scale(adapter_name, scale)
 
 
 @contextlib.contextmanager
 def lora_scale(model: nn.Module, scale: float, adapter_name: str = "default") -> Iterator[nn.Module]:
     """:func:`set_lora_scale` inside the context; each layer's previous scaling restored on exit."""
-    saved = [(m, m.scaling[adapter_name]) for _, m in _lora_layers(model, adapter_name)]
+    saved = [(m, m.scaling[adapter_name]) for _, m in lora_layers(model, adapter_name)]
     try:
         set_lora_scale(model, scale, adapter_name)
         yield model

@@ -21,7 +21,7 @@ def digits_task(reward: str = "class", target: int | None = 3, labels: Sequence[
     ``"ink"``; ``"class+ink"``). ``labels=None`` samples the unconditional model (the null class), so the tuned
     model must learn to draw ``target``; otherwise each sample's class is drawn from ``labels`` (with
     ``target=None`` the reward is each sample's own class). Final samples are read by :class:`DigitJudge`, a
-    k-NN on the real digits that was not the reward."""
+    k-NN on the real digits that was not the reward. ``few_step`` is the shipped few-step student (ShortFT's shortcut)."""
     from .embedded import load_digits
 
     models = models or load_digits(device)
@@ -52,9 +52,11 @@ def digits_task(reward: str = "class", target: int | None = 3, labels: Sequence[
         judged = judge(images).cpu().tolist()
         return ["no digit" if j < 0 else f"judge {j}" for j in judged]
 
+    from .embedded import load_digits_student
+
     return FinetuneTask(unet, models.scheduler, conditions, encode, (1, models.image_size, models.image_size),
                         digits_reward(reward, models.classifier, target, ink_weight), describe=describe,
-                        caption=caption)
+                        caption=caption, few_step=load_digits_student(device))
 
 
 def _stack(parts: list):
@@ -68,13 +70,15 @@ def _stack(parts: list):
 
 
 def pipeline_task(pipe, prompts: Sequence[str], reward, guidance_scale: float = 7.5, scheduler: str | None = None,
-                  vae_checkpoint: bool = True) -> FinetuneTask:
+                  vae_checkpoint: bool = True, few_step=None) -> FinetuneTask:
     """A text-to-image pipeline (:func:`sdo.tasks.load_pipeline`) tuned over ``prompts`` on ``reward``: a
     ``reward(images, prompts)`` callable, or an objective ``objective(images)`` (a loss, e.g.
     :class:`sdo.clip.AestheticScore`) wrapped by passing ``("objective", objective)``. Images are decoded by
     the VAE inside the graph (checkpointed). ``scheduler``: see :func:`sdo.backbones.task_scheduler` (default:
     the pipeline's own where sdo supports it, else DDIM). ``guidance_scale`` conditions the prompts (an
-    LCM-distilled UNet embeds it); give the same value to :class:`FinetuneConfig`, which runs the guidance."""
+    LCM-distilled UNet embeds it); give the same value to :class:`FinetuneConfig`, which runs the guidance.
+    ``few_step``: ShortFT's frozen few-step model, called like the pipeline's denoiser (e.g. its UNet with a
+    Hyper-SD/TCD/PCM LoRA fused in)."""
     from .vae import VAEDecoder
 
     prompts = [prompts] if isinstance(prompts, str) else list(prompts)
@@ -96,4 +100,4 @@ def pipeline_task(pipe, prompts: Sequence[str], reward, guidance_scale: float = 
     channels = pipe.denoiser.config.in_channels
     side = pipe.image_size // 2 ** (len(pipe.vae.config.block_out_channels) - 1)
     return FinetuneTask(pipe.denoiser, task_scheduler(pipe.scheduler, scheduler), prompts, encode, (channels, side, side), reward,
-                        decode=VAEDecoder(pipe.vae, checkpoint=vae_checkpoint))
+                        decode=VAEDecoder(pipe.vae, checkpoint=vae_checkpoint), few_step=few_step)

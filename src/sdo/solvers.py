@@ -85,6 +85,20 @@ class Solver:
         ``alpha_in x0 + sigma_in eps`` to ones distributed as ``alpha_out x0 + sigma_out eps``."""
         raise NotImplementedError
 
+    def jump(self, i: int, j: int, x: torch.Tensor, model_out: torch.Tensor) -> torch.Tensor:
+        """The latent before step ``j`` (``j == len(self)``: the sample) reached from the latent ``x`` before step
+        ``i`` in one deterministic DDIM move with the model output of step ``i``: x_j = alpha_j x0 + sigma_j eps,
+        (x0, eps) read off ``x`` at step i's noise level (Song et al., 2021, Eq. 12 with eta = 0). This is how
+        trajectory-preserving few-step models (TCD with gamma = 0, Hyper-SD, PCM) cross a segment; with
+        ``j = i + 1`` it equals a deterministic first-order :meth:`step` (DDIM, Euler, flow Euler)."""
+        self.check_index(i)
+        if not i < j <= len(self):
+            raise ValueError(f"a jump goes forward: need {i} < j <= {len(self)}, got j={j}")
+        (alpha, sigma), _ = self.levels(i)
+        alpha_j, sigma_j = self.levels(j)[0] if j < len(self) else self.levels(j - 1)[1]
+        x0 = self.denoised(i, x, model_out)
+        return alpha_j * x0 + sigma_j * ((x - alpha * x0) / sigma)
+
     #: whether :meth:`invert` applies: the update is affine in x for a fixed model output and reads no history
     invertible: bool = True
 

@@ -1,7 +1,8 @@
 """Models shipped inside the package, so that every task runs offline on a CPU.
 
 ``load_digits()`` returns the class-conditional 16x16 pixel DDPM and the digit classifier trained by
-``sdo train digits`` on scikit-learn's digits (see ``docs/model-card-digits.md``); ``load_digit_clip()`` the
+``sdo train digits`` on scikit-learn's digits (see ``docs/model-card-digits.md``); ``load_digits_student()`` its
+few-step student, distilled by ``sdo train student`` as the shortcut of ShortFT (:mod:`sdo.embedded.student`); ``load_digit_clip()`` the
 image-text model of text-guided editing trained by ``sdo train digit-clip`` (``docs/model-card-digit-clip.md``).
 """
 
@@ -15,7 +16,7 @@ import torch
 
 from .digits import IMAGE_SIZE, NULL_CLASS, NUM_CLASSES, DigitClassifier, unet_config
 
-__all__ = ["DigitsModels", "load_digits", "load_digit_clip", "weights_dir"]
+__all__ = ["DigitsModels", "load_digits", "load_digits_student", "load_digit_clip", "weights_dir"]
 
 
 def weights_dir():
@@ -55,6 +56,19 @@ def load_digits(device: str | torch.device = "cpu", dtype: torch.dtype = torch.f
     scheduler = DDIMScheduler(**json.loads(paths["scheduler.json"].read_text()))
     card = json.loads(paths["card.json"].read_text())
     return DigitsModels(unet=unet, scheduler=scheduler, classifier=classifier, card=card)
+
+
+def load_digits_student(device: str | torch.device = "cpu", folder=None) -> torch.nn.Module:
+    """The few-step student of the digits DDPM (a UNet2DModel called like it), frozen; ``student.sdo_card`` holds
+    its card: the steps and segments it was distilled for and its measured trajectory error against the teacher.
+    ``folder``: one written by ``sdo train student --output`` instead of the shipped weights."""
+    from pathlib import Path
+
+    from .student import load_student_weights
+
+    student, card = load_student_weights(Path(str(weights_dir())) if folder is None else Path(folder), device)
+    student.sdo_card = card
+    return student
 
 
 def load_digit_clip(device: str | torch.device = "cpu", folder=None):

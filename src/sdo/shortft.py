@@ -1,0 +1,246 @@
+"""ShortFT (Shortcut-based Fine-Tuning; Guo, Cui, Bo, Huang, ICCV 2025): reward fine-tuning end to end through a
+chain shortened by a trajectory-preserving few-step model.
+
+The N-step deterministic chain is split into k segments ending at the LoRA steps (:func:`segment_ends`; for SD 1.5's
+50 DDIM steps and k = 4, timesteps 761, 501, 261, 1). Each segment j has its own LoRA, stacked: at a timestep of
+segment j the LoRAs 1..j are all active (:class:`TimestepLoRA`). The short chain (:func:`short_chain`) runs
+
+- segment 1 on the base chain with LoRA 1;
+- every later segment as one jump of the frozen few-step model from the segment's first step to its last
+  (:meth:`sdo.solvers.Solver.jump`, a DDIM move, as Hyper-SD, TCD and PCM are sampled), then one base step with
+  the segment's LoRAs at that last timestep;
+
+and the reward gradient flows end to end through it (every graph-keeping call checkpointed). Training is
+progressive in k stages: stage i trains LoRAs i..k on the chain that runs segments 1..i-1 without a graph (their
+LoRAs frozen), segment i on the base chain with its graph, and the shortcuts after it. Inference runs the original
+N-step chain with each timestep's LoRAs (:func:`load_shortft`), at the cost of plain sampling.
+
+:func:`shortft` is :func:`sdo.finetune` with ``strategy="shortft"``: the same options (``segments``,
+``progressive``), logs, checkpoints, resume and ``accelerate launch`` support.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+from collections.abc import Sequence
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+from torch.utils.checkpoint import checkpoint
+
+from .chain import Chain
+from .checkpoints import write_json
+from .denoiser import Denoiser
+from .finetuning import _Run, _train
+from .finetuning_config import FinetuneConfig, FinetuneResult, FinetuneTask
+from .lora import add_lora, load_lora, lora_layers, lora_parameters, lora_state_dict, save_lora
+from .solvers import DPMSolverPP
+
+__all__ = ["segment_ends", "TimestepLoRA", "short_chain", "shortft", "load_shortft", "adapter_names"]
+
+
+def segment_ends(steps: int, segments: int) -> tuple[int, ...]:
+    """The last step of each of ``segments`` segments of an ``steps``-step chain: floor((j + 1) N / k) - 1.
+    For N = 50, k = 4: steps 11, 24, 36, 49, SD 1.5's timesteps 761, 501, 261, 1 (the paper's LoRA timesteps)."""
+    if not 1 <= int(segments) <= int(steps):
+        raise ValueError(f"need 1 <= segments <= steps, got segments={segments}, steps={steps}")
+    return tuple((j + 1) * int(steps) // int(segments) - 1 for j in range(int(segments)))
+
+
+def adapter_names(segments: int) -> list[str]:
+    """The adapter names of the stacked LoRAs: ``segment_1`` .. ``segment_k``."""
+    return [f"segment_{j + 1}" for j in range(int(segments))]
+
+
+class TimestepLoRA(torch.nn.Module):
+    """``model`` with stacked timestep-aware LoRAs: at a timestep t of segment j (t >= ``timesteps[j]`` and below
+    ``timesteps[j - 1]``; the LoRA timesteps, decreasing), adapters ``adapters[0..j]`` act at their own scale times
+    :attr:`scale` and the others not at all. The scales are set from each call's own timestep, so a checkpointed
+    call recomputes with the same LoRAs. The wrapper owns those adapters' scales."""
+
+    def __init__(self, model: torch.nn.Module, adapters: Sequence[str], timesteps: Sequence[int]):
+        super().__init__()
+        if len(adapters) != len(timesteps) or not adapters:
+            raise ValueError(f"one LoRA timestep per adapter: got {len(adapters)} adapters, {len(timesteps)} timesteps")
+        if any(a <= b for a, b in zip(timesteps, timesteps[1:], strict=False)):
+            raise ValueError(f"LoRA timesteps must decrease (noisiest segment first), got {list(timesteps)}")
+        self.model, self.adapters, self.timesteps = model, list(adapters), [int(t) for t in timesteps]
+        self.config = getattr(model, "config", None)
+        self.scale = 1.0
+        self._full = {name: [(m, m.scaling[name]) for _, m in lora_layers(model, name)] for name in self.adapters}
+
+    def segment(self, t) -> int:
+        """The 0-based segment of timestep ``t``."""
+        return next((j for j, b in enumerate(self.timesteps) if float(t) >= b), len(self.timesteps) - 1)
+
+    def forward(self, sample, timestep=None, *args, **kwargs):
+        ts = torch.as_tensor(timestep).reshape(-1)
+        if bool((ts != ts[0]).any()):
+            raise ValueError("TimestepLoRA takes one timestep per call (the rows had different timesteps)")
+        j = self.segment(ts[0])
+        saved = [(m, name, m.scaling[name]) for name in self.adapters for m, _ in self._full[name]]
+        for k, name in enumerate(self.adapters):
+            for m, full in self._full[name]:
+                m.scaling[name] = full * self.scale if k <= j else 0.0
+        try:
+            return self.model(sample, timestep, *args, **kwargs)
+        finally:
+            for m, name, value in saved:
+                m.scaling[name] = value
+
+    @contextlib.contextmanager
+    def scaled(self, scale: float):
+        """Every LoRA at ``scale`` inside the context (0: the base model)."""
+        was, self.scale = self.scale, float(scale)
+        try:
+            yield self
+        finally:
+            self.scale = was
+
+
+def _check_ends(chain: Chain, ends: Sequence[int]) -> None:
+    if not ends or list(ends) != sorted(set(ends)) or ends[0] < 0 or ends[-1] != len(chain) - 1:
+        raise ValueError(f"segment ends must increase and end at the last step {len(chain) - 1}, got {list(ends)}")
+    if isinstance(chain.solver, DPMSolverPP) or any(chain.solver.noise_steps()):
+        raise ValueError(f"ShortFT jumps along a deterministic first-order chain; {type(chain.solver).__name__} "
+                         "is multistep or stochastic: use DDIM (eta = 0), Euler or flow Euler")
+
+
+def _jump(chain: Chain, few_step: Denoiser, a: int, b: int, x: torch.Tensor) -> torch.Tensor:
+    return chain.solver.jump(a, b, x, few_step(chain.solver.model_input(a, x), chain.timesteps[a]))
+
+
+def short_chain(chain: Chain, few_step, x: torch.Tensor, ends: Sequence[int], *, stage: int = 0,
+                use_checkpoint: bool = True) -> torch.Tensor:
+    """The sample of ShortFT's chain from ``x`` (module docstring) at progressive ``stage`` (0-based): steps
+    before segment ``stage`` run without a graph, segment ``stage`` on ``chain``, each later segment as a
+    ``few_step`` jump (a :class:`~sdo.Denoiser` bound like ``chain``'s, or a callable ``model(x, t)``) to its last
+    step and one ``chain`` step there. Under grad every call that keeps a graph is checkpointed unless
+    ``use_checkpoint=False`` (the same gradient, more memory)."""
+    _check_ends(chain, ends)
+    if not 0 <= stage < len(ends):
+        raise ValueError(f"stage must be in 0..{len(ends) - 1}, got {stage}")
+    few_step = few_step if isinstance(few_step, Denoiser) else Denoiser(few_step)
+    chain.check(x)
+    grad = torch.is_grad_enabled()
+
+    def run(fn, *args):
+        return checkpoint(fn, *args, use_reentrant=False) if grad and use_checkpoint else fn(*args)
+
+    state = chain.init_state(x)
+    first = 0 if stage == 0 else ends[stage - 1] + 1
+    with torch.no_grad():
+        for i in range(first):
+            x, state = chain.step(i, x, state)
+    for i in range(first, ends[stage] + 1):
+        x, state = run(chain.step, i, x, state)
+    for p in range(stage + 1, len(ends)):
+        a, b = ends[p - 1] + 1, ends[p]
+        if b > a:
+            x = run(_jump, chain, few_step, a, b, x)
+        x, state = run(chain.step, b, x, state)
+    return x
+
+
+class _ShortRun(_Run):
+    """A fine-tuning run whose samples come from :func:`short_chain` and whose LoRAs are stacked per segment."""
+
+    def __init__(self, task: FinetuneTask, cfg: FinetuneConfig):
+        if task.few_step is None:
+            raise ValueError("ShortFT needs a few-step model: set FinetuneTask.few_step (the digits task ships one; "
+                             "for a pipeline, a UNet with a Hyper-SD/TCD/PCM LoRA fused in)")
+        card = getattr(task.few_step, "sdo_card", None)
+        if card and (card["config"]["steps"], card["config"]["segments"]) != (cfg.steps, cfg.segments):
+            raise ValueError(f"the few-step model was distilled for steps={card['config']['steps']}, segments="
+                             f"{card['config']['segments']}; run with those (got steps={cfg.steps}, segments={cfg.segments})")
+        super().__init__(task, cfg)
+        self.ends = segment_ends(cfg.steps, cfg.segments)
+        self.few_step = task.few_step.requires_grad_(False).eval()
+        if self.dtype != torch.float32:  # the frozen few-step model in the base's dtype
+            self.few_step.to(dtype=self.dtype)
+        self.few_step.to(self.acc.device)
+        self.stage = 0
+
+    def add_loras(self, model):
+        names = adapter_names(self.cfg.segments)
+        self.lora_config = [add_lora(model, rank=self.cfg.rank, alpha=self.cfg.alpha, adapter_name=name,
+                                     target_modules=self.cfg.target_modules, init_seed=self.cfg.seed + j)
+                            for j, name in enumerate(names)]
+        self.params = [p for name in names for p in lora_parameters(model, name)]
+        timesteps = [int(self.solver_timesteps()[e]) for e in segment_ends(self.cfg.steps, self.cfg.segments)]
+        self.timestep_lora = TimestepLoRA(model, names, timesteps)
+        return self.timestep_lora
+
+    def solver_timesteps(self) -> torch.Tensor:
+        from .solvers import solver_from_scheduler
+
+        return solver_from_scheduler(self.task.scheduler, self.cfg.steps).timesteps
+
+    def current_stage(self) -> int:
+        """The progressive stage of the next update: its share of ``updates`` (or of ``time_budget``, if further)."""
+        cfg = self.cfg
+        if not cfg.progressive:
+            return 0
+        done = self.step / cfg.updates
+        if cfg.time_budget is not None:
+            done = max(done, self.seconds / cfg.time_budget)
+        return min(int(done * cfg.segments), cfg.segments - 1)
+
+    def extra(self) -> dict:
+        self.stage = self.current_stage()
+        for j, name in enumerate(self.timestep_lora.adapters):
+            for p in lora_parameters(self.task.model, name):
+                p.requires_grad_(j >= self.stage)
+        return {"stage": self.stage + 1}
+
+    def forward(self, conditions, x):
+        cond, uncond = self.task.encode(conditions)
+        guided = uncond is not None and self.cfg.guidance_scale is not None
+        few = Denoiser(self.few_step, cond, uncond if guided else None, self.cfg.guidance_scale if guided else None)
+        return short_chain(self.chain(conditions), few, x, self.ends, stage=self.stage)
+
+    def lora_tensors(self):
+        return {f"lora_{name}": lora_state_dict(self.task.model, name) for name in self.timestep_lora.adapters}
+
+    def load_lora_tensors(self, tensors, path):
+        from peft import set_peft_model_state_dict
+
+        for name in self.timestep_lora.adapters:
+            if f"lora_{name}" not in tensors:
+                raise ValueError(f"{path}: the checkpoint holds no LoRA {name!r} (is it a ShortFT run's?)")
+            set_peft_model_state_dict(self.task.model, tensors[f"lora_{name}"], adapter_name=name)
+
+    def scaled(self, scale):
+        return self.timestep_lora.scaled(scale)
+
+    def save_loras(self, out: Path) -> None:
+        for name, config in zip(self.timestep_lora.adapters, self.lora_config, strict=True):
+            save_lora(self.task.model, out / "lora" / name, adapter_name=name, config=config)
+        write_json(out / "lora" / "shortft.json", {"adapters": self.timestep_lora.adapters,
+                                                   "timesteps": self.timestep_lora.timesteps, "steps": self.cfg.steps})
+
+
+def shortft(task: FinetuneTask, config: FinetuneConfig) -> FinetuneResult:
+    """Fine-tune ``task.model`` with ShortFT (module docstring) on ``task.reward``, through ``task.few_step``.
+    ``config`` is a :class:`~sdo.FinetuneConfig` (its ``strategy`` is taken as ``"shortft"``; ``segments`` and
+    ``progressive`` apply). The LoRAs are saved in ``config.output/lora/segment_j`` with ``shortft.json``; load
+    them for inference with :func:`load_shortft`."""
+    if config.strategy != "shortft":
+        config = replace(config, strategy="shortft")
+    return _train(_ShortRun(task, config))
+
+
+def load_shortft(model: torch.nn.Module, folder: str | os.PathLike) -> TimestepLoRA:
+    """``model`` with the per-segment LoRAs of a ShortFT run (``folder``: the run's ``lora``) loaded as frozen
+    adapters, wrapped in :class:`TimestepLoRA`: sample it with any chain (inference on the original chain)."""
+    folder = Path(folder)
+    meta_path = folder / "shortft.json"
+    if not meta_path.is_file():
+        raise FileNotFoundError(f"{meta_path} not found: give the `lora` folder of a ShortFT run")
+    meta = json.loads(meta_path.read_text())
+    for name in meta["adapters"]:
+        load_lora(model, folder / name, adapter_name=name)
+    return TimestepLoRA(model, meta["adapters"], meta["timesteps"])
