@@ -163,18 +163,20 @@ def _report(args, runs: dict, curves: dict, times: dict, variance: dict) -> None
         ratio = r["seconds_per_update"] / reference["seconds_per_update"] if reference else float("nan")
         rows.append([name, r["updates"], f"{r['seconds_per_update']:.2f}", f"{ratio:.2f}", f"{r['final_train_reward']:.3f}",
                      f"{tuned['reward_mean']:.3f}", f"{tuned['classifier_target']:.2f}", f"{tuned['judge_target']:.2f}",
-                     f"{tuned['judge_rejected']:.2f}", f"{r['evaluation']['0.5']['judge_target']:.2f}"])
+                     f"{tuned['judge_rejected']:.2f}", f"{r['evaluation']['0.5']['judge_target']:.2f}",
+                     f"{tuned['diversity']:.3f}"])
     base = next(iter(runs.values()))["evaluation"]["0"]
     header = ["run", "updates", "s/update", "vs AlignProp-uniform", "train reward (last 10)", "eval reward",
-              "classifier: 3", "judge: 3", "judge: no digit", "judge: 3 at LoRA x0.5"]
+              "classifier: 3", "judge: 3", "judge: no digit", "judge: 3 at LoRA x0.5", "diversity"]
     table = report.format_table(header, rows)
     text = (f"# Reward fine-tuning on the embedded digits model\n\n`python benchmarks/finetune_digits.py "
             f"--budget {args.budget:g} --methods {args.methods} --regularizer {args.regularizer:g} "
             f"--unregularized '{args.unregularized}' --output {args.output} --lr {args.lr:g} --batch {args.batch} "
             f"--steps {args.steps} --variance-seeds {args.variance_seeds}`\n\n{args.budget:g} s of updates per run, batch {args.batch}, N={args.steps}, LoRA rank 4 on "
-            f"{', '.join(TARGETS)}; eval: 64 fixed-seed samples at LoRA scale 1. The base model (LoRA x0): reward "
-            f"{base['reward_mean']:.3f}, classifier reads 3 in {base['classifier_target']:.2f}, judge in "
-            f"{base['judge_target']:.2f}.\n\n{table}\n\nMachine: {platform.processor() or platform.machine()}, "
+            f"{', '.join(TARGETS)}; eval: 64 fixed-seed samples at LoRA scale 1 (diversity: their mean pairwise RMS "
+            f"distance in pixels of [-1, 1]). The base model (LoRA x0): reward {base['reward_mean']:.3f}, classifier "
+            f"reads 3 in {base['classifier_target']:.2f}, judge in {base['judge_target']:.2f}, diversity "
+            f"{base['diversity']:.3f}.\n\n{table}\n\nMachine: {platform.processor() or platform.machine()}, "
             f"torch {torch.__version__}, {torch.get_num_threads()} threads.\n")
     if variance:
         rows = [[m, f"{v['seconds_per_gradient']:.2f}", f"{v['per_batch_norm']:.3g}", f"{v['mean_norm']:.3g}",

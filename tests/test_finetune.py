@@ -204,10 +204,11 @@ def test_killed_run_resumes_to_the_same_weights(digits, judge, tmp_path):
     assert logged == list(range(1, updates + 1))
 
 
-def test_two_processes_equal_one(tmp_path):
+@pytest.mark.parametrize("command,steps", [("finetune", "8"), ("shortft", "50")])
+def test_two_processes_equal_one(command, steps, tmp_path):
     """`accelerate launch` with 2 CPU processes (gloo), global batch 4: the LoRA is identical on both ranks and
-    equals a one-process run with the same global batch and seed."""
-    common = [*RUN, "--updates", "3", "--batch-size", "4", "--checkpoint-every", "10"]
+    equals a one-process run with the same global batch and seed (ShortFT: its four LoRAs, over three stages)."""
+    common = [command, "--steps", steps, *RUN[3:], "--updates", "3", "--batch-size", "4", "--checkpoint-every", "10"]
     env = {"OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT / "src")}
     launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "29581",
@@ -220,8 +221,14 @@ def test_two_processes_equal_one(tmp_path):
     summary = json.loads((tmp_path / "two" / "summary.json").read_text())
     assert summary["processes"] == 2 and summary["rank_max_abs_diff"] == 0.0
     assert json.loads((tmp_path / "one" / "summary.json").read_text())["processes"] == 1
-    _assert_same(_lora(tmp_path / "two"), _lora(tmp_path / "one"), rtol=1e-4, atol=1e-6)
-    assert any((v != 0).any() for k, v in _lora(tmp_path / "one").items() if "lora_B" in k)
+    files = sorted(p.relative_to(tmp_path / "one") for p in (tmp_path / "one" / "lora").rglob("*.safetensors"))
+    assert len(files) == (4 if command == "shortft" else 1)
+    for file in files:
+        one, two = load_file(str(tmp_path / "one" / file)), load_file(str(tmp_path / "two" / file))
+        # ShortFT backpropagates through ~18 calls of a 50-step chain: float sums in another order move a weight
+        # whose gradient is near zero by up to ~1e-4 through Adam's normalization (weights here are ~1e-2)
+        _assert_same(two, one, rtol=1e-4, atol=1e-6 if command == "finetune" else 5e-4)
+        assert any((v != 0).any() for k, v in one.items() if "lora_B" in k)
 
 
 def test_cli_config_file_and_flags(tmp_path):

@@ -346,3 +346,48 @@ def test_cli_shortft_on_the_embedded_student(tmp_path):
     bad = subprocess.run(cmd[:4] + ["--strategy", "sdo", "--output", str(tmp_path / "x")], env=env,
                          capture_output=True, text=True, timeout=120)
     assert bad.returncode == 2 and "sdo shortft runs strategy shortft" in bad.stderr
+
+
+def test_cli_shortft_on_a_pipeline_with_a_few_step_folder(pipeline_folder, clip, tokenizer, tiny_sd, tmp_path):
+    """`sdo shortft --model --few-step`: a text-to-image pipeline whose few-step model is a saved UNet folder (as a
+    UNet with a Hyper-SD LoRA fused in would be); the few-step model is the one the chain jumps with."""
+    from sdo.cli import main
+
+    clip.save_pretrained(tmp_path / "clip")
+    tokenizer.save_pretrained(tmp_path / "clip")
+    unet = copy.deepcopy(tiny_sd[0])
+    with torch.no_grad():
+        for p in unet.parameters():
+            p.add_(0.05 * torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel())))
+    unet.save_pretrained(tmp_path / "few")
+    tiny_sd[0].save_pretrained(tmp_path / "same")
+    first = {}
+    for few in ("few", "same"):
+        out = tmp_path / f"run-{few}"
+        code = main(["shortft", "--model", str(pipeline_folder), "--few-step", str(tmp_path / few), "--clip",
+                     str(tmp_path / "clip"), "--prompts", "a red square|a blue circle", "--steps", "6", "--segments",
+                     "2", "--updates", "2", "--batch-size", "2", "--lr", "0.05", "--guidance-scale", "3",
+                     "--sample-every", "0", "--eval-count", "2", "--eval-scales", "1", "--no-progress", "--cpu",
+                     "--output", str(out)])
+        assert code == 0
+        records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+        assert [r["stage"] for r in records] == [1, 2] and all(r["grad_norm"] > 0 for r in records)
+        assert all((out / "lora" / name / "pytorch_lora_weights.safetensors").is_file() for name in adapter_names(2))
+        first[few] = records[0]["reward_mean"]
+    assert first["few"] != first["same"]
+
+
+def test_student_distillation_lowers_the_jump_error_and_round_trips(tmp_path):
+    """`train_student` (what `sdo train student` runs), tiny: the card's figures exist, the student's jumps beat
+    the teacher's own DDIM jumps on held-out trajectories, and the written folder loads."""
+    from sdo.embedded import load_digits_student
+    from sdo.embedded.student import StudentConfig, train_student
+
+    cfg = StudentConfig(trajectories=32, eval_trajectories=32, train_steps=30, batch=32, lr=1e-3)
+    card = train_student(tmp_path, cfg, progress=False)
+    jumps = card["held_out"]["jumps"]
+    assert [(j["from_t"], j["to_t"]) for j in jumps] == [(740, 500), (480, 260), (240, 0)]
+    assert sum(j["jump"] for j in jumps) < sum(j["ddim_jump"] for j in jumps)
+    assert len(card["held_out"]["short_chain"]) == 3 and 0 <= card["held_out"]["classifier_agreement"] <= 1
+    student = load_digits_student(folder=tmp_path)
+    assert student.sdo_card["config"]["train_steps"] == 30 and not any(p.requires_grad for p in student.parameters())

@@ -8,7 +8,8 @@ tuned denoiser near its base). Strategies by name:
 - ``sdo``: one denoiser call keeps its graph, at a step drawn uniformly per update (Eq. 20): SDO;
 - ``random-truncated``: the last k ~ U{1..N} calls, recomputed in backward: AlignProp-uniform;
 - ``truncated``: the last ``k`` calls: DRaFT-K (k = 1: AlignProp-1);
-- ``checkpoint`` (or ``full``): every call (recomputed in backward): full BPTT.
+- ``checkpoint`` (or ``full``): every call (recomputed in backward): full BPTT;
+- ``shortft``: per-segment LoRAs through a chain shortened by a few-step model (:mod:`sdo.shortft`).
 
 Runs the same under ``accelerate launch`` on several processes: every process draws the same global batch
 from the same seeds and keeps its slice, gradients are averaged with one all-reduce per update (accelerate's

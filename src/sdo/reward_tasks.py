@@ -44,9 +44,12 @@ def digits_task(reward: str = "class", target: int | None = 3, labels: Sequence[
         wanted = torch.tensor([int(target) if target is not None else c for c in batch])
         judged = judge(images).cpu()
         said = models.classifier(images.clamp(-1, 1).to(next(models.classifier.parameters()))).argmax(1).cpu()
+        flat = images.detach().flatten(1).float().cpu()
+        pairs = len(flat) * (len(flat) - 1)  # diversity: the mean RMS distance between two different samples
+        spread = float(torch.cdist(flat, flat).sum() / pairs / flat.shape[1] ** 0.5) if pairs else 0.0
         return {"judge_target": float((judged == wanted).float().mean()),
                 "judge_rejected": float((judged < 0).float().mean()),
-                "classifier_target": float((said == wanted).float().mean())}
+                "classifier_target": float((said == wanted).float().mean()), "diversity": spread}
 
     def caption(images: torch.Tensor, batch: list) -> list[str]:
         judged = judge(images).cpu().tolist()

@@ -37,7 +37,7 @@ from .denoiser import Denoiser
 from .finetuning import _Run, _train
 from .finetuning_config import FinetuneConfig, FinetuneResult, FinetuneTask
 from .lora import add_lora, load_lora, lora_layers, lora_parameters, lora_state_dict, save_lora
-from .solvers import DPMSolverPP
+from .solvers import DPMSolverPP, solver_from_scheduler
 
 __all__ = ["segment_ends", "TimestepLoRA", "short_chain", "shortft", "load_shortft", "adapter_names"]
 
@@ -57,9 +57,12 @@ def adapter_names(segments: int) -> list[str]:
 
 class TimestepLoRA(torch.nn.Module):
     """``model`` with stacked timestep-aware LoRAs: at a timestep t of segment j (t >= ``timesteps[j]`` and below
-    ``timesteps[j - 1]``; the LoRA timesteps, decreasing), adapters ``adapters[0..j]`` act at their own scale times
-    :attr:`scale` and the others not at all. The scales are set from each call's own timestep, so a checkpointed
-    call recomputes with the same LoRAs. The wrapper owns those adapters' scales."""
+    ``timesteps[j - 1]``; the LoRA timesteps, decreasing), adapters ``adapters[0..j]`` are active and the others are
+    not run at all, so a call costs what one with j + 1 plain LoRAs costs. The active set comes from each call's own
+    timestep, so a checkpointed call recomputes with the same LoRAs. Other adapters of ``model`` are left as they are.
+
+    peft's public ``set_adapter`` also flips ``requires_grad`` (it would unfreeze the LoRAs of earlier stages), so
+    the layers' active lists are switched directly (``_active_adapter``, what ``set_adapter`` itself assigns)."""
 
     def __init__(self, model: torch.nn.Module, adapters: Sequence[str], timesteps: Sequence[int]):
         super().__init__()
@@ -70,7 +73,7 @@ class TimestepLoRA(torch.nn.Module):
         self.model, self.adapters, self.timesteps = model, list(adapters), [int(t) for t in timesteps]
         self.config = getattr(model, "config", None)
         self.scale = 1.0
-        self._full = {name: [(m, m.scaling[name]) for _, m in lora_layers(model, name)] for name in self.adapters}
+        self._layers = list({id(m): m for name in self.adapters for _, m in lora_layers(model, name)}.values())
 
     def segment(self, t) -> int:
         """The 0-based segment of timestep ``t``."""
@@ -80,16 +83,19 @@ class TimestepLoRA(torch.nn.Module):
         ts = torch.as_tensor(timestep).reshape(-1)
         if bool((ts != ts[0]).any()):
             raise ValueError("TimestepLoRA takes one timestep per call (the rows had different timesteps)")
-        j = self.segment(ts[0])
-        saved = [(m, name, m.scaling[name]) for name in self.adapters for m, _ in self._full[name]]
-        for k, name in enumerate(self.adapters):
-            for m, full in self._full[name]:
-                m.scaling[name] = full * self.scale if k <= j else 0.0
+        on = self.adapters[: self.segment(ts[0]) + 1]
+        saved = [(m, m._active_adapter, dict(m.scaling)) for m in self._layers]
+        for m, active, _ in saved:
+            others = [a for a in ([active] if isinstance(active, str) else active) if a not in self.adapters]
+            m._active_adapter = others + [a for a in on if a in m.lora_A]
+            if self.scale != 1.0:
+                m.scaling.update({a: m.scaling[a] * self.scale for a in on if a in m.lora_A})
         try:
             return self.model(sample, timestep, *args, **kwargs)
         finally:
-            for m, name, value in saved:
-                m.scaling[name] = value
+            for m, active, scaling in saved:
+                m._active_adapter = active
+                m.scaling.update(scaling)
 
     @contextlib.contextmanager
     def scaled(self, scale: float):
@@ -170,14 +176,10 @@ class _ShortRun(_Run):
                                      target_modules=self.cfg.target_modules, init_seed=self.cfg.seed + j)
                             for j, name in enumerate(names)]
         self.params = [p for name in names for p in lora_parameters(model, name)]
-        timesteps = [int(self.solver_timesteps()[e]) for e in segment_ends(self.cfg.steps, self.cfg.segments)]
+        solver = solver_from_scheduler(self.task.scheduler, self.cfg.steps)  # (self.solver is set after this)
+        timesteps = [int(solver.timesteps[e]) for e in segment_ends(self.cfg.steps, self.cfg.segments)]
         self.timestep_lora = TimestepLoRA(model, names, timesteps)
         return self.timestep_lora
-
-    def solver_timesteps(self) -> torch.Tensor:
-        from .solvers import solver_from_scheduler
-
-        return solver_from_scheduler(self.task.scheduler, self.cfg.steps).timesteps
 
     def current_stage(self) -> int:
         """The progressive stage of the next update: its share of ``updates`` (or of ``time_budget``, if further)."""
