@@ -100,3 +100,19 @@ def classifier_folder(tmp_path_factory):
                                         num_attention_heads=2, intermediate_size=32, num_labels=3)).save_pretrained(folder)
     ViTImageProcessor(size={"height": 16, "width": 16}).save_pretrained(folder)
     return folder
+
+
+@pytest.fixture(scope="module")
+def digits():
+    """The embedded digits models (fine-tuning tests copy the UNet before adding LoRAs to it)."""
+    from sdo.embedded import load_digits
+
+    return load_digits()
+
+
+@pytest.fixture(scope="module")
+def judge():
+    """The k-NN digit judge of the fine-tuning tasks."""
+    from sdo.rewards import DigitJudge
+
+    return DigitJudge()

@@ -19,22 +19,10 @@ import sdo
 from sdo.finetuning import FinetuneConfig, NonFiniteError, finetune
 from sdo.lora import lora_parameters, read_lora
 from sdo.reward_tasks import digits_task, pipeline_task
-from sdo.rewards import ClassLogProb, DigitJudge, InkReward, WeightedReward
+from sdo.rewards import ClassLogProb, InkReward, WeightedReward
 
 SMALL = dict(steps=8, batch_size=2, sample_every=0, eval_count=4, eval_scales=(1.0,), progress=False, cpu=True)
 ROOT = Path(__file__).resolve().parents[1]
-
-
-@pytest.fixture(scope="module")
-def judge():
-    return DigitJudge()
-
-
-@pytest.fixture(scope="module")
-def digits():
-    from sdo.embedded import load_digits
-
-    return load_digits()
 
 
 def _task(digits, judge, **kwargs):

@@ -18,25 +18,12 @@ import sdo
 from sdo.checkpoints import load_checkpoint
 from sdo.lora import add_lora, lora_parameters, set_lora_scale
 from sdo.reward_tasks import digits_task
-from sdo.rewards import DigitJudge
 from sdo.shortft import TimestepLoRA, adapter_names, load_shortft, segment_ends, short_chain
 from sdo.solvers import solver_from_scheduler
 
 ROOT = Path(__file__).resolve().parents[1]
 SMALL = dict(steps=8, segments=4, batch_size=2, sample_every=0, eval_count=2, sample_count=2, eval_scales=(1.0,),
              progress=False, cpu=True, lr=1e-2)
-
-
-@pytest.fixture(scope="module")
-def digits():
-    from sdo.embedded import load_digits
-
-    return load_digits()
-
-
-@pytest.fixture(scope="module")
-def judge():
-    return DigitJudge()
 
 
 def _task(digits, judge, **kwargs):

@@ -238,32 +238,31 @@ def _build_parser() -> argparse.ArgumentParser:
 
     train = sub.add_parser("train", help="retrain an embedded model", description="Retrain an embedded model.")
     train_sub = train.add_subparsers(dest="model", required=True, parser_class=_Parser)
-    digits = train_sub.add_parser("digits", help="the digits DDPM and classifier (scikit-learn's digits)",
-                                  description="Train the class-conditional DDPM and the classifier on scikit-learn's "
-                                  "digits and write the weights and the measured figures (digits_card.json).")
-    digits.add_argument("--output", type=_folder, default=None, help="folder (default: the package's weights folder)")
-    digits.add_argument("--seed", type=int, default=0, help="seed (default 0)")
+
+    def train_parser(name: str, help: str, description: str) -> argparse.ArgumentParser:
+        parser = train_sub.add_parser(name, help=help, description=description)
+        parser.add_argument("--output", type=_folder, default=None, help="folder (default: the package's weights folder)")
+        parser.add_argument("--seed", type=int, default=0, help="seed (default 0)")
+        parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+        return parser
+
+    digits = train_parser("digits", help="the digits DDPM and classifier (scikit-learn's digits)",
+                          description="Train the class-conditional DDPM and the classifier on scikit-learn's digits "
+                          "and write the weights and the measured figures (digits_card.json).")
     digits.add_argument("--unet-steps", type=_positive_int, default=None, help="DDPM optimizer steps")
     digits.add_argument("--classifier-epochs", type=_positive_int, default=None, help="classifier epochs")
     digits.add_argument("--eval-samples", type=_positive_int, default=None, help="samples for the quality figure")
-    digits.add_argument("--no-progress", action="store_true", help="no progress bars")
-    digit_clip = train_sub.add_parser("digit-clip", help="the image-text model of the embedded text-guided edit",
-                                      description="Train the digits image tower and the projection of the frozen "
-                                      "MiniLM text tower contrastively on captioned digits; write digit_clip.safetensors "
-                                      "and digit_clip_card.json (held-out retrieval).")
-    digit_clip.add_argument("--output", type=_folder, default=None, help="folder (default: the package's weights folder)")
-    digit_clip.add_argument("--seed", type=int, default=0, help="seed (default 0)")
+    digit_clip = train_parser("digit-clip", help="the image-text model of the embedded text-guided edit",
+                              description="Train the digits image tower and the projection of the frozen MiniLM text "
+                              "tower contrastively on captioned digits; write digit_clip.safetensors and "
+                              "digit_clip_card.json (held-out retrieval).")
     digit_clip.add_argument("--steps", type=_positive_int, default=None, help="optimizer steps (default 1500)")
-    digit_clip.add_argument("--no-progress", action="store_true", help="no progress bars")
-    student = train_sub.add_parser("student", help="the few-step student of the digits DDPM (ShortFT's shortcut)",
-                                   description="Distill the few-step student from the digits DDPM's 50-step DDIM "
-                                   "trajectories; write digits_student.safetensors and digits_student_card.json "
-                                   "(its trajectory error against the teacher at the segment boundaries).")
-    student.add_argument("--output", type=_folder, default=None, help="folder (default: the package's weights folder)")
-    student.add_argument("--seed", type=int, default=0, help="seed (default 0)")
+    student = train_parser("student", help="the few-step student of the digits DDPM (ShortFT's shortcut)",
+                           description="Distill the few-step student from the digits DDPM's 50-step DDIM trajectories; "
+                           "write digits_student.safetensors and digits_student_card.json (its trajectory error "
+                           "against the teacher at the segment boundaries).")
     student.add_argument("--train-steps", type=_positive_int, default=None, help="optimizer steps (default 2000)")
     student.add_argument("--trajectories", type=_positive_int, default=None, help="teacher trajectories (default 2048)")
-    student.add_argument("--no-progress", action="store_true", help="no progress bars")
     add_parsers(sub)
     return parser
 

@@ -161,6 +161,20 @@ def train_classifier(cfg: TrainConfig, progress: bool = True):
     return model, {"test_accuracy": accuracy, "test_images": len(test_labels)}
 
 
+def ema_step(model, loss, opt, sched, ema, losses: list, bar) -> None:
+    """One optimizer step of a shipped model's training: backward, clip the gradient norm at 1, step the optimizer,
+    its LR schedule and the EMA of the weights; log the loss (its mean over 50 steps on the progress bar)."""
+    opt.zero_grad()
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+    opt.step()
+    sched.step()
+    ema.step(model.parameters())
+    losses.append(loss.item())
+    if len(losses) % 50 == 0:
+        bar.set_postfix(loss=f"{sum(losses[-50:]) / 50:.5f}")
+
+
 def train_unet(cfg: TrainConfig, progress: bool = True):
     """Train the class-conditional DDPM (epsilon loss, Ho et al. Algorithm 1); returns (EMA model, metrics)."""
     from diffusers import DDPMScheduler, UNet2DModel
@@ -185,15 +199,7 @@ def train_unet(cfg: TrainConfig, progress: bool = True):
         noise = torch.randn(x0.shape, generator=gen)
         t = torch.randint(0, noise_schedule.config.num_train_timesteps, (len(y),), generator=gen)
         loss = F.mse_loss(model(noise_schedule.add_noise(x0, noise, t), t, class_labels=y).sample, noise)
-        opt.zero_grad()
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        sched.step()
-        ema.step(model.parameters())
-        losses.append(loss.item())
-        if len(losses) % 50 == 0:
-            bar.set_postfix(loss=f"{sum(losses[-50:]) / 50:.4f}")
+        ema_step(model, loss, opt, sched, ema, losses, bar)
     ema.copy_to(model.parameters())
     model.eval().requires_grad_(False)
     return model, {"final_loss_mean_last_500": sum(losses[-500:]) / len(losses[-500:])}

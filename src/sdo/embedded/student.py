@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from .digits import IMAGE_SIZE, NULL_CLASS, NUM_CLASSES, unet_config
+from .digits import IMAGE_SIZE, NULL_CLASS, NUM_CLASSES, ema_step, unet_config
 
 __all__ = ["StudentConfig", "teacher_trajectories", "jump_error", "train_student", "load_student_weights"]
 
@@ -162,15 +162,7 @@ def train_student(output: str | Path, cfg: StudentConfig | None = None, progress
         i = torch.where(torch.rand(cfg.batch, generator=gen) < cfg.start_fraction, first, anywhere)
         xi, target = paths[train][rows, i], paths[train][rows, last]
         loss = F.mse_loss(_jump(student, solver, xi, i, last, labels[train][rows]), target)
-        opt.zero_grad()
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(student.parameters(), 1.0)
-        opt.step()
-        sched.step()
-        ema.step(student.parameters())
-        losses.append(loss.item())
-        if len(losses) % 50 == 0:
-            bar.set_postfix(loss=f"{sum(losses[-50:]) / 50:.5f}")
+        ema_step(student, loss, opt, sched, ema, losses, bar)
     ema.copy_to(student.parameters())
     student.eval().requires_grad_(False)
     train_seconds = time.perf_counter() - began - teacher_seconds
