@@ -2,8 +2,9 @@
 
 ``load_digits()`` returns the class-conditional 16x16 pixel DDPM and the digit classifier trained by
 ``sdo train digits`` on scikit-learn's digits (see ``docs/model-card-digits.md``); ``load_digits_student()`` its
-few-step student, distilled by ``sdo train student`` as the shortcut of ShortFT (:mod:`sdo.embedded.student`); ``load_digit_clip()`` the
-image-text model of text-guided editing trained by ``sdo train digit-clip`` (``docs/model-card-digit-clip.md``).
+few-step student, distilled by ``sdo train student`` as ShortFT's shortcut (:mod:`sdo.embedded.student`);
+``load_digit_clip()`` the image-text model of text-guided editing trained by ``sdo train digit-clip``
+(``docs/model-card-digit-clip.md``).
 """
 
 from __future__ import annotations
