@@ -156,8 +156,8 @@ class _Run:
     def save_loras(self, out: Path) -> None:
         save_lora(self.task.model, out / "lora", config=self.lora_config)
 
-    def extra(self) -> dict:
-        """Extra fields of the update's metrics record."""
+    def begin_update(self) -> dict:
+        """Prepare the next update (ShortFT: its stage); returns extra fields of its metrics record."""
         return {}
 
     # -- sampling ---------------------------------------------------------------------------------------------
@@ -209,7 +209,7 @@ class _Run:
     def update(self) -> dict:
         cfg, acc = self.cfg, self.acc
         start = time.perf_counter()
-        record = self.extra()
+        record = self.begin_update()
         grads, rewards, scalars = self.gradient()
         trainable = [p for p in self.params if p.requires_grad]
         finite = bool(torch.isfinite(grads).all() and torch.isfinite(scalars).all())

@@ -84,18 +84,19 @@ class TimestepLoRA(torch.nn.Module):
         if bool((ts != ts[0]).any()):
             raise ValueError("TimestepLoRA takes one timestep per call (the rows had different timesteps)")
         on = self.adapters[: self.segment(ts[0]) + 1]
-        saved = [(m, m._active_adapter, dict(m.scaling)) for m in self._layers]
-        for m, active, _ in saved:
+        saved = [(m, m._active_adapter, dict(m.scaling) if self.scale != 1.0 else None) for m in self._layers]
+        for m, active, scaling in saved:
             others = [a for a in ([active] if isinstance(active, str) else active) if a not in self.adapters]
             m._active_adapter = others + [a for a in on if a in m.lora_A]
-            if self.scale != 1.0:
-                m.scaling.update({a: m.scaling[a] * self.scale for a in on if a in m.lora_A})
+            if scaling is not None:
+                m.scaling.update({a: scaling[a] * self.scale for a in on if a in m.lora_A})
         try:
             return self.model(sample, timestep, *args, **kwargs)
         finally:
             for m, active, scaling in saved:
                 m._active_adapter = active
-                m.scaling.update(scaling)
+                if scaling is not None:
+                    m.scaling.update(scaling)
 
     @contextlib.contextmanager
     def scaled(self, scale: float):
@@ -191,7 +192,7 @@ class _ShortRun(_Run):
             done = max(done, self.seconds / cfg.time_budget)
         return min(int(done * cfg.segments), cfg.segments - 1)
 
-    def extra(self) -> dict:
+    def begin_update(self) -> dict:
         self.stage = self.current_stage()
         for j, name in enumerate(self.timestep_lora.adapters):
             for p in lora_parameters(self.task.model, name):
