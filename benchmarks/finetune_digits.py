@@ -88,6 +88,10 @@ def main() -> None:
             "final_train_reward": statistics.fmean(m["reward_mean"] for m in kept[-10:]),
             "evaluation": result.evaluation, "wall": time.perf_counter() - start,
         }
+        stages = sorted({m["stage"] for m in kept if "stage" in m})
+        if stages:  # ShortFT: the median seconds per update of each progressive stage
+            runs[name]["seconds_per_update_by_stage"] = {
+                s: statistics.median(m["seconds"] for m in kept if m.get("stage") == s) for s in stages}
         shutil.copy(folder / "final.png", args.output / f"final_{folder.name}.png")  # rows: LoRA x0, x0.5, x1
         curves[name] = _smooth([m["reward_mean"] for m in kept])
         times[name] = [m["elapsed"] for m in kept]

@@ -131,6 +131,7 @@ class _Run:
         """Add the trainable LoRA(s), set ``self.params`` (all LoRA weights) and return the model to sample with."""
         self.lora_config = add_lora(model, rank=self.cfg.rank, alpha=self.cfg.alpha,
                                     target_modules=self.cfg.target_modules, init_seed=self.cfg.seed)
+        self.adapters = {"lora": "default"}  # checkpoint group -> adapter name
         self.params = lora_parameters(model)
         return model
 
@@ -139,15 +140,18 @@ class _Run:
         return sample(self.chain(conditions), x, strategy=self.strategy, generator=self.generators["noise"])
 
     def lora_tensors(self) -> dict[str, dict[str, torch.Tensor]]:
-        """The LoRA weights, by checkpoint group."""
-        return {"lora": lora_state_dict(self.task.model)}
+        """The LoRA weights, by checkpoint group (one per adapter)."""
+        return {group: lora_state_dict(self.task.model, name) for group, name in self.adapters.items()}
 
     def load_lora_tensors(self, tensors: dict, path: Path) -> None:
         from peft import set_peft_model_state_dict
 
-        result = set_peft_model_state_dict(self.task.model, tensors["lora"])
-        if getattr(result, "unexpected_keys", None):
-            raise ValueError(f"{path}: the checkpoint's LoRA does not fit this run ({result.unexpected_keys[:3]})")
+        for group, name in self.adapters.items():
+            if group not in tensors:
+                raise ValueError(f"{path}: the checkpoint holds no LoRA {group!r}; it was written by another kind of run")
+            result = set_peft_model_state_dict(self.task.model, tensors[group], adapter_name=name)
+            if getattr(result, "unexpected_keys", None):
+                raise ValueError(f"{path}: the checkpoint's LoRA does not fit this run ({result.unexpected_keys[:3]})")
 
     def scaled(self, scale: float):
         """A context in which the LoRA(s) act at ``scale`` (0: the base model)."""

@@ -36,7 +36,7 @@ from .checkpoints import write_json
 from .denoiser import Denoiser
 from .finetuning import _Run, _train
 from .finetuning_config import FinetuneConfig, FinetuneResult, FinetuneTask
-from .lora import add_lora, load_lora, lora_layers, lora_parameters, lora_state_dict, save_lora
+from .lora import add_lora, load_lora, lora_layers, lora_parameters, save_lora
 from .solvers import DPMSolverPP, solver_from_scheduler
 
 __all__ = ["segment_ends", "TimestepLoRA", "short_chain", "shortft", "load_shortft", "adapter_names"]
@@ -164,7 +164,6 @@ class _ShortRun(_Run):
             raise ValueError(f"the few-step model was distilled for steps={card['config']['steps']}, segments="
                              f"{card['config']['segments']}; run with those (got steps={cfg.steps}, segments={cfg.segments})")
         super().__init__(task, cfg)
-        self.ends = segment_ends(cfg.steps, cfg.segments)
         self.few_step = task.few_step.requires_grad_(False).eval()
         if self.dtype != torch.float32:  # the frozen few-step model in the base's dtype
             self.few_step.to(dtype=self.dtype)
@@ -176,9 +175,12 @@ class _ShortRun(_Run):
         self.lora_config = [add_lora(model, rank=self.cfg.rank, alpha=self.cfg.alpha, adapter_name=name,
                                      target_modules=self.cfg.target_modules, init_seed=self.cfg.seed + j)
                             for j, name in enumerate(names)]
-        self.params = [p for name in names for p in lora_parameters(model, name)]
+        self.adapters = {f"lora_{name}": name for name in names}
+        self.adapter_params = [lora_parameters(model, name) for name in names]
+        self.params = [p for params in self.adapter_params for p in params]
+        self.ends = segment_ends(self.cfg.steps, self.cfg.segments)
         solver = solver_from_scheduler(self.task.scheduler, self.cfg.steps)  # (self.solver is set after this)
-        timesteps = [int(solver.timesteps[e]) for e in segment_ends(self.cfg.steps, self.cfg.segments)]
+        timesteps = [int(solver.timesteps[e]) for e in self.ends]
         self.timestep_lora = TimestepLoRA(model, names, timesteps)
         return self.timestep_lora
 
@@ -194,8 +196,8 @@ class _ShortRun(_Run):
 
     def begin_update(self) -> dict:
         self.stage = self.current_stage()
-        for j, name in enumerate(self.timestep_lora.adapters):
-            for p in lora_parameters(self.task.model, name):
+        for j, params in enumerate(self.adapter_params):
+            for p in params:
                 p.requires_grad_(j >= self.stage)
         return {"stage": self.stage + 1}
 
@@ -204,17 +206,6 @@ class _ShortRun(_Run):
         guided = uncond is not None and self.cfg.guidance_scale is not None
         few = Denoiser(self.few_step, cond, uncond if guided else None, self.cfg.guidance_scale if guided else None)
         return short_chain(self.chain(conditions), few, x, self.ends, stage=self.stage)
-
-    def lora_tensors(self):
-        return {f"lora_{name}": lora_state_dict(self.task.model, name) for name in self.timestep_lora.adapters}
-
-    def load_lora_tensors(self, tensors, path):
-        from peft import set_peft_model_state_dict
-
-        for name in self.timestep_lora.adapters:
-            if f"lora_{name}" not in tensors:
-                raise ValueError(f"{path}: the checkpoint holds no LoRA {name!r} (is it a ShortFT run's?)")
-            set_peft_model_state_dict(self.task.model, tensors[f"lora_{name}"], adapter_name=name)
 
     def scaled(self, scale):
         return self.timestep_lora.scaled(scale)

@@ -79,14 +79,16 @@ def _jump(model, solver, x: torch.Tensor, i: torch.Tensor, j: torch.Tensor, labe
     return out
 
 
-def jump_error(model, unet, solver, paths: torch.Tensor, labels: torch.Tensor, ends: tuple[int, ...]) -> dict:
+def jump_error(model, unet, solver, paths: torch.Tensor, labels: torch.Tensor,
+               ends: tuple[int, ...]) -> tuple[dict, torch.Tensor]:
     """Trajectory error against the teacher (relative RMSE: ||x - x_teacher|| / ||x_teacher||), per boundary:
 
     - ``jump``: one move of ``model`` from the teacher's latent at a segment's first step to its last step;
     - ``ddim_jump``: the same move with the teacher's own prediction (what distillation improves on);
     - ``short_chain``: ShortFT's chain (teacher steps through segment 1, then per segment a ``model`` jump and one
       teacher step), compared at every segment's last step and at the sample; ``sample_rmse`` in pixels [-1, 1].
-    """
+
+    Returns the figures and the short chain's samples."""
     def rel(a, b):
         return float((a - b).flatten(1).norm(dim=1).mean() / b.flatten(1).norm(dim=1).mean())
 
@@ -109,8 +111,7 @@ def jump_error(model, unet, solver, paths: torch.Tensor, labels: torch.Tensor, e
         report["short_chain"] = boundaries
         report["sample_relative_error"] = rel(x, paths[:, -1])
         report["sample_rmse"] = float((x - paths[:, -1]).pow(2).mean().sqrt())
-    report["samples"] = x
-    return report
+    return report, x
 
 
 def train_student(output: str | Path, cfg: StudentConfig | None = None, progress: bool = True) -> dict:
@@ -167,8 +168,7 @@ def train_student(output: str | Path, cfg: StudentConfig | None = None, progress
     student.eval().requires_grad_(False)
     train_seconds = time.perf_counter() - began - teacher_seconds
 
-    errors = jump_error(student, teacher, solver, paths[held], labels[held], ends)
-    short = errors.pop("samples")
+    errors, short = jump_error(student, teacher, solver, paths[held], labels[held], ends)
     with torch.no_grad():
         said = models.classifier(short.clamp(-1, 1)).argmax(1)
         base = models.classifier(paths[held][:, -1].clamp(-1, 1)).argmax(1)
