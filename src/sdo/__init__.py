@@ -3,6 +3,7 @@
     chain = sdo.Chain.from_diffusers(unet, scheduler, 50)
     x0 = sdo.sample(chain, x_T, strategy="sdo")          # graph of one denoiser call only
     result = sdo.optimize_latent(chain, x_T, objective)  # Adam on the initial noise
+    sdo.picard_sample(chain, x_T, window=10)              # ParaDiGMS: batched Picard sweeps over the steps
     sdo.finetune(task, sdo.FinetuneConfig(output="run"))  # LoRA reward fine-tuning through the sampler
     sdo.shortft(task, sdo.FinetuneConfig(output="run"))  # ShortFT: through a chain shortened by a few-step model
 """
@@ -15,6 +16,7 @@ from .finetuning import FinetuneConfig, FinetuneResult, FinetuneTask, NonFiniteE
 from .guidance import Guidance
 from .inversion import invert, round_trip_error
 from .latent import LatentResult, LinfBall, optimize_latent
+from .picard import Picard, PicardResult, picard_sample
 from .reversible import Reversible, edict_step
 from .sampling import sample
 from .shortft import TimestepLoRA, load_shortft, segment_ends, short_chain, shortft
@@ -68,6 +70,9 @@ __all__ = [
     "optimize_latent",
     "LatentResult",
     "LinfBall",
+    "picard_sample",
+    "Picard",
+    "PicardResult",
     "finetune",
     "shortft",
     "short_chain",

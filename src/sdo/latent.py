@@ -11,8 +11,9 @@ import torch
 from tqdm.auto import tqdm
 
 from .chain import Chain
+from .picard import Picard
 from .sampling import sample, step_range
-from .strategies import Strategy, get_strategy
+from .strategies import Shortcut, Strategy, get_strategy
 
 __all__ = ["LatentResult", "LinfBall", "optimize_latent"]
 
@@ -46,6 +47,7 @@ class LatentResult:
     losses: list[float] = field(default_factory=list)  # mean loss at each iteration, before its update
     item_losses: torch.Tensor | None = None  # (iterations, items): every loss seen
     seconds: float = 0.0  # wall time of the whole optimization
+    picard_runs: list[tuple[int, int]] = field(default_factory=list)  # with picard: (sweeps, calls) per forward pass
 
 
 def _make_optimizer(optimizer, params, lr):
@@ -96,6 +98,7 @@ def optimize_latent(
     callback: Callable[[int, torch.Tensor, torch.Tensor], bool | None] | None = None,
     progress: bool = True,
     generator: torch.Generator | None = None,
+    picard: bool | Picard = False,
 ) -> LatentResult:
     """Optimize the latent ``x`` at step ``start`` so that ``objective(sample(chain, x))`` decreases.
 
@@ -105,9 +108,22 @@ def optimize_latent(
     (e.g. :class:`LinfBall`) projects the latent after every update. ``callback(iteration, x0, loss)`` may
     return True to stop early. Stochastic solvers use the same noise in every iteration (from ``generator``,
     or a seed drawn once from torch's global RNG).
+
+    ``picard=True``: SDO's forward pass by Picard sweeps (:class:`~sdo.Picard`), each iteration warm-started from
+    the previous iteration's trajectory, for the latent moved by one optimizer step is close to it; pass a
+    :class:`~sdo.Picard` to choose the window, tolerance or warm start. The strategy must be ``"sdo"``.
     """
     steps = step_range(chain, start)
     strategy = get_strategy(strategy)
+    if picard is not False and picard is not None:
+        if not isinstance(strategy, Shortcut):
+            raise ValueError(f"picard runs SDO's forward pass: it needs strategy='sdo' (a Shortcut), got {strategy!r}")
+        picard = Picard(warm_start=True) if picard is True else picard
+        if not isinstance(picard, Picard):
+            raise TypeError(f"picard must be True or an sdo.Picard, got {type(picard).__name__}")
+        strategy = Shortcut(at=strategy.at, generator=strategy.generator, picard=picard)
+    tracker = strategy.picard if isinstance(strategy, Shortcut) else None
+    first_run = len(tracker.runs) if tracker else 0
     if int(iterations) < 1:
         raise ValueError(f"iterations must be >= 1, got {iterations}")
     chain.check(x)
@@ -159,7 +175,7 @@ def optimize_latent(
         items = items.detach()
         history.append(items)
         track(x0, items)
-        bar.set_postfix(loss=f"{items.mean().item():.4g}")
+        bar.set_postfix(loss=f"{items.mean().item():.4g}", **({"sweeps": tracker.last.sweeps} if tracker else {}))
         latent.grad = grad
         opt.step()
         if constraint is not None:
@@ -181,4 +197,5 @@ def optimize_latent(
         losses=stacked.mean(dim=1).tolist(),
         item_losses=stacked,
         seconds=time.perf_counter() - began,
+        picard_runs=tracker.runs[first_run:] if tracker else [],
     )

@@ -1,32 +1,45 @@
 """Picard iteration of the sampling chain: ParaDiGMS (Shih et al., "Parallel Sampling of Diffusion Models",
 NeurIPS 2023, Algorithm 1), the fixed-point view SDO's derivation rests on (Prop. 4.1 of Dou et al., 2025).
 
-The trajectory x_0..x_N of a chain is the fixed point of x_{i+1} = x_b + sum_{s=b}^{i} d_s(x_s), with the
+The trajectory x_b..x_N of a chain is the fixed point of x_{i+1} = x_b + sum_{s=b}^{i} d_s(x_s), with the
 one-step drifts d_s(x) = step(s, x) - x. A sweep evaluates the denoiser at every step of a window [b, b + p) in
 one batched call, then updates the window's latents by the cumulative sum of the drifts. The window slides to
 the first step whose latent still moved by more than the tolerance, measured as in ParaDiGMS against the noise
-level: mean((x_new - x_old)^2) <= tol^2 sigma_{i+1}^2 for every item. Step b's output is exact after any sweep,
-so the window advances at least one step per sweep and ``max_sweeps >= N`` with ``tol = 0`` reproduces sequential
-sampling (up to the round-off of the sums). Stochastic solvers draw all their noise before the first sweep.
+level: mean((x_new - x_old)^2) <= tol^2 sigma_{i+1}^2 for every item (sigma floored at the smallest non-zero
+level, so the final step to sigma = 0 is judged like the one before it). Step b's output is exact after any
+sweep, so the window advances at least one step per sweep and ``max_sweeps >= N`` with ``tol = 0`` reproduces
+sequential sampling (up to the round-off of the sums).
+
+Solvers: the first-order ones (DDIM, DDPM, Euler, flow Euler, LCM) map (x_i, model output) to x_{i+1} alone.
+Stochastic ones draw the noise of every step before the first sweep (``chain.init_state``), so the fixed point
+is one fixed sample path. The rule for multistep solvers (DPM-Solver++ 2M): their update also reads the data
+prediction of step i - 1, which lives in the solver state; a sweep threads that state from step to step with
+the outputs of the same sweep (the window's first step takes it from the step before, which is final), so the
+fixed point of the pair (latent, history) is again the sequential run.
+
+:class:`Picard` carries these options into :class:`~sdo.Shortcut` (``Shortcut(picard=Picard(...))``): the
+forward pass of SDO runs by sweeps, then one denoiser call keeps its graph (see ``Shortcut.run``).
 """
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 
 import torch
 
 from .chain import Chain
 from .denoiser import Denoiser, _map
-from .solvers import DPMSolverPP
+from .solvers import SolverState
 
-__all__ = ["PicardResult", "picard_sample"]
+__all__ = ["Picard", "PicardResult", "picard_sample"]
 
 
 @dataclass
 class PicardResult:
-    sample: torch.Tensor  # x_N
-    trajectory: list[torch.Tensor]  # x_0 (the start) .. x_N: the latent before every step, and the sample
+    sample: torch.Tensor  # the latent after the last step (x_N when the run ends the chain)
+    trajectory: list[torch.Tensor]  # the latent before every step that ran (x_start first), then the sample
+    outputs: list[torch.Tensor]  # each step's model output, from its last evaluation
     sweeps: int  # batched denoiser evaluations (one per sweep)
     calls: int  # denoiser evaluations of one latent batch at one step, summed over sweeps
     converged: bool  # the window reached the end within max_sweeps
@@ -41,44 +54,103 @@ def _tiled(denoiser: Denoiser, n: int) -> Denoiser:
                     denoiser.guidance_scale)
 
 
-def picard_sample(chain: Chain, x: torch.Tensor, *, window: int | None = None, tol: float = 1e-3,
-                  max_sweeps: int | None = None, init: list[torch.Tensor] | None = None,
-                  generator: torch.Generator | None = None) -> PicardResult:
-    """Sample ``chain`` from ``x`` by sliding-window Picard sweeps (module docstring).
+def _check_options(window, tol, max_sweeps) -> None:
+    if (window is not None and int(window) < 1) or (max_sweeps is not None and int(max_sweeps) < 1) or not tol >= 0:
+        raise ValueError(f"need window >= 1, max_sweeps >= 1, tol >= 0; got {window}, {max_sweeps}, {tol}")
 
-    ``window``: steps evaluated per sweep (default: all N). ``tol``: ParaDiGMS's tolerance, relative to the noise
-    level of each step's output. ``max_sweeps``: default N, enough for the exact sequential result. ``init``: a
-    trajectory of N + 1 latents to start from (a previous run's: a warm start); default: every latent is ``x``.
-    For first-order solvers (DDIM, DDPM, Euler, flow Euler, LCM); multistep ones carry history between steps
-    and are refused. No gradient is taken here; this is a forward pass."""
-    solver, n = chain.solver, len(chain)
-    if isinstance(solver, DPMSolverPP):
-        raise ValueError("Picard sweeps need one-step updates; DPMSolverMultistepScheduler carries history between "
-                         "steps: use DDIM, Euler or flow Euler")
+
+def _noise_variance(solver, i: int) -> float:
+    """Variance of the noise a stochastic (DDPM, eta = 1) step i would add, in latent units:
+    sigma_out^2 (1 - (alpha_in sigma_out / (alpha_out sigma_in))^2), the scale ParaDiGMS measures errors against."""
+    (a_in, s_in), (a_out, s_out) = solver.levels(i)
+    return max(s_out**2 * (1.0 - (a_in * s_out / (a_out * s_in)) ** 2), 0.0) if a_out > 0 and s_in > 0 else 0.0
+
+
+def _sweeps(chain: Chain, x: torch.Tensor, state: SolverState, steps: range, window: int | None, tol: float,
+            max_sweeps: int | None, init: list[torch.Tensor] | None) -> PicardResult:
+    """Sliding-window Picard iteration over ``steps`` from ``x`` (module docstring); no graph."""
+    solver, n, first = chain.solver, len(steps), steps.start
     window = n if window is None else int(window)
     max_sweeps = n if max_sweeps is None else int(max_sweeps)
-    if window < 1 or max_sweeps < 1 or tol < 0:
-        raise ValueError(f"need window >= 1, max_sweeps >= 1, tol >= 0; got {window}, {max_sweeps}, {tol}")
-    if init is not None and len(init) != n + 1:
-        raise ValueError(f"init must hold the {n + 1} latents of a trajectory (x_0..x_N), got {len(init)}")
-    chain.check(x)
-    state = chain.init_state(x, generator)
-    path = [x] + ([v.to(x) for v in init[1:]] if init is not None else [x] * n)
-    levels = [solver.levels(i)[1][1] ** 2 for i in range(n)]
-    floor = min((v for v in levels if v > 0), default=1.0)
+    if init is not None:
+        if len(init) != n + 1:
+            raise ValueError(f"init must hold the {n + 1} latents of a trajectory over steps {first}..{steps.stop - 1} "
+                             f"(the start, then the latent after each step), got {len(init)}")
+        if any(v.shape != x.shape for v in init):
+            raise ValueError(f"init's latents must have the shape of x, {tuple(x.shape)}")
+    x = x.detach()
+    path = [x] + ([v.detach().to(x) for v in init[1:]] if init is not None else [x] * n)
+    reached = n if init is not None else 0  # latents beyond it were never computed (cold start)
+    states, outputs = [state] + [None] * n, [None] * n
+    variances = [_noise_variance(solver, i) for i in steps]
     batch, begin, sweeps, calls = x.shape[0], 0, 0, 0
     with torch.no_grad():
         while begin < n and sweeps < max_sweeps:
-            steps = range(begin, min(begin + window, n))
-            inputs = torch.cat([solver.model_input(i, path[i]) for i in steps])
-            t = torch.cat([solver.timesteps[i].reshape(1).expand(batch) for i in steps])
-            outs = _tiled(chain.denoiser, len(steps))(inputs, t).split(batch)
+            span = range(begin, min(begin + window, n))
+            for k in range(reached + 1, span.stop + 1):  # new latents start from the last computed one (ParaDiGMS)
+                path[k] = path[reached]
+            reached = max(reached, span.stop)
+            inputs = torch.cat([solver.model_input(first + k, path[k]) for k in span])
+            t = torch.cat([solver.timesteps[first + k].reshape(1).expand(batch) for k in span])
+            outs = _tiled(chain.denoiser, len(span))(inputs, t).split(batch)
             new, moved = path[begin], []
-            for i, out in zip(steps, outs, strict=True):
-                new = new + (solver.step(i, path[i], out, state)[0] - path[i])
-                error = (new - path[i + 1]).double().pow(2).flatten(1).mean(1).max() / max(levels[i], floor)
-                moved.append(float(error) > tol**2)
-                path[i + 1] = new
-            sweeps, calls = sweeps + 1, calls + len(steps)
-            begin += max(1, moved.index(True) if True in moved else len(steps))
-    return PicardResult(path[-1], path, sweeps, calls, begin >= n)
+            for k, out in zip(span, outs, strict=True):
+                x_next, states[k + 1] = solver.step(first + k, path[k], out, states[k])
+                new = new + (x_next - path[k])
+                error = float((new - path[k + 1]).double().pow(2).flatten(1).mean(1).max())
+                moved.append(error > tol**2 * variances[k] if variances[k] > 0 else error > 0)
+                path[k + 1], outputs[k] = new, out
+            sweeps, calls = sweeps + 1, calls + len(span)
+            # latents up to the first that moved had converged inputs, so that one is exact too (ParaDiGMS)
+            begin += min(moved.index(True) + 1 if True in moved else len(span), len(span))
+    return PicardResult(path[-1], path, outputs, sweeps, calls, begin >= n)
+
+
+def picard_sample(chain: Chain, x: torch.Tensor, *, window: int | None = None, tol: float = 1e-3,
+                  max_sweeps: int | None = None, init: list[torch.Tensor] | None = None, start: int = 0,
+                  stop: int | None = None, generator: torch.Generator | None = None) -> PicardResult:
+    """Run steps ``start..stop-1`` of ``chain`` from ``x`` by sliding-window Picard sweeps (module docstring).
+
+    ``window``: steps evaluated per sweep, in one batched denoiser call (default: all). ``tol``: ParaDiGMS's
+    tolerance, relative to the noise level of each step's output (0: iterate to the exact sequential result).
+    ``max_sweeps``: default the number of steps, enough for that. ``init``: a trajectory to start from (a
+    previous run's ``trajectory``: a warm start); default: every latent is ``x``. ``generator`` draws the noise
+    of stochastic solvers, all of it before the first sweep, as :func:`sdo.sample` does. No gradient is taken
+    here: this is a forward pass (for SDO's gradient on top of it, ``Shortcut(picard=Picard(...))``)."""
+    from .sampling import step_range
+
+    _check_options(window, tol, max_sweeps)
+    steps = step_range(chain, start, stop)
+    chain.check(x)
+    return _sweeps(chain, x, chain.init_state(x, generator), steps, window, tol, max_sweeps, init)
+
+
+class Picard:
+    """Options of a Picard forward pass for :class:`~sdo.Shortcut` (``Shortcut(picard=Picard(window=10))``).
+
+    ``window``, ``tol``, ``max_sweeps``: as in :func:`picard_sample`. ``init``: the trajectory the next run starts
+    from (None: cold, every latent the start); ``warm_start=True`` sets it to each run's trajectory, so the next
+    run, for a nearby latent (an optimizer step later), starts close to its fixed point. ``runs`` records
+    (sweeps, denoiser calls) per run; ``last`` is the last run's :class:`PicardResult`.
+    """
+
+    def __init__(self, window: int | None = None, tol: float = 1e-3, max_sweeps: int | None = None,
+                 warm_start: bool = False, init: list[torch.Tensor] | None = None):
+        _check_options(window, tol, max_sweeps)
+        self.window, self.tol, self.max_sweeps, self.warm_start = window, float(tol), max_sweeps, bool(warm_start)
+        self.init, self.last, self.runs = init, None, []
+
+    def __call__(self, chain: Chain, x: torch.Tensor, state: SolverState, steps: range) -> PicardResult:
+        result = _sweeps(chain, x, state, steps, self.window, self.tol, self.max_sweeps, self.init)
+        if not result.converged:
+            warnings.warn(f"Picard sweeps stopped at max_sweeps={result.sweeps} before converging to tol={self.tol}: "
+                          "the sample is not the sequential one; raise max_sweeps", RuntimeWarning, stacklevel=3)
+        self.last = result
+        self.runs.append((result.sweeps, result.calls))
+        if self.warm_start:
+            self.init = result.trajectory
+        return result
+
+    def __repr__(self) -> str:
+        return (f"Picard(window={self.window}, tol={self.tol}, max_sweeps={self.max_sweeps}, "
+                f"warm_start={self.warm_start})")

@@ -177,12 +177,24 @@ class Shortcut(Strategy):
     ``at="first"``: the first step that runs (the gradient for the latent being optimized, Eq. 19);
     ``"random"``: a step drawn uniformly on every run (for parameters, Eqs. 17 and 20); an int: that absolute
     step index (0 is the first, noisiest step of the chain).
+
+    ``picard``: run the forward pass by Picard sweeps (:class:`~sdo.Picard`, ParaDiGMS; ``True`` for the default
+    options), batched over a window of steps instead of one step after another. The solver updates are then
+    replayed one by one with the sweeps' model outputs held fixed, and only the kept step's denoiser call is
+    re-run with its graph: the graph of the sequential run, so at convergence (tol -> 0) the gradient is the
+    sequential one. It costs the sweeps plus that one call.
     """
 
-    def __init__(self, at: str | int = "first", generator: torch.Generator | None = None):
+    def __init__(self, at: str | int = "first", generator: torch.Generator | None = None, picard=None):
+        from .picard import Picard
+
         if at not in ("first", "random") and not (isinstance(at, int) and not isinstance(at, bool) and at >= 0):
             raise ValueError(f"at must be 'first', 'random' or a step index >= 0, got {at!r}")
-        self.at, self.generator = at, generator
+        if picard is True:
+            picard = Picard()
+        if not (picard in (None, False) or isinstance(picard, Picard)):
+            raise TypeError(f"picard must be an sdo.Picard, True or None, got {type(picard).__name__}")
+        self.at, self.generator, self.picard = at, generator, picard or None
 
     def select(self, steps):
         if self.at == "first":
@@ -192,6 +204,17 @@ class Shortcut(Strategy):
         if self.at not in steps:
             raise ValueError(f"Shortcut(at={self.at}) is outside the steps that run ({steps.start}..{steps.stop - 1})")
         return {self.at}
+
+    def run(self, chain, x, state, steps):
+        if self.picard is None:
+            return super().run(chain, x, state, steps)
+        (keep,) = self.select(steps)
+        outputs = self.picard(chain, x, state, steps).outputs
+        for i, out in zip(steps, outputs, strict=True):
+            if i == keep and torch.is_grad_enabled():
+                out = chain.denoise(i, x)
+            x, state = chain.update(i, x, out, state)
+        return x
 
 
 class _Backprop(torch.autograd.Function):
