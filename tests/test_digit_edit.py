@@ -128,6 +128,11 @@ def test_edit_command_on_the_embedded_models(tmp_path):
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["lambda"] == 0.5 and len(metrics["losses"]) == 2
     assert {"clip_similarity_after", "l1_to_image_after", "ink_mass_after"} <= set(metrics)
+    assert main(["edit", "a thick 8", "--digit", "3", "--steps", "10", "--iterations", "2", "--picard", "--output",
+                 str(tmp_path / "picard"), "--no-progress"]) == 0
+    picard = json.loads((tmp_path / "picard" / "metrics.json").read_text())
+    assert len(picard["picard_sweeps"]) == 2 and "picard_sweeps" not in metrics
+    assert picard["losses"] == pytest.approx(metrics["losses"], rel=1e-3)
     assert (out / "before_after.png").is_file() and (out / "loss.png").is_file()
     # an image file, dark ink on white paper: negated to the models' white on black
     digit = load_dataset("test")[0][3, 0]
@@ -151,5 +156,7 @@ def test_edit_command_errors(capsys):
     assert "--clip and --image" in capsys.readouterr().err
     assert main(["edit", "a thick 8", "--digit", "1", "--scheduler", "lcm"]) == 2  # LCM cannot be inverted
     assert "--scheduler ddim" in capsys.readouterr().err
+    assert main(["edit", "a thick 8", "--digit", "1", "--picard", "--strategy", "full"]) == 2
+    assert "needs --strategy sdo" in capsys.readouterr().err
     with pytest.raises(ValueError, match="expected digits"):
         tasks.edit_digits(torch.zeros(1, 3, 16, 16), "a one")

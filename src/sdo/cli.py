@@ -216,6 +216,9 @@ def _build_parser() -> argparse.ArgumentParser:
         if task == "aesthetic":
             t.add_argument("--head", required=True, help="aesthetic head weights (.safetensors or a torch state dict)")
         t.add_argument("--strategy", default="sdo", help="gradient strategy (default sdo)")
+        t.add_argument("--picard", action="store_true", help="SDO's forward pass by Picard sweeps over all steps "
+                       "(ParaDiGMS), warm-started from the previous iteration's trajectory: fewer sequential "
+                       "denoiser calls, larger ones; meant for a GPU with batch capacity to spare, slower on a CPU")
         t.add_argument("--start-t", type=int, default=start,
                        help=f"timestep of the optimized latent (default {start or 'x_T, the initial noise'})")
         t.add_argument("--steps", type=_positive_int, default=50, help="sampling steps (default 50)")
@@ -304,12 +307,11 @@ def _task(args) -> None:
     from transformers import CLIPModel, CLIPTokenizer
 
     from . import tasks
-    from .strategies import get_strategy
 
-    get_strategy(args.strategy)  # a clear error before anything loads
+    strategy = _task_strategy(args)  # a clear error before anything loads
     dtype = getattr(torch, args.dtype)
     if args.command == "edit" and args.model is None:
-        _save_task(args, _edit_digits(args))
+        _save_task(args, _edit_digits(args, strategy))
         return
     if args.command == "edit" and (args.clip is None or args.image is None):
         raise ValueError("editing a pipeline's image (--model) needs --clip and --image (--digit is for the embedded "
@@ -319,7 +321,7 @@ def _task(args) -> None:
         if not Path(args.clip).is_dir():
             raise FileNotFoundError(f"{args.clip}: no such CLIP model folder")
         clip = CLIPModel.from_pretrained(args.clip, local_files_only=True).to(args.device).eval().requires_grad_(False)
-    common = dict(steps=args.steps, iterations=args.iterations, lr=args.lr, strategy=args.strategy,
+    common = dict(steps=args.steps, iterations=args.iterations, lr=args.lr, strategy=strategy,
                   start_t=args.start_t, guidance_scale=args.guidance_scale, scheduler=args.scheduler,
                   checkpoint_vae=args.checkpoint_vae, progress=not args.no_progress)
     if args.command == "edit":
@@ -338,7 +340,19 @@ def _task(args) -> None:
     _save_task(args, result)
 
 
-def _edit_digits(args):
+def _task_strategy(args):
+    """The tasks' --strategy; with --picard, SDO on a Picard forward pass warm-started from the last iteration."""
+    from .picard import Picard
+    from .strategies import get_strategy
+
+    if not args.picard:
+        return get_strategy(args.strategy)
+    if args.strategy != "sdo":
+        raise ValueError(f"--picard runs SDO's forward pass: it needs --strategy sdo, got {args.strategy!r}")
+    return get_strategy("sdo", picard=Picard(warm_start=True))
+
+
+def _edit_digits(args, strategy):
     """``sdo edit`` without --model: the embedded digits DDPM and image-text model."""
     from . import tasks
     from .embedded.digits import HELD_OUT, load_dataset
@@ -353,7 +367,7 @@ def _edit_digits(args):
     else:
         image = tasks.load_digit_image(args.image)
     return tasks.edit_digits(image, args.prompt, lam=0.5 if args.lam is None else args.lam, start_t=args.start_t,
-                             steps=args.steps, scheduler=args.scheduler, strategy=args.strategy, iterations=args.iterations, lr=args.lr,
+                             steps=args.steps, scheduler=args.scheduler, strategy=strategy, iterations=args.iterations, lr=args.lr,
                              device=args.device, progress=not args.no_progress)
 
 
@@ -368,6 +382,8 @@ def _save_task(args, result) -> None:
     report.plot_curves({args.strategy: result.optimization.losses}, out / "loss.png", f"sdo {args.command}", "iteration", "loss")
     metrics = {"command": args.command, "prompt": args.prompt, **result.metrics, "losses": result.optimization.losses,
                "seconds": result.optimization.seconds}
+    if result.optimization.picard_runs:
+        metrics["picard_sweeps"] = [sweeps for sweeps, _ in result.optimization.picard_runs]
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
     print(json.dumps({k: v for k, v in metrics.items() if k != "losses"}, indent=2))
     print(f"wrote {out}/before_after.png, loss.png and metrics.json")

@@ -47,7 +47,7 @@ class LatentResult:
     losses: list[float] = field(default_factory=list)  # mean loss at each iteration, before its update
     item_losses: torch.Tensor | None = None  # (iterations, items): every loss seen
     seconds: float = 0.0  # wall time of the whole optimization
-    picard_runs: list[tuple[int, int]] = field(default_factory=list)  # with picard: (sweeps, calls) per forward pass
+    picard_runs: list[tuple[int, int]] = field(default_factory=list)  # with picard: (sweeps, calls) per iteration
 
 
 def _make_optimizer(optimizer, params, lr):
@@ -111,7 +111,9 @@ def optimize_latent(
 
     ``picard=True``: SDO's forward pass by Picard sweeps (:class:`~sdo.Picard`), each iteration warm-started from
     the previous iteration's trajectory, for the latent moved by one optimizer step is close to it; pass a
-    :class:`~sdo.Picard` to choose the window, tolerance or warm start. The strategy must be ``"sdo"``.
+    :class:`~sdo.Picard` to choose the window, tolerance or warm start. The strategy must be ``"sdo"``. The
+    iterations' losses (and ``best_sample``) come from those forward passes, within the tolerance of the
+    sequential ones; ``sample`` and ``final_loss`` are sequential.
     """
     steps = step_range(chain, start)
     strategy = get_strategy(strategy)
@@ -131,7 +133,7 @@ def optimize_latent(
         generator = torch.Generator().manual_seed(int(torch.randint(0, 2**62, ())))
     noise_seed = generator.get_state()
 
-    def run(latent):
+    def run(latent, strategy=strategy):
         generator.set_state(noise_seed)
         return sample(chain, latent, strategy=strategy, start=steps.start, generator=generator)
 
@@ -184,7 +186,7 @@ def optimize_latent(
         if callback is not None and callback(it, x0.detach(), items):
             break
     with torch.no_grad():
-        final = run(latent)
+        final = run(latent, "full" if tracker else strategy)  # with picard: the exact, sequential sample
         final_loss = _item_losses(objective(final), batch, len(history))
     track(final, final_loss)
     stacked = torch.stack(history)

@@ -3,12 +3,17 @@ NeurIPS 2023, Algorithm 1), the fixed-point view SDO's derivation rests on (Prop
 
 The trajectory x_b..x_N of a chain is the fixed point of x_{i+1} = x_b + sum_{s=b}^{i} d_s(x_s), with the
 one-step drifts d_s(x) = step(s, x) - x. A sweep evaluates the denoiser at every step of a window [b, b + p) in
-one batched call, then updates the window's latents by the cumulative sum of the drifts. The window slides to
-the first step whose latent still moved by more than the tolerance, measured as in ParaDiGMS against the noise
-level: mean((x_new - x_old)^2) <= tol^2 sigma_{i+1}^2 for every item (sigma floored at the smallest non-zero
-level, so the final step to sigma = 0 is judged like the one before it). Step b's output is exact after any
-sweep, so the window advances at least one step per sweep and ``max_sweeps >= N`` with ``tol = 0`` reproduces
-sequential sampling (up to the round-off of the sums).
+one batched call, then updates the window's latents by the cumulative sum of the drifts. As in ParaDiGMS's
+Algorithm 1 and its diffusers pipeline:
+
+- a latent has converged when, for every item, the mean squared change between two sweeps is at most tol^2
+  times the variance of the noise a stochastic (DDPM) step adds there (:func:`_noise_variance`); a latent
+  whose step adds none (the last one of DDIM) must not change at all;
+- the window slides past the first latent that has not: that one was computed from converged latents, so it
+  is final too. It therefore advances at least one step per sweep, and with ``tol = 0`` and ``max_sweeps >= N``
+  the result is the sequential sample (up to the round-off of the sums);
+- latents entering the window for the first time start from the last computed one, unless a warm start
+  (``init``) gives them.
 
 Solvers: the first-order ones (DDIM, DDPM, Euler, flow Euler, LCM) map (x_i, model output) to x_{i+1} alone.
 Stochastic ones draw the noise of every step before the first sweep (``chain.init_state``), so the fixed point
