@@ -117,7 +117,7 @@ def optimize_latent(
     """
     steps = step_range(chain, start)
     strategy = get_strategy(strategy)
-    if picard is not False and picard is not None:
+    if picard:
         if not isinstance(strategy, Shortcut):
             raise ValueError(f"picard runs SDO's forward pass: it needs strategy='sdo' (a Shortcut), got {strategy!r}")
         picard = Picard(warm_start=True) if picard is True else picard

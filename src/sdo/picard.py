@@ -98,13 +98,14 @@ def _sweeps(chain: Chain, x: torch.Tensor, state: SolverState, steps: range, win
             inputs = torch.cat([solver.model_input(first + k, path[k]) for k in span])
             t = torch.cat([solver.timesteps[first + k].reshape(1).expand(batch) for k in span])
             outs = _tiled(chain.denoiser, len(span))(inputs, t).split(batch)
-            new, moved = path[begin], []
+            new, errors = path[begin], []
             for k, out in zip(span, outs, strict=True):
                 x_next, states[k + 1] = solver.step(first + k, path[k], out, states[k])
                 new = new + (x_next - path[k])
-                error = float((new - path[k + 1]).double().pow(2).flatten(1).mean(1).max())
-                moved.append(error > tol**2 * variances[k] if variances[k] > 0 else error > 0)
+                errors.append((new - path[k + 1]).double().pow(2).flatten(1).mean(1).max())
                 path[k + 1], outputs[k] = new, out
+            limits = [tol**2 * variances[k] for k in span]  # 0 where the step adds no noise: any change counts
+            moved = [e > limit for e, limit in zip(torch.stack(errors).tolist(), limits, strict=True)]  # one sync
             sweeps, calls = sweeps + 1, calls + len(span)
             # latents up to the first that moved had converged inputs, so that one is exact too (ParaDiGMS)
             begin += min(moved.index(True) + 1 if True in moved else len(span), len(span))
@@ -117,9 +118,9 @@ def picard_sample(chain: Chain, x: torch.Tensor, *, window: int | None = None, t
     """Run steps ``start..stop-1`` of ``chain`` from ``x`` by sliding-window Picard sweeps (module docstring).
 
     ``window``: steps evaluated per sweep, in one batched denoiser call (default: all). ``tol``: ParaDiGMS's
-    tolerance, relative to the noise level of each step's output (0: iterate to the exact sequential result).
+    tolerance, relative to the noise a DDPM step adds at each latent (0: iterate to the exact sequential result).
     ``max_sweeps``: default the number of steps, enough for that. ``init``: a trajectory to start from (a
-    previous run's ``trajectory``: a warm start); default: every latent is ``x``. ``generator`` draws the noise
+    previous run's ``trajectory``: a warm start); default: a cold start, each latent from the last computed. ``generator`` draws the noise
     of stochastic solvers, all of it before the first sweep, as :func:`sdo.sample` does. No gradient is taken
     here: this is a forward pass (for SDO's gradient on top of it, ``Shortcut(picard=Picard(...))``)."""
     from .sampling import step_range
@@ -134,7 +135,7 @@ class Picard:
     """Options of a Picard forward pass for :class:`~sdo.Shortcut` (``Shortcut(picard=Picard(window=10))``).
 
     ``window``, ``tol``, ``max_sweeps``: as in :func:`picard_sample`. ``init``: the trajectory the next run starts
-    from (None: cold, every latent the start); ``warm_start=True`` sets it to each run's trajectory, so the next
+    from (None: a cold start); ``warm_start=True`` sets it to each run's trajectory, so the next
     run, for a nearby latent (an optimizer step later), starts close to its fixed point. ``runs`` records
     (sweeps, denoiser calls) per run; ``last`` is the last run's :class:`PicardResult`.
     """

@@ -35,6 +35,7 @@ import torch
 from torch.utils.checkpoint import checkpoint
 
 from .denoiser import _map
+from .picard import Picard
 
 __all__ = [
     "Strategy",
@@ -185,9 +186,8 @@ class Shortcut(Strategy):
     sequential one. It costs the sweeps plus that one call.
     """
 
-    def __init__(self, at: str | int = "first", generator: torch.Generator | None = None, picard=None):
-        from .picard import Picard
-
+    def __init__(self, at: str | int = "first", generator: torch.Generator | None = None,
+                 picard: Picard | bool | None = None):
         if at not in ("first", "random") and not (isinstance(at, int) and not isinstance(at, bool) and at >= 0):
             raise ValueError(f"at must be 'first', 'random' or a step index >= 0, got {at!r}")
         if picard is True:
