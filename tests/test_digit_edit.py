@@ -9,7 +9,7 @@ import torch
 
 from sdo import tasks
 from sdo.clip import CLIPTextSimilarity
-from sdo.embedded import load_digit_clip, load_digits
+from sdo.embedded import load_digit_clip
 from sdo.embedded.digit_clip import (
     DigitCLIP,
     DigitCLIPConfig,
@@ -26,11 +26,6 @@ from sdo.embedded.digits import load_dataset
 @pytest.fixture(scope="module")
 def clip():
     return load_digit_clip()
-
-
-@pytest.fixture(scope="module")
-def models():
-    return load_digits()
 
 
 def _stroke(lean: float, width: int) -> torch.Tensor:
@@ -98,7 +93,7 @@ def test_training_writes_weights_that_load(tmp_path):
         DigitCLIP().get_text_features(torch.zeros(1, 3, dtype=torch.long), torch.ones(1, 3, dtype=torch.long))
 
 
-def test_embedded_edit_raises_the_clip_score_of_held_out_digits_while_fidelity_holds(clip, models):
+def test_embedded_edit_raises_the_clip_score_of_held_out_digits_while_fidelity_holds(clip, digits):
     """Eq. 23 on three held-out digits, each towards "a thick <its number>": the CLIP score rises for every one,
     the edit stays close to the image (L1 in [-1, 1]), the digit keeps its class, and its ink mass (measured on
     the pixels, not by the model that drove the edit) grows."""
@@ -106,7 +101,7 @@ def test_embedded_edit_raises_the_clip_score_of_held_out_digits_while_fidelity_h
     images, labels = images[:3], labels[:3]
     prompts = [f"a thick {n}" for n in ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")]
     out = tasks.edit_digits(images, [prompts[c] for c in labels.tolist()], steps=10, iterations=10, lr=0.05,
-                            models=models, clip=clip, progress=False)
+                            models=digits, clip=clip, progress=False)
     m = out.metrics
     print({k: v for k, v in m.items()})
     assert m["inversion_round_trip_error"] < 0.1
