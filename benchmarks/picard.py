@@ -91,6 +91,11 @@ def latent_table(args, cfg) -> list[dict]:
     return rows
 
 
+def _nearby(setup, lr):
+    """A latent one Adam-sized step (lr per element) from the benchmark's: where the next iteration samples."""
+    return setup.x + lr * torch.randn(setup.x.shape, generator=torch.Generator().manual_seed(1)).sign().to(setup.x)
+
+
 def _warm_started(setup, picard, init):
     job = latent_gradient(setup.chain, setup.x, sdo.Shortcut(picard=picard), setup.objective)
 
@@ -105,7 +110,7 @@ def wall_table(args, cfg) -> list[dict]:
     """Seconds per SDO gradient: sequential forward, Picard cold, Picard warm-started from the trajectory of a
     latent one Adam-sized step away (what every iteration after the first of a latent optimization sees)."""
     setup = build(cfg, args.steps)
-    nearby = setup.x + args.lr * torch.randn(setup.x.shape, generator=torch.Generator().manual_seed(1)).sign().to(setup.x)
+    nearby = _nearby(setup, args.lr)
     jobs = {"sequential": latent_gradient(setup.chain, setup.x, "sdo", setup.objective)}
     pickers = {}
     for window in sorted({min(args.windows), args.steps}):
@@ -134,7 +139,7 @@ def convergence_table(args, cfg) -> list[dict]:
     cold start and from the fixed point of a latent one Adam-sized step away: after each sweep, the largest
     distance of any latent of the trajectory to the sequential one, relative to that latent's RMS."""
     setup = build(cfg, args.steps)
-    nearby = setup.x + args.lr * torch.randn(setup.x.shape, generator=torch.Generator().manual_seed(1)).sign().to(setup.x)
+    nearby = _nearby(setup, args.lr)
     truth = sdo.picard_sample(setup.chain, setup.x, tol=0.0).trajectory
     starts = {"cold": None, "warm": sdo.picard_sample(setup.chain, nearby, tol=0.0).trajectory}
     rows = []

@@ -89,6 +89,7 @@ def _sweeps(chain: Chain, x: torch.Tensor, state: SolverState, steps: range, win
     states, outputs = [state] + [None] * n, [None] * n
     variances = [_noise_variance(solver, i) for i in steps]
     batch, begin, sweeps, calls = x.shape[0], 0, 0, 0
+    tiled = {}  # window length -> the denoiser over that many stacked batches (tiled once, not every sweep)
     with torch.no_grad():
         while begin < n and sweeps < max_sweeps:
             span = range(begin, min(begin + window, n))
@@ -97,7 +98,9 @@ def _sweeps(chain: Chain, x: torch.Tensor, state: SolverState, steps: range, win
             reached = max(reached, span.stop)
             inputs = torch.cat([solver.model_input(first + k, path[k]) for k in span])
             t = torch.cat([solver.timesteps[first + k].reshape(1).expand(batch) for k in span])
-            outs = _tiled(chain.denoiser, len(span))(inputs, t).split(batch)
+            if len(span) not in tiled:
+                tiled[len(span)] = _tiled(chain.denoiser, len(span))
+            outs = tiled[len(span)](inputs, t).split(batch)
             new, errors = path[begin], []
             for k, out in zip(span, outs, strict=True):
                 x_next, states[k + 1] = solver.step(first + k, path[k], out, states[k])
