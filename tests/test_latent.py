@@ -114,6 +114,34 @@ def test_optimizer_choices(chain):
         sdo.optimize_latent(chain, _x(), _objective, iterations=1, optimizer="lbfgs", progress=False)
 
 
+@pytest.mark.parametrize("rule", ["plain", "sign"])
+def test_sgd_is_plain_gradient_descent_and_sign_is_pgd(chain, rule):
+    """optimizer="sgd": x <- P(x - lr g), g Full's gradient of the summed loss; step_rule="sign": x <- P(x - lr sign g)
+    (PGD), P the projection onto the L-infinity ball; two iterations against a hand-written loop."""
+    x, lr, ball = _x(), 0.3, sdo.LinfBall(0.05)
+    result = sdo.optimize_latent(chain, x, _objective, strategy="full", iterations=2, optimizer="sgd", lr=lr,
+                                 step_rule=rule, constraint=ball, progress=False)
+    ref = x.clone()
+    for _ in range(2):
+        latent = ref.clone().requires_grad_(True)
+        (g,) = torch.autograd.grad(_objective(sdo.sample(chain, latent)).sum(), latent)
+        ref = ball(ref - lr * (g.sign() if rule == "sign" else g), x)
+    torch.testing.assert_close(result.latent, ref, rtol=1e-5, atol=1e-6)
+    assert not torch.equal(result.latent, x)
+    with pytest.raises(ValueError, match="step_rule"):
+        sdo.optimize_latent(chain, x, _objective, iterations=1, step_rule="sgn", progress=False)
+
+
+def test_clamped_objective_sees_the_clamped_sample():
+    seen = []
+    objective = sdo.objectives.Clamped(lambda x0: seen.append(x0) or x0.flatten(1).sum(1))
+    x0 = torch.tensor([[-3.0, 0.5, 2.0]], requires_grad=True)
+    loss = objective(x0)
+    assert seen[0].tolist() == [[-1.0, 0.5, 1.0]] and loss.tolist() == [0.5]
+    (g,) = torch.autograd.grad(loss.sum(), x0)
+    assert g.tolist() == [[0.0, 1.0, 0.0]]  # no gradient where the clamp is active
+
+
 def test_scalar_objective_tracks_the_whole_batch(chain):
     result = sdo.optimize_latent(chain, _x(), lambda x0: _objective(x0).mean(), iterations=3, progress=False)
     assert result.best_loss.shape == (1,) and result.item_losses.shape == (3, 1)

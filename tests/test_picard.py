@@ -38,7 +38,7 @@ def test_fixed_point_is_the_sequential_sample_for_every_solver(case):
     with torch.no_grad():
         reference = sdo.sample(chain, x, generator=_seed())
     exact = sdo.picard_sample(chain, x, window=3, tol=0.0, generator=_seed())
-    assert exact.converged and exact.sweeps <= len(chain)
+    assert exact.converged  # (sweeps <= N would hold anyway: max_sweeps defaults to N)
     torch.testing.assert_close(exact.sample, reference, rtol=1e-9, atol=1e-9)
     loose = sdo.picard_sample(chain, x, window=3, tol=1e-2, generator=_seed())
     assert loose.converged and loose.sweeps <= exact.sweeps
@@ -52,13 +52,31 @@ def test_picard_equals_sequential_sampling_on_a_unet(eta, window, guided):
     x = _x(chain)
     reference = sdo.sample(chain, x, generator=_seed())
     exact = sdo.picard_sample(chain, x, window=window, tol=0.0, generator=_seed())
-    assert exact.converged and exact.sweeps <= len(chain)
+    assert exact.converged
     torch.testing.assert_close(exact.sample, reference, rtol=1e-10, atol=1e-10)
     assert len(exact.trajectory) == len(exact.outputs) + 1 == len(chain) + 1
     loose = sdo.picard_sample(chain, x, window=window, tol=1e-3, generator=_seed())
     assert loose.converged and loose.sweeps < exact.sweeps
     assert (loose.sample - reference).abs().max() < 1e-2
     assert len(chain) <= loose.calls <= loose.sweeps * (window or len(chain))  # every step at least once
+
+
+@pytest.mark.parametrize("sweeps", [1, 3, 6])
+def test_k_sweeps_make_the_first_k_steps_exact(sweeps):
+    """What Picard iteration guarantees (the paper's Prop. 4.1, ParaDiGMS): after k sweeps over the whole chain, the
+    first k steps' latents are the sequential ones, whatever the later ones are."""
+    chain = _unet_chain()
+    x = _x(chain)
+    with torch.no_grad():
+        reference = [x]
+        state = chain.init_state(x)
+        for i in range(len(chain)):
+            latent, state = chain.step(i, reference[-1], state)
+            reference.append(latent)
+    short = sdo.picard_sample(chain, x, tol=0.0, max_sweeps=sweeps)
+    assert short.sweeps == sweeps and not short.converged
+    for i in range(sweeps + 1):
+        torch.testing.assert_close(short.trajectory[i], reference[i], rtol=1e-12, atol=1e-12)
 
 
 def test_few_sweeps_stop_early_and_say_so():

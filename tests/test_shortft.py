@@ -375,6 +375,9 @@ def test_student_distillation_lowers_the_jump_error_and_round_trips(tmp_path):
     jumps = card["held_out"]["jumps"]
     assert [(j["from_t"], j["to_t"]) for j in jumps] == [(740, 500), (480, 260), (240, 0)]
     assert sum(j["jump"] for j in jumps) < sum(j["ddim_jump"] for j in jumps)
-    assert len(card["held_out"]["short_chain"]) == 3 and 0 <= card["held_out"]["classifier_agreement"] <= 1
+    agreement = card["held_out"]["classifier_agreement"] * cfg.eval_trajectories  # a count of the 32 held out
+    assert len(card["held_out"]["short_chain"]) == 3 and agreement == round(agreement)
+    # the student starts as the teacher, whose own jumps already keep the digit on most trajectories
+    assert agreement >= 0.75 * cfg.eval_trajectories
     student = load_digits_student(folder=tmp_path)
     assert student.sdo_card["config"]["train_steps"] == 30 and not any(p.requires_grad for p in student.parameters())

@@ -115,6 +115,13 @@ def _name_list(text: str) -> tuple[str, ...]:
     return names
 
 
+def _rule_list(text: str) -> tuple[str, ...]:
+    rules = tuple(v.strip() for v in text.split(",") if v.strip())
+    if not rules or any(r not in ("plain", "sign") for r in rules):
+        raise argparse.ArgumentTypeError(f"expected plain and/or sign, comma-separated; got {text!r}")
+    return rules
+
+
 # sdo.backbones.SCHEDULERS, spelled out so that parsing the command line imports no torch (a test keeps them equal)
 _TASK_SCHEDULERS = ("ddim", "dpm-solver++", "lcm", "euler")
 
@@ -134,9 +141,11 @@ def _build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--steps", type=_positive_int, default=30, help="DDIM steps of every chain (default 30)")
     demo.add_argument("--iterations", type=_positive_int, default=30, help="adversarial optimization steps (default 30)")
     demo.add_argument("--tau", type=_positive_float, default=0.1, help="L-infinity radius around x_T (default 0.1)")
-    demo.add_argument("--lr", type=_positive_float, default=0.1, help="learning rate, adversarial (default 0.1)")
-    demo.add_argument("--optimizer", choices=("sgd", "adam"), default="sgd",
-                      help="adversarial optimizer (default sgd: plain gradient descent, as in the paper)")
+    demo.add_argument("--lr", type=_positive_float, default=None,
+                      help="one learning rate for every adversarial method (default: each method's tuned one)")
+    demo.add_argument("--rules", type=_rule_list, default=("plain",),
+                      help="adversarial step rules, comma-separated: plain (gradient descent, the paper's; default), "
+                      "sign (PGD)")
     demo.add_argument("--content-weight", type=_non_negative_float, default=0.3,
                       help="weight of the style task's content term (default 0.3; 0: style alone)")
     demo.add_argument("--no-progress", action="store_true", help="no progress bars")
@@ -177,8 +186,10 @@ def _build_parser() -> argparse.ArgumentParser:
         ("edit", "text-guided editing of a real image (Eq. 23)", 50, 600),
         ("style", "style-guided generation (Eq. 24)", 150, 600),
         ("aesthetic", "aesthetic enhancement of a generation or a real image (Eq. 25)", 100, 600),
-        ("adversarial", "adversarial generation against an image classifier (Sec. 5.1.4)", 50, None),
+        ("adversarial", "adversarial generation against an image classifier (Sec. 5.1.4)", 30, None),
     ):
+        # the paper's settings: Adam at lr 0.01 on 50 steps, but plain gradient descent at lr 0.1 on 30 for the attack
+        steps, lr, optimizer = (30, 0.1, "sgd") if task == "adversarial" else (50, 0.01, "adam")
         where = " (without --model: a digit, with the embedded models)" if task == "edit" else ""
         t = sub.add_parser(task, help=help_text + " on a local diffusers pipeline" + where,
                            description=f"{help_text[0].upper() + help_text[1:]}: SDO (or --strategy) on the latent at "
@@ -221,9 +232,16 @@ def _build_parser() -> argparse.ArgumentParser:
                        "denoiser calls, larger ones; meant for a GPU with batch capacity to spare, slower on a CPU")
         t.add_argument("--start-t", type=int, default=start,
                        help=f"timestep of the optimized latent (default {start or 'x_T, the initial noise'})")
-        t.add_argument("--steps", type=_positive_int, default=50, help="sampling steps (default 50)")
-        t.add_argument("--iterations", type=_positive_int, default=iterations, help=f"Adam steps (default {iterations})")
-        t.add_argument("--lr", type=_positive_float, default=0.01, help="Adam learning rate (default 0.01)")
+        t.add_argument("--steps", type=_positive_int, default=steps, help=f"sampling steps (default {steps})")
+        t.add_argument("--iterations", type=_positive_int, default=iterations,
+                       help=f"optimizer steps (default {iterations})")
+        t.add_argument("--lr", type=_positive_float, default=lr, help=f"learning rate (default {lr})")
+        if task == "adversarial":
+            t.add_argument("--optimizer", choices=("sgd", "adam"), default=optimizer,
+                           help="sgd: plain gradient descent, the paper's (default); adam")
+            t.add_argument("--step-rule", choices=("plain", "sign"), default="plain",
+                           help="step on the gradient (plain, default) or on its sign (with sgd: PGD, independent "
+                           "of the gradient's scale)")
         t.add_argument("--guidance-scale", type=_positive_float, default=1.0,
                        help="classifier-free guidance (default 1: off); an LCM-distilled UNet embeds it instead")
         t.add_argument("--scheduler", choices=_TASK_SCHEDULERS, default=None,
@@ -276,7 +294,7 @@ def _demo(args) -> None:
     cfg = DemoConfig(
         output=args.output or _fresh_folder("sdo-demo"), seed=args.seed, device=args.device, quick=args.quick,
         samples=args.samples, steps=args.steps, iterations=args.iterations, tau=args.tau, lr=args.lr,
-        optimizer=args.optimizer, content_weight=args.content_weight,
+        rules=args.rules, content_weight=args.content_weight,
     )
     run_demo(cfg, progress=not args.no_progress)
 
@@ -333,7 +351,8 @@ def _task(args) -> None:
         result = tasks.style(pipe, clip, reference, args.prompt, layer=args.layer, seed=args.seed, **common)
     elif args.command == "adversarial":
         classifier = tasks.ImageClassifier.from_folder(args.classifier, args.device)
-        result = tasks.adversarial(pipe, classifier, args.prompt, target=args.target, tau=args.tau, seed=args.seed, **common)
+        result = tasks.adversarial(pipe, classifier, args.prompt, target=args.target, tau=args.tau, seed=args.seed,
+                                   optimizer=args.optimizer, step_rule=args.step_rule, **common)
     else:
         image = tasks.load_image(args.image, pipe.image_size) if args.image else None
         result = tasks.aesthetic(pipe, clip, args.head, args.prompt, image=image, seed=args.seed, **common)
@@ -380,8 +399,11 @@ def _save_task(args, result) -> None:
     out.mkdir(parents=True, exist_ok=True)
     report.save_grid([("before", result.before), ("after", result.after)], out / "before_after.png", title=args.prompt)
     report.plot_curves({args.strategy: result.optimization.losses}, out / "loss.png", f"sdo {args.command}", "iteration", "loss")
+    settings = ("strategy", "steps", "iterations", "lr", "optimizer", "step_rule", "tau", "target", "start_t",
+                "guidance_scale", "scheduler", "seed", "lam", "dtype")
     metrics = {"command": args.command, "prompt": args.prompt, **result.metrics, "losses": result.optimization.losses,
-               "seconds": result.optimization.seconds}
+               "seconds": result.optimization.seconds,
+               "settings": {k: getattr(args, k) for k in settings if k in vars(args)}}
     if result.optimization.picard_runs:
         metrics["picard_sweeps"] = [sweeps for sweeps, _ in result.optimization.picard_runs]
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")

@@ -19,13 +19,14 @@ __all__ = ["add_parsers", "run_finetune", "run_lora", "load_config"]
 
 # FinetuneConfig's fields by how the command line parses them (a test keeps this list equal to the dataclass)
 _INT = ("k", "segments", "steps", "updates", "batch_size", "accumulation", "rank", "warmup", "seed", "checkpoint_every",
-        "keep_checkpoints", "sample_every", "sample_count", "eval_count", "max_nonfinite")
+        "keep_checkpoints", "sample_every", "sample_count", "eval_count", "max_nonfinite", "guard_every", "guard_count",
+        "guard_patience")
 _FLOAT = ("eta", "lr", "weight_decay", "regularizer")
 _OPTIONAL_FLOAT = ("guidance_scale", "max_grad_norm", "alpha", "time_budget")
 _TUPLE = {"betas": float, "target_modules": str, "eval_scales": float}
 _CHOICES = {"strategy": ("sdo", "random-truncated", "truncated", "checkpoint", "full", "shortft"),
             "base_dtype": ("float32", "bfloat16", "float16")}
-_FLAGS = ("resume", "tensorboard", "cpu")
+_FLAGS = ("resume", "tensorboard", "cpu", "stop_on_hacking")
 _TASK_KEYS = ("task", "reward", "target", "labels", "ink_weight", "model", "prompts", "clip", "head", "few_step")
 
 
@@ -67,7 +68,7 @@ def _finetune_arguments(ft) -> None:
         ft.add_argument("--" + name.replace("_", "-"), dest=name, choices=choices)
     ft.add_argument("--lr-scheduler", dest="lr_scheduler", help="diffusers scheduler name (constant, cosine, ...)")
     for name in _FLAGS:
-        ft.add_argument("--" + name, dest=name, action="store_true")
+        ft.add_argument("--" + name.replace("_", "-"), dest=name, action="store_true")
     ft.add_argument("--no-progress", dest="progress", action="store_false")
     ft.add_argument("--no-progressive", dest="progressive", action="store_false",
                     help="shortft: train every LoRA on the stage-1 chain throughout")
@@ -186,6 +187,12 @@ def run_finetune(args) -> None:
     print(json.dumps({"updates": result.updates, "skipped": result.skipped, "seconds": round(result.seconds, 2),
                       "seconds_per_update": round(result.seconds_per_update, 4), "evaluation": result.evaluation}, indent=2))
     print(f"wrote {cfg.output}/lora, metrics.jsonl, reward.png, final.png and summary.json", file=sys.stderr)
+    if result.keep is not None and result.keep != cfg.output / "lora":
+        why = "stopped there" if result.stopped_on_hacking else "the final LoRA failed it"
+        print(f"KEEP {result.keep}: update {result.kept_update}'s LoRA, the last that passed the reward-hacking guard "
+              f"({why}; see summary.json's guard)", file=sys.stderr)
+    elif result.keep is not None:
+        print(f"keep {result.keep}: the final LoRA passed the reward-hacking guard", file=sys.stderr)
 
 
 def run_lora(args) -> None:

@@ -14,7 +14,8 @@ tuned denoiser near its base). Strategies by name:
 Runs the same under ``accelerate launch`` on several processes: every process draws the same global batch
 from the same seeds and keeps its slice, gradients are averaged with one all-reduce per update (accelerate's
 ``reduce``; no DDP hooks, so every strategy's backward works), so weights stay identical across ranks and equal
-a one-process run with the same global batch. Nothing is lost on a kill: see :mod:`sdo.checkpoints`.
+a one-process run with the same global batch. Nothing is lost on a kill: see :mod:`sdo.checkpoints`. Every
+``guard_every`` updates the samples of fixed seeds are checked for reward hacking (:mod:`sdo.guard`).
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ import json
 import math
 import os
 import statistics
+import sys
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -30,6 +32,7 @@ from pathlib import Path
 import torch
 
 from . import report
+from .anchor import Anchored
 from .chain import Chain
 from .checkpoints import (
     atomic_write,
@@ -43,37 +46,13 @@ from .checkpoints import (
 )
 from .denoiser import Denoiser
 from .finetuning_config import _DTYPES, STRATEGIES, FinetuneConfig, FinetuneResult, FinetuneTask, NonFiniteError
-from .lora import add_lora, lora_disabled, lora_parameters, lora_scale, lora_state_dict, save_lora
+from .guard import Guard, GuardCheck
+from .lora import add_lora, lora_parameters, lora_scale, lora_state_dict, save_lora
 from .sampling import sample
 from .solvers import solver_from_scheduler
 from .strategies import Checkpoint, Full, RandomTruncated, Shortcut, Truncated
 
 __all__ = ["FinetuneConfig", "FinetuneTask", "FinetuneResult", "NonFiniteError", "finetune", "STRATEGIES"]
-
-class _Anchored(torch.nn.Module):
-    """The tuned model; on calls that keep a graph it also runs the frozen base (LoRA off, no graph) and records
-    DRaFT+'s penalty, the mean squared difference of the two outputs."""
-
-    def __init__(self, model: torch.nn.Module, weight: float):
-        super().__init__()
-        self.model, self.weight, self.penalties, self.recording = model, weight, [], False
-        self.config = getattr(model, "config", None)
-
-    def forward(self, sample, timestep=None, **kwargs):
-        out = self.model(sample, timestep=timestep, **kwargs)
-        if self.weight and self.recording and torch.is_grad_enabled():
-            with torch.no_grad(), lora_disabled(self.model):
-                base = self.model(sample, timestep=timestep, **kwargs)
-            # kept as a pair: the penalty is computed after sampling, outside any checkpointed region
-            self.penalties.append(tuple(getattr(o, "sample", o[0] if isinstance(o, tuple) else o) for o in (out, base)))
-        return out
-
-    def penalty(self) -> torch.Tensor | None:
-        """The mean over the recorded calls of mean((tuned - base)^2), or None when none was recorded."""
-        if not self.penalties:
-            return None
-        return torch.stack([((a.float() - b.float()) ** 2).mean() for a, b in self.penalties]).mean()
-
 
 def _strategy(cfg: FinetuneConfig, generator: torch.Generator):
     return {"sdo": lambda: Shortcut(at="random", generator=generator),
@@ -113,7 +92,7 @@ class _Run:
         if cfg.base_dtype != "float32":
             model.to(dtype=_DTYPES[cfg.base_dtype])
         model.to(acc.device)
-        self.wrapped = _Anchored(self.add_loras(model), cfg.regularizer)
+        self.wrapped = Anchored(self.add_loras(model), cfg.regularizer)
         self.optimizer = torch.optim.AdamW(self.params, lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
         self.lr_scheduler = get_scheduler(cfg.lr_scheduler, self.optimizer, num_warmup_steps=cfg.warmup,
                                           num_training_steps=cfg.updates)
@@ -122,9 +101,10 @@ class _Run:
                            for i, name in enumerate(("data", "strategy", "noise"))}
         self.generators["noise"].manual_seed(cfg.seed * 1000 + 2 + 100 * acc.process_index)
         self.strategy = _strategy(cfg, self.generators["strategy"])
-        self.solver = solver_from_scheduler(task.scheduler, cfg.steps, eta=cfg.eta)
+        self.solver = self.wrapped.solver = solver_from_scheduler(task.scheduler, cfg.steps, eta=cfg.eta)
         self.dtype = _DTYPES[cfg.base_dtype]
         self.step, self.skipped, self.in_a_row, self.seconds = 0, 0, 0, 0.0
+        self.guard, self.kept = None, None  # the hacking guard; (update, LoRA tensors) of the last passing check
 
     # -- what subclasses (ShortFT) change -----------------------------------------------------------------------
     def add_loras(self, model: torch.nn.Module) -> torch.nn.Module:
@@ -163,6 +143,24 @@ class _Run:
     def begin_update(self) -> dict:
         """Prepare the next update (ShortFT: its stage); returns extra fields of its metrics record."""
         return {}
+
+    # -- the hacking guard (sdo.guard) ------------------------------------------------------------------------
+    def start_guard(self) -> None:
+        """The base model's fixed-seed samples; the LoRA of the current step is the one kept until a check."""
+        images, conditions = self.fixed_samples(self.cfg.guard_count, 0.0)
+        self.guard = Guard(images, conditions, self.task.describe)
+        if self.kept is None:
+            self.kept = (self.step, self._snapshot())
+
+    def _snapshot(self) -> dict:
+        return {f"kept_{g}": {k: v.detach().clone() for k, v in t.items()} for g, t in self.lora_tensors().items()}
+
+    def guard_check(self) -> GuardCheck:
+        """Check the current LoRA; a passing one becomes the LoRA to keep."""
+        check = self.guard.check(self.step, self.fixed_samples(self.cfg.guard_count, 1.0)[0])
+        if check.passed:
+            self.kept = (self.step, self._snapshot())
+        return check
 
     # -- sampling ---------------------------------------------------------------------------------------------
     def chain(self, conditions: list) -> Chain:
@@ -208,6 +206,9 @@ class _Run:
         scalars = torch.stack([torch.stack(losses).mean(), torch.stack(penalties).mean()])
         if acc.num_processes > 1:
             grads, scalars = acc.reduce(grads, "mean"), acc.reduce(scalars.to(acc.device), "mean")
+        if not bool(grads.any()):  # not a zero step that AdamW would still move on momentum and weight decay
+            raise RuntimeError("no gradient reached the trainable LoRA weights (exactly zero): the reward does not "
+                               "change with them; check that it is differentiable in the images and not saturated")
         return grads, acc.gather(torch.cat(rewards).to(acc.device)).cpu(), scalars
 
     def update(self) -> dict:
@@ -252,8 +253,8 @@ class _Run:
             rng_tensors, rng_meta = rng_state(self.generators)
             meta = {"optimizer": opt_meta, "rng": rng_meta, "lr_scheduler": self.lr_scheduler.state_dict(),
                     "skipped": self.skipped, "in_a_row": self.in_a_row, "seconds": self.seconds,
-                    "processes": self.acc.num_processes}
-            tensors = {**self.lora_tensors(), "optimizer": opt_tensors, "rng": rng_tensors}
+                    "processes": self.acc.num_processes, "kept_update": self.kept[0] if self.kept else None}
+            tensors = {**self.lora_tensors(), "optimizer": opt_tensors, "rng": rng_tensors, **(self.kept or (0, {}))[1]}
             path = save_checkpoint(self.cfg.output / "checkpoints", self.step, tensors, meta, self.cfg.keep_checkpoints)
         self.acc.wait_for_everyone()
         return path
@@ -271,6 +272,8 @@ class _Run:
         if noise is not None:  # another process count: keep this process's own noise stream
             self.generators["noise"].set_state(noise)
         self.step, self.skipped, self.in_a_row, self.seconds = meta["step"], meta["skipped"], meta["in_a_row"], meta["seconds"]
+        if meta.get("kept_update") is not None:
+            self.kept = (meta["kept_update"], {g: t for g, t in tensors.items() if g.startswith("kept_")})
         return True
 
     # -- pictures ---------------------------------------------------------------------------------------------
@@ -336,9 +339,25 @@ def _train(run: _Run) -> FinetuneResult:
         acc.init_trackers("sdo-finetune", config={k: str(v) for k, v in asdict(cfg).items()})
     bar = tqdm(total=cfg.updates, initial=run.step, desc=f"finetune {cfg.strategy}",
                disable=not (cfg.progress and acc.is_main_process))
+    if cfg.guard_every:
+        run.start_guard()
+    stopped, failed_in_a_row = None, 0  # the failed check that stopped the run (stop_on_hacking)
+    for record in reversed([r for r in metrics if "guard" in r]):  # a resumed run goes on counting
+        if not record["guard"]["failed"]:
+            break
+        failed_in_a_row += 1
     with open(metrics_path if acc.is_main_process else os.devnull, "a") as log:
         while run.step < cfg.updates and not (cfg.time_budget is not None and run.seconds >= cfg.time_budget):
             record = run.update()
+            last = run.step >= cfg.updates or (cfg.time_budget is not None and run.seconds >= cfg.time_budget)
+            if cfg.guard_every and (run.step % cfg.guard_every == 0 or last):
+                check = run.guard_check()  # every process checks the same fixed seeds on the same weights
+                record["guard"] = check.record()
+                failed_in_a_row = 0 if check.passed else failed_in_a_row + 1
+                if not check.passed:
+                    stop = cfg.stop_on_hacking and failed_in_a_row >= cfg.guard_patience
+                    _warn_hacking(run, check, bar, stop)
+                    stopped = check if stop else None
             metrics.append(record)
             log.write(json.dumps(record) + "\n")
             log.flush()
@@ -359,6 +378,8 @@ def _train(run: _Run) -> FinetuneResult:
                 (out / "samples").mkdir(exist_ok=True)
                 run.grid(out / "samples" / f"step-{run.step:07d}.png",
                          [(f"update {run.step}", *run.fixed_samples(cfg.sample_count))])
+            if stopped is not None:
+                break
     bar.close()
     if run.step % cfg.checkpoint_every:
         run.save()
@@ -367,7 +388,24 @@ def _train(run: _Run) -> FinetuneResult:
         acc.end_training()
     per_update = [r["seconds"] for r in metrics]
     return FinetuneResult(out, run.step, run.skipped, run.seconds,
-                          statistics.median(per_update) if per_update else math.nan, metrics, evaluation)
+                          statistics.median(per_update) if per_update else math.nan, metrics, evaluation,
+                          keep=out / _keep_folder(run) / "lora" if cfg.guard_every else None,
+                          kept_update=run.kept[0] if run.kept else None,
+                          stopped_on_hacking=stopped is not None)
+
+
+def _warn_hacking(run: _Run, check: GuardCheck, bar, stop: bool) -> None:
+    if run.acc.is_main_process:
+        then = ("stopping (stop_on_hacking)" if stop else
+                f"continuing (stop_on_hacking stops after {run.cfg.guard_patience} failed checks in a row)")
+        bar.write(f"WARNING: reward hacking suspected at update {check.update}: {'; '.join(check.failed)}. The samples "
+                  f"are leaving the base model's distribution; the LoRA to keep is update {run.kept[0]}'s, the last "
+                  f"check that passed; {then}", file=sys.stderr)
+
+
+def _keep_folder(run: _Run) -> str:
+    """Where the LoRA a user should keep lies: the final one (``lora``), or the last that passed the guard."""
+    return "." if run.kept is None or run.kept[0] == run.step else "kept"
 
 
 def _plot(out: Path, metrics: list[dict], label: str) -> None:
@@ -379,27 +417,42 @@ def _plot(out: Path, metrics: list[dict], label: str) -> None:
 
 
 def _finish(run: _Run, metrics: list[dict]) -> dict:
-    """Save the LoRA, check the ranks agree, score final samples per LoRA scale, draw the curves."""
-    cfg, acc, task, out = run.cfg, run.acc, run.task, run.cfg.output
+    """Save the LoRA (and the one the guard keeps, when that is not the final one), check the ranks agree, score
+    final samples per LoRA scale, draw the curves, write ``summary.json``."""
+    cfg, acc, out = run.cfg, run.acc, run.cfg.output
     flat = torch.cat([p.detach().flatten() for p in run.params]).to(acc.device)
     spread = float((acc.gather(flat[None]) - flat[None]).abs().max()) if acc.num_processes > 1 else 0.0
-    evaluation, rows = {}, []
+    evaluation, rows, kept = {}, [], None
     if acc.is_main_process:
         run.save_loras(out)
         for scale in cfg.eval_scales:
-            images, conditions = run.fixed_samples(cfg.eval_count, scale)
-            with torch.no_grad():
-                reward = task.reward(images, conditions).float()
-            entry = {"reward_mean": float(reward.mean()), "reward_std": float(reward.std()) if len(reward) > 1 else 0.0}
-            entry.update(task.describe(images, conditions) if task.describe else {})
-            evaluation[f"{scale:g}"] = entry
+            evaluation[f"{scale:g}"] = _evaluate(run, scale)
             # the grid's own fixed-seed draw of sample_count (the first rows of a larger draw are other samples)
             rows.append((f"LoRA x{scale:g}", *run.fixed_samples(cfg.sample_count, scale)))
+        if _keep_folder(run) != ".":  # the guard's LoRA: saved, scored at scale 1 and shown, then the final restored
+            final = {g: {k: v.detach().clone() for k, v in t.items()} for g, t in run.lora_tensors().items()}
+            run.load_lora_tensors({g.removeprefix("kept_"): t for g, t in run.kept[1].items()}, out / "kept")
+            run.save_loras(out / "kept")
+            kept = {"update": run.kept[0], "evaluation": _evaluate(run, 1.0)}
+            rows.append((f"kept: update {run.kept[0]}", *run.fixed_samples(cfg.sample_count, 1.0)))
+            run.load_lora_tensors(final, out)
         run.grid(out / "final.png", rows)
         _plot(out, metrics, cfg.strategy)
+        checks = [r["guard"] for r in metrics if "guard" in r]
         summary = {"updates": run.step, "skipped": run.skipped, "seconds": run.seconds, "processes": acc.num_processes,
                    "rank_max_abs_diff": spread, "evaluation": evaluation,
-                   "seconds_per_update": statistics.median([r["seconds"] for r in metrics]) if metrics else None}
+                   "seconds_per_update": statistics.median([r["seconds"] for r in metrics]) if metrics else None,
+                   "keep": str(Path(_keep_folder(run)) / "lora") if cfg.guard_every else None, "kept": kept,
+                   "guard": {"checks": checks, "failed": [c["update"] for c in checks if c["failed"]]}}
         (out / "summary.json").write_text(json.dumps(summary, indent=1))
     acc.wait_for_everyone()
     return evaluation
+
+
+def _evaluate(run: _Run, scale: float) -> dict:
+    """The reward and the task's judge on ``eval_count`` fixed-seed samples at LoRA ``scale``."""
+    images, conditions = run.fixed_samples(run.cfg.eval_count, scale)
+    with torch.no_grad():
+        reward = run.task.reward(images, conditions).float()
+    entry = {"reward_mean": float(reward.mean()), "reward_std": float(reward.std()) if len(reward) > 1 else 0.0}
+    return {**entry, **(run.task.describe(images, conditions) if run.task.describe else {})}

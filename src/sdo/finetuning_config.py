@@ -53,6 +53,10 @@ class FinetuneConfig:
     eval_count: int = 64  # samples scored at the end, per LoRA scale
     eval_scales: tuple[float, ...] = (0.0, 0.5, 1.0)  # LoRA scales of the final evaluation (0 = the base model)
     max_nonfinite: int = 5  # this many non-finite updates in a row stop the run
+    guard_every: int = 10  # updates between hacking-guard checks on fixed seeds (sdo.guard; 0: no guard)
+    guard_count: int = 64  # samples per guard check
+    guard_patience: int = 2  # stop_on_hacking stops after this many failed checks in a row
+    stop_on_hacking: bool = False  # stop when the guard fails (the last passing LoRA is kept either way)
     time_budget: float | None = None  # stop once the updates have taken this many seconds (equal-time comparisons)
     resume: bool = False  # continue from the last checkpoint in output/checkpoints
     tensorboard: bool = False  # also log to TensorBoard (needs the tensorboard package)
@@ -69,13 +73,15 @@ class FinetuneConfig:
         if self.base_dtype not in _DTYPES:
             raise ValueError(f"base_dtype must be one of {', '.join(_DTYPES)}, got {self.base_dtype!r}")
         for name in ("k", "segments", "steps", "updates", "batch_size", "accumulation", "rank", "checkpoint_every",
-                     "keep_checkpoints", "sample_count", "eval_count", "max_nonfinite"):
+                     "keep_checkpoints", "sample_count", "eval_count", "max_nonfinite", "guard_patience"):
             if int(getattr(self, name)) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         for name in ("lr",):
             if not getattr(self, name) > 0:
                 raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
-        for name in ("weight_decay", "regularizer", "eta", "warmup", "sample_every"):
+        if self.guard_every and int(self.guard_count) < 2:
+            raise ValueError(f"guard_count must be >= 2 (the guard compares sample diversity), got {self.guard_count}")
+        for name in ("weight_decay", "regularizer", "eta", "warmup", "sample_every", "guard_every"):
             if not getattr(self, name) >= 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
         if self.strategy == "shortft":
@@ -83,6 +89,9 @@ class FinetuneConfig:
                 raise ValueError(f"segments={self.segments} cannot exceed steps={self.steps}")
             if self.eta:
                 raise ValueError("shortft jumps along the deterministic chain: eta must be 0")
+        if self.warmup and self.lr_scheduler == "constant":  # diffusers' "constant" ignores num_warmup_steps
+            raise ValueError(f"warmup={self.warmup} has no effect with lr_scheduler='constant'; use "
+                             "'constant_with_warmup' (or cosine, linear, ...)")
         if self.max_grad_norm is not None and not self.max_grad_norm > 0:
             raise ValueError(f"max_grad_norm must be > 0 or None, got {self.max_grad_norm}")
         if self.time_budget is not None and not self.time_budget > 0:
@@ -125,3 +134,6 @@ class FinetuneResult:
     seconds_per_update: float  # the median
     metrics: list[dict] = field(default_factory=list)  # one record per update, as in metrics.jsonl
     evaluation: dict = field(default_factory=dict)  # final samples per LoRA scale: reward and the task's metrics
+    keep: Path | None = None  # the LoRA folder to keep: the final one, or the last that passed the hacking guard
+    kept_update: int | None = None  # the update of that LoRA
+    stopped_on_hacking: bool = False  # the run stopped at a failed guard check (stop_on_hacking)

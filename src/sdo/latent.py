@@ -94,6 +94,7 @@ def optimize_latent(
     iterations: int = 50,
     lr: float = 0.01,
     optimizer: str | Callable = "adam",
+    step_rule: str = "plain",
     constraint: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
     callback: Callable[[int, torch.Tensor, torch.Tensor], bool | None] | None = None,
     progress: bool = True,
@@ -104,7 +105,9 @@ def optimize_latent(
 
     ``objective(x0)`` returns a scalar or one loss per batch item (summed for the gradient, so items do not
     interact). Each iteration samples with ``strategy``, takes the gradient with respect to the latent only,
-    and updates it with ``optimizer`` ("adam", "adamw", "sgd" or ``callable(params, lr=...)``); ``constraint``
+    and updates it with ``optimizer`` ("adam", "adamw", "sgd" or ``callable(params, lr=...)``) on the gradient
+    (``step_rule="plain"``) or on its sign (``"sign"``: with "sgd", sign-gradient PGD, the standard L-infinity attack
+    of Madry et al., 2018, whose step does not depend on the gradient's scale); ``constraint``
     (e.g. :class:`LinfBall`) projects the latent after every update. ``callback(iteration, x0, loss)`` may
     return True to stop early. Stochastic solvers use the same noise in every iteration (from ``generator``,
     or a seed drawn once from torch's global RNG).
@@ -116,6 +119,8 @@ def optimize_latent(
     sequential ones; ``sample`` and ``final_loss`` are sequential.
     """
     steps = step_range(chain, start)
+    if step_rule not in ("plain", "sign"):
+        raise ValueError(f"step_rule must be 'plain' or 'sign', got {step_rule!r}")
     strategy = get_strategy(strategy)
     if picard:
         if not isinstance(strategy, Shortcut):
@@ -178,7 +183,7 @@ def optimize_latent(
         history.append(items)
         track(x0, items)
         bar.set_postfix(loss=f"{items.mean().item():.4g}", **({"sweeps": tracker.last.sweeps} if tracker else {}))
-        latent.grad = grad
+        latent.grad = grad.sign() if step_rule == "sign" else grad
         opt.step()
         if constraint is not None:
             with torch.no_grad():

@@ -11,7 +11,19 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import nn
 
-__all__ = ["ClassifierMargin", "ClassifierCrossEntropy", "GramStyle", "FeatureMatch", "Fidelity", "WeightedSum", "gram_matrix"]
+__all__ = ["Clamped", "ClassifierMargin", "ClassifierCrossEntropy", "GramStyle", "FeatureMatch", "Fidelity",
+           "WeightedSum", "gram_matrix"]
+
+
+class Clamped:
+    """``objective(x0.clamp(-1, 1))``: the objective of the sample as it is saved and shown, as the paper's loop
+    clamps the output before the loss (zero gradient where a pixel is outside [-1, 1])."""
+
+    def __init__(self, objective: Callable[[torch.Tensor], torch.Tensor]):
+        self.objective = objective
+
+    def __call__(self, x0: torch.Tensor) -> torch.Tensor:
+        return self.objective(x0.clamp(-1, 1))
 
 
 class ClassifierMargin:

@@ -28,7 +28,7 @@ from .chain import Chain
 from .clip import AestheticScore, CLIPGramStyle, CLIPTextSimilarity
 from .inversion import check_ode, invert
 from .latent import LatentResult, LinfBall, optimize_latent
-from .objectives import ClassifierCrossEntropy, ClassifierMargin, Fidelity, WeightedSum
+from .objectives import Clamped, ClassifierCrossEntropy, ClassifierMargin, Fidelity, WeightedSum
 from .sampling import sample, step_range
 from .vae import VAEDecoder, decoded
 
@@ -152,11 +152,12 @@ def _before(chain, latent, start, decode, generator=None) -> tuple[torch.Tensor,
 
 
 def _optimize(chain, latent, start, objective, decode, strategy, iterations, lr, progress, constraint=None,
-              generator=None) -> tuple:
-    """(decoded best sample, the optimization) of ``objective`` on decoded images."""
+              generator=None, **options) -> tuple:
+    """(decoded best sample, the optimization) of ``objective`` on decoded images; ``options``: optimize_latent's
+    optimizer and step_rule."""
     result = optimize_latent(chain, latent, decoded(objective, decode), strategy=strategy, start=start,
                              iterations=iterations, lr=lr, constraint=constraint, progress=progress,
-                             generator=generator)
+                             generator=generator, **options)
     with torch.no_grad():
         return decode(result.best_sample).float(), result
 
@@ -276,12 +277,15 @@ class ImageClassifier:
 
 
 def adversarial(pipe: Pipeline, classifier, prompt: str, *, target: int | None = None, tau: float = 0.1,
-                start_t: int | None = None, steps: int = 50, guidance_scale: float = 1.0,
-                scheduler: str | None = None, strategy="sdo", iterations: int = 50, lr: float = 0.01, seed: int = 0,
-                checkpoint_vae: bool = False, progress: bool = True) -> TaskResult:
+                start_t: int | None = None, steps: int = 30, guidance_scale: float = 1.0,
+                scheduler: str | None = None, strategy="sdo", iterations: int = 30, lr: float = 0.1,
+                optimizer: str = "sgd", step_rule: str = "plain", seed: int = 0, checkpoint_vae: bool = False,
+                progress: bool = True) -> TaskResult:
     """Adversarial generation (Sec. 5.1.4): change the latent (x_T, or the one nearest ``start_t``) within an
     L-infinity ball of radius ``tau`` so that ``classifier`` no longer gives the generation its own label
-    (Carlini-Wagner margin), or, with ``target``, gives it that class (cross-entropy)."""
+    (Carlini-Wagner margin), or, with ``target``, gives it that class (cross-entropy). The defaults are the paper's:
+    30 DDIM steps, 30 steps of plain gradient descent at lr 0.1, the image clamped to [-1, 1] before the classifier.
+    ``step_rule="sign"`` steps on the gradient's sign (PGD, with ``optimizer="sgd"``)."""
     chain = _chain(pipe, prompt, steps, guidance_scale, scheduler)
     start = 0 if start_t is None else step_at(chain, start_t)
     decode = VAEDecoder(pipe.vae, checkpoint=checkpoint_vae)
@@ -289,15 +293,15 @@ def adversarial(pipe: Pipeline, classifier, prompt: str, *, target: int | None =
     latent = _noise_latent(pipe, chain, start, gen)
     _, before = _before(chain, latent, start, decode, _replay(gen))
     with torch.no_grad():
-        label = classifier(before).argmax(-1)
+        label = classifier(before.clamp(-1, 1)).argmax(-1)
     if target is None:
-        objective = ClassifierMargin(classifier, label)
+        objective = Clamped(ClassifierMargin(classifier, label))
     else:
-        objective = ClassifierCrossEntropy(classifier, torch.full_like(label, int(target)))
+        objective = Clamped(ClassifierCrossEntropy(classifier, torch.full_like(label, int(target))))
     after, result = _optimize(chain, latent, start, objective, decode, strategy, iterations, lr, progress,
-                              constraint=LinfBall(tau), generator=gen)
+                              constraint=LinfBall(tau), generator=gen, optimizer=optimizer, step_rule=step_rule)
     with torch.no_grad():
-        label_after = classifier(after).argmax(-1)
+        label_after = classifier(after.clamp(-1, 1)).argmax(-1)
     success = label_after != label if target is None else label_after == int(target)
     metrics = {**_where(chain, start), "label_before": label.tolist(),
                "label_after": label_after.tolist(), "success": success.tolist(),
