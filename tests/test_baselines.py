@@ -29,7 +29,7 @@ def _chain(case, steps=5, model=None):
 
 @pytest.mark.parametrize("case", SCHEDULER_CASES, ids=CASE_IDS)
 def test_invert_undoes_step(case):
-    model, chain = _chain(case)
+    _, chain = _chain(case)
     x = _x() * chain.init_noise_sigma
     state = chain.init_state(x, torch.Generator().manual_seed(0))
     if not chain.solver.invertible:
@@ -232,7 +232,7 @@ class _nothing:
 
 
 def test_constant_memory_strategies_sample_like_their_chains_without_grad():
-    model, chain = _chain(SCHEDULER_CASES[0])
+    _, chain = _chain(SCHEDULER_CASES[0])
     x = _x()
     with torch.no_grad():
         plain = sdo.sample(chain, x)
@@ -345,20 +345,20 @@ def test_guidance_lowers_the_objective_on_an_analytic_model(flow):
 
 
 def test_guidance_scale_zero_is_plain_sampling_and_steps_are_selectable():
-    model, chain = _chain(SCHEDULER_CASES[0], steps=6)
+    _, chain = _chain(SCHEDULER_CASES[0], steps=6)
     x = _x()
     with torch.no_grad():
         plain = sdo.sample(chain, x)
     torch.testing.assert_close(sdo.sample(chain, x, guidance=sdo.Guidance(_target_objective, scale=0.0)), plain, **F64)
     late = sdo.sample(chain, x, guidance=sdo.Guidance(_target_objective, scale=0.5, steps=range(4, 6)))
-    early = sdo.sample(chain, x, guidance=sdo.Guidance(_target_objective, scale=0.5, steps=range(0, 2)))
+    early = sdo.sample(chain, x, guidance=sdo.Guidance(_target_objective, scale=0.5, steps=range(2)))
     assert not torch.allclose(late, early)
     by_step = sdo.sample(chain, x, guidance=sdo.Guidance(_target_objective, scale=lambda i: 0.5 if i >= 4 else 0.0))
     torch.testing.assert_close(by_step, late, **F64)
 
 
 def test_guidance_errors():
-    model, chain = _chain(SCHEDULER_CASES[0])
+    _, chain = _chain(SCHEDULER_CASES[0])
     x = _x()
     with pytest.raises(ValueError, match="takes no strategy"):
         sdo.sample(chain, x, strategy="sdo", guidance=sdo.Guidance(_target_objective))

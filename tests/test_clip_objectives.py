@@ -1,6 +1,7 @@
 """CLIP objectives on a tiny CLIPModel built from config, with a tokenizer written by the test; the fidelity and
 cross-entropy objectives; DDIM inversion on the embedded digits model."""
 
+import itertools
 import json
 
 import pytest
@@ -10,7 +11,7 @@ from helpers import TinyNet
 from safetensors.torch import save_file
 
 import sdo
-from sdo.clip import AestheticScore, ClipPreprocess, CLIPGramStyle, CLIPTextSimilarity, clip_hidden_states
+from sdo.clip import AestheticScore, CLIPGramStyle, ClipPreprocess, CLIPTextSimilarity, clip_hidden_states
 from sdo.inversion import invert, round_trip_error
 from sdo.objectives import ClassifierCrossEntropy, Fidelity
 
@@ -92,7 +93,7 @@ def test_aesthetic_score_from_a_state_dict_file(clip, tmp_path, kind):
     else:  # LAION's "improved" predictor layout: layers.0 / 2 / 4 / 6 / 7 with dropouts between
         sizes = [8, 12, 6, 4, 3, 1]
         state = {}
-        for idx, (a, b) in zip([0, 2, 4, 6, 7], zip(sizes[:-1], sizes[1:], strict=True), strict=True):
+        for idx, (a, b) in zip([0, 2, 4, 6, 7], itertools.pairwise(sizes), strict=True):
             state[f"layers.{idx}.weight"] = torch.randn(b, a, generator=gen) * 0.3
             state[f"layers.{idx}.bias"] = torch.full((b,), 1.0)
         path = tmp_path / "head.pth"
@@ -215,7 +216,7 @@ def test_tasks_on_a_pipeline_folder_lower_their_loss(pipeline_folder, clip, toke
     pipe = tasks.load_pipeline(pipeline_folder)
     assert pipe.image_size == 16
     image = _images(batch=1, channels=3, size=16, seed=4)
-    common = dict(steps=10, iterations=3, lr=0.1, progress=False, guidance_scale=2.0)
+    common = {"steps": 10, "iterations": 3, "lr": 0.1, "progress": False, "guidance_scale": 2.0}
     if task == "edit":
         out = tasks.edit(pipe, clip, tokenizer, image, "a thick seven", **common)
         assert out.metrics["inversion_round_trip_error"] >= 0

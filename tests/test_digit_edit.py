@@ -32,7 +32,7 @@ def _stroke(lean: float, width: int) -> torch.Tensor:
     """A vertical bar of ``width`` pixels whose top is shifted right by ``lean`` pixels per row, in [-1, 1]."""
     img = -torch.ones(1, 1, 16, 16)
     for row in range(2, 14):
-        col = int(round(7 + lean * (8 - row)))
+        col = round(7 + lean * (8 - row))
         img[0, 0, row, col : col + width] = 1
     return img
 

@@ -181,7 +181,7 @@ def test_cut_gradient_path_is_an_error_not_a_zero_step():
     model = TinyNet(channels=1)
     scheduler = DDIMScheduler(clip_sample=False, prediction_type="sample")
     chain = sdo.Chain.from_diffusers(model, scheduler, 5)
-    objective = lambda x0: (x0**2).sum(dim=(1, 2, 3))  # noqa: E731
+    objective = lambda x0: (x0**2).sum(dim=(1, 2, 3))
     with pytest.raises(ValueError, match="receives none"):
         sdo.optimize_latent(chain, _x(), objective, strategy="sdo", iterations=2, progress=False)
     result = sdo.optimize_latent(chain, _x(), objective, strategy="truncated", iterations=2, progress=False)

@@ -249,7 +249,7 @@ def test_merge_loras_is_the_weighted_sum_of_deltas(tmp_path):
     load_lora(reference, tmp_path / "b", adapter_name="b")
     alpha, beta = 0.8, -1.3
     merge_lora_files([tmp_path / "a", tmp_path / "b"], [alpha, beta], tmp_path / "merged")
-    merged_state, merged_config = read_lora(tmp_path / "merged")
+    _, merged_config = read_lora(tmp_path / "merged")
     assert merged_config["r"] == merged_config["lora_alpha"] == 2 + 3
     assert set(merged_config["target_modules"]) == {"to_q", "to_v", "conv1"}
     merged = tiny_unet()
@@ -288,9 +288,8 @@ def test_lora_disabled_gives_the_base_and_restores_grad_state(digits):
         p.grad = None
     model(x, t, class_labels=c).sample.square().mean().backward()
     assert all(torch.equal(g, p.grad) for g, p in zip(grads, params[1:], strict=True))
-    with pytest.raises(ValueError, match="no LoRA layers"):
-        with lora_disabled(tiny_unet()):
-            pass
+    with pytest.raises(ValueError, match="no LoRA layers"), lora_disabled(tiny_unet()):
+        pass
 
 
 def test_lora_scale_interpolates_and_restores(digits):

@@ -28,7 +28,7 @@ def test_classifier_margin_values_and_gradient():
 
 def test_gram_style_is_zero_at_the_reference_and_differentiable():
     conv = nn.Conv2d(1, 4, 3, padding=1)
-    features = lambda x: [torch.tanh(conv(x)), torch.tanh(conv(x)) ** 2]  # noqa: E731
+    features = lambda x: [torch.tanh(conv(x)), torch.tanh(conv(x)) ** 2]
     ref = torch.randn(1, 1, 8, 8, generator=torch.Generator().manual_seed(0))
     style = GramStyle(features, ref)
     x = torch.cat([ref, torch.randn(1, 1, 8, 8, generator=torch.Generator().manual_seed(1))]).requires_grad_(True)

@@ -18,7 +18,7 @@ def _unet_chain(eta=0.0, steps=10, guided=False):
                        norm_num_groups=4, attention_head_dim=4, num_class_embeds=3).double().eval().requires_grad_(False)
     scheduler = DDIMScheduler(beta_schedule="squaredcos_cap_v2", clip_sample=False)
     cond = {"class_labels": torch.tensor([0, 1, 2])}
-    extra = dict(uncond={"class_labels": torch.tensor([2])}, guidance_scale=2.0) if guided else {}
+    extra = {"uncond": {"class_labels": torch.tensor([2])}, "guidance_scale": 2.0} if guided else {}
     return sdo.Chain.from_diffusers(unet, scheduler, steps, cond=cond, eta=eta, **extra)
 
 
@@ -155,7 +155,7 @@ def test_optimize_latent_with_picard_follows_sequential_sdo_and_warm_starts():
     def objective(x0):
         return ((x0 - target) ** 2).flatten(1).mean(1)
 
-    kw = dict(iterations=6, lr=0.02, progress=False)
+    kw = {"iterations": 6, "lr": 0.02, "progress": False}
     sequential = sdo.optimize_latent(chain, x, objective, **kw)
     warm = sdo.optimize_latent(chain, x, objective, picard=sdo.Picard(tol=1e-6, warm_start=True), **kw)
     cold = sdo.optimize_latent(chain, x, objective, picard=sdo.Picard(tol=1e-6), **kw)

@@ -10,7 +10,7 @@ from helpers import CASE_IDS, SCHEDULER_CASES, GaussianEps, GaussianFlow, TinyNe
 
 import sdo
 
-F64 = dict(rtol=1e-9, atol=1e-12)
+F64 = {"rtol": 1e-9, "atol": 1e-12}
 
 
 def _x(shape=(2, 2, 4, 4), seed=1):
@@ -89,7 +89,7 @@ def test_checkpointed_truncation_equals_stored(case):
 
 def _tol(ref):
     # diffusers' DPM, Euler and FlowMatch schedulers compute in float32 internally
-    return dict(rtol=2e-5, atol=2e-5 * max(r.abs().max().item() for r in ref))
+    return {"rtol": 2e-5, "atol": 2e-5 * max(r.abs().max().item() for r in ref)}
 
 
 @pytest.mark.parametrize("case", SCHEDULER_CASES, ids=CASE_IDS)
@@ -123,7 +123,7 @@ def test_truncated_and_first_equal_reference_loops(case):
 
 def test_shortcut_first_at_intermediate_start():
     """at='first' with start > 0 keeps the graph of step `start` (the latent being optimized)."""
-    make = lambda: DDIMScheduler(clip_sample=False)  # noqa: E731
+    make = lambda: DDIMScheduler(clip_sample=False)
     model = TinyNet().double()
     chain = sdo.Chain.from_diffusers(model, make(), 8)
     x = _x()
@@ -180,7 +180,7 @@ def test_random_choices_are_seeded_and_uniform():
 
 def test_shortcut_random_gradient_matches_the_drawn_step():
     model = TinyNet().double()
-    make = lambda: DDIMScheduler(clip_sample=False)  # noqa: E731
+    make = lambda: DDIMScheduler(clip_sample=False)
     chain = sdo.Chain.from_diffusers(model, make(), 6)
     x = _x()
     drawn = next(iter(sdo.Shortcut("random", generator=torch.Generator().manual_seed(11)).select(range(6))))

@@ -187,7 +187,7 @@ def test_tasks_with_a_chosen_scheduler_lower_their_loss(pipeline_folder, clip, t
     """SD's PNDM folder sampled with DPM-Solver++ or LCM (stochastic: the same seeded noise in every iteration and
     in the 'before' sample), under CFG; two runs give the same losses."""
     pipe = tasks.load_pipeline(pipeline_folder)
-    common = dict(steps=6, iterations=3, lr=0.1, guidance_scale=2.0, scheduler=scheduler, progress=False)
+    common = {"steps": 6, "iterations": 3, "lr": 0.1, "guidance_scale": 2.0, "scheduler": scheduler, "progress": False}
     out = _run(task, pipe, clip, tokenizer, classifier_folder, head, **common)
     _assert_lowered(out)
     assert out.metrics["solver"] == {"dpm-solver++": "DPMSolverPP", "lcm": "LCMSolver"}[scheduler]

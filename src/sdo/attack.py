@@ -28,7 +28,7 @@ from .objectives import Clamped, ClassifierMargin
 from .sampling import sample
 from .strategies import get_strategy
 
-__all__ = ["METHODS", "TUNED_LR", "AttackRun", "wilson", "correct_samples", "attack", "success_within"]
+__all__ = ["METHODS", "TUNED_LR", "AttackRun", "attack", "correct_samples", "success_within", "wilson"]
 
 # the paper's Table 5 set (AdjointDPM, DOODL) plus ours: name -> (strategy, options)
 METHODS = {"sdo": ("sdo", {}), "full": ("full", {}), "truncated": ("truncated", {"k": 1}),

@@ -23,8 +23,14 @@ import torch
 from .solvers import SUPPORTED_SCHEDULERS
 from .vae import encode_prompts
 
-__all__ = ["SCHEDULERS", "task_scheduler", "guidance_scale_embedding", "text_conditioning", "is_pixart",
-           "is_lcm_distilled"]
+__all__ = [
+    "SCHEDULERS",
+    "guidance_scale_embedding",
+    "is_lcm_distilled",
+    "is_pixart",
+    "task_scheduler",
+    "text_conditioning",
+]
 
 #: scheduler names the tasks and the ``--scheduler`` option accept
 SCHEDULERS = ("ddim", "dpm-solver++", "lcm", "euler")
@@ -106,7 +112,7 @@ def text_conditioning(pipe, prompt: str, guidance_scale: float) -> dict:
     if is_lcm_distilled(denoiser):
         w = torch.tensor([float(guidance_scale) - 1.0])
         embedding = guidance_scale_embedding(w, denoiser.config.time_cond_proj_dim)
-        return dict(cond={**cond, "timestep_cond": embedding.to(param.device, param.dtype)})
+        return {"cond": {**cond, "timestep_cond": embedding.to(param.device, param.dtype)}}
     if guidance_scale == 1:
-        return dict(cond=cond)
-    return dict(cond=cond, uncond=uncond, guidance_scale=guidance_scale)
+        return {"cond": cond}
+    return {"cond": cond, "uncond": uncond, "guidance_scale": guidance_scale}

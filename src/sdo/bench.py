@@ -6,10 +6,12 @@ from __future__ import annotations
 import ctypes
 import gc
 import os
+import statistics
 import threading
 import time
 import weakref
 from collections.abc import Callable, Sequence
+from typing import Self
 
 import torch
 from tqdm.auto import tqdm
@@ -17,8 +19,15 @@ from tqdm.auto import tqdm
 from .chain import Chain
 from .sampling import sample
 
-__all__ = ["latent_gradient", "time_jobs", "time_above_floor", "timing_row", "peak_memory", "saved_tensor_bytes",
-           "CallCounter"]
+__all__ = [
+    "CallCounter",
+    "latent_gradient",
+    "peak_memory",
+    "saved_tensor_bytes",
+    "time_above_floor",
+    "time_jobs",
+    "timing_row",
+]
 
 
 def latent_gradient(
@@ -78,9 +87,8 @@ def time_above_floor(jobs: dict[str, Callable], floor: str | None, repeats: int 
 
 def timing_row(times: list[float]) -> dict:
     """The minimum of a job's timed rounds (noise only adds time) and their spread."""
-    ordered = sorted(times)
-    return {"seconds": ordered[0], "median_seconds": ordered[len(ordered) // 2], "max_seconds": ordered[-1],
-            "rounds": len(ordered)}
+    return {"seconds": min(times), "median_seconds": statistics.median(times), "max_seconds": max(times),
+            "rounds": len(times)}
 
 
 def _rss() -> int:
@@ -150,7 +158,7 @@ def peak_memory(job: Callable, device="cpu", interval: float = 0.0005) -> int:
 class _Packed:
     """What autograd holds for a saved tensor while the hooks below are on; releases its count when dropped."""
 
-    __slots__ = ("tensor", "__weakref__")
+    __slots__ = ("__weakref__", "tensor")
 
     def __init__(self, tensor):
         self.tensor = tensor
@@ -218,7 +226,7 @@ class CallCounter:
         if torch.is_tensor(out) and out.requires_grad:
             out.register_hook(self._count_backward)
 
-    def __enter__(self) -> CallCounter:
+    def __enter__(self) -> Self:
         self.forward = self.backward = 0
         self._handles = (
             self.module.register_forward_pre_hook(self._count_forward),

@@ -36,7 +36,7 @@ from .reversible import Reversible
 from .sampling import sample
 from .strategies import Checkpoint, Full, RandomTruncated, Shortcut, Strategy, Truncated
 
-__all__ = ["BenchConfig", "STRATEGIES", "build", "run_bench"]
+__all__ = ["STRATEGIES", "BenchConfig", "build", "run_bench"]
 
 MB = 2**20
 
@@ -397,8 +397,8 @@ def _write_report(results: dict, cfg: BenchConfig) -> None:
     lines = [
         f"# sdo bench: {meta['model']}", "",
         f"- command: `{meta['command']}`", f"- date: {meta['date']}; torch {meta['torch']}, diffusers {meta['diffusers']}",
-        f"- device: {meta['device']} {meta['cuda_device'] or ''} ({meta['cpu']}, {meta['nproc']} cores, "
-        f"{meta['torch_threads']} torch threads); {meta['model_params']:,} params; latent {meta['latent_shape']}",
+        (f"- device: {meta['device']} {meta['cuda_device'] or ''} ({meta['cpu']}, {meta['nproc']} cores, "
+         f"{meta['torch_threads']} torch threads); {meta['model_params']:,} params; latent {meta['latent_shape']}"),
         f"- memory: {meta['memory']}", "", f"## N = {cfg.steps}", "", "```", report.format_table(header, rows), "```", "",
     ]
     if sweep_rows:

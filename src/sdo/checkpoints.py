@@ -20,8 +20,17 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
-__all__ = ["atomic_write", "write_json", "save_checkpoint", "load_checkpoint", "latest_checkpoint",
-           "optimizer_state", "load_optimizer_state", "rng_state", "set_rng_state"]
+__all__ = [
+    "atomic_write",
+    "latest_checkpoint",
+    "load_checkpoint",
+    "load_optimizer_state",
+    "optimizer_state",
+    "rng_state",
+    "save_checkpoint",
+    "set_rng_state",
+    "write_json",
+]
 
 
 def atomic_write(path: str | os.PathLike, write) -> None:

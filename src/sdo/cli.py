@@ -339,9 +339,9 @@ def _task(args) -> None:
         if not Path(args.clip).is_dir():
             raise FileNotFoundError(f"{args.clip}: no such CLIP model folder")
         clip = CLIPModel.from_pretrained(args.clip, local_files_only=True).to(args.device).eval().requires_grad_(False)
-    common = dict(steps=args.steps, iterations=args.iterations, lr=args.lr, strategy=strategy,
-                  start_t=args.start_t, guidance_scale=args.guidance_scale, scheduler=args.scheduler,
-                  checkpoint_vae=args.checkpoint_vae, progress=not args.no_progress)
+    common = {"steps": args.steps, "iterations": args.iterations, "lr": args.lr, "strategy": strategy,
+                  "start_t": args.start_t, "guidance_scale": args.guidance_scale, "scheduler": args.scheduler,
+                  "checkpoint_vae": args.checkpoint_vae, "progress": not args.no_progress}
     if args.command == "edit":
         tokenizer = CLIPTokenizer.from_pretrained(args.clip, local_files_only=True)
         image = tasks.load_image(args.image, pipe.image_size)

@@ -15,7 +15,7 @@ import json
 import sys
 from pathlib import Path
 
-__all__ = ["add_parsers", "run_finetune", "run_lora", "load_config"]
+__all__ = ["add_parsers", "load_config", "run_finetune", "run_lora"]
 
 # FinetuneConfig's fields by how the command line parses them (a test keeps this list equal to the dataclass)
 _INT = ("k", "segments", "steps", "updates", "batch_size", "accumulation", "rank", "warmup", "seed", "checkpoint_every",
@@ -171,9 +171,8 @@ def run_finetune(args) -> None:
 
     given = load_config(args.config) if getattr(args, "config", None) else {}
     given.update({k: v for k, v in vars(args).items() if k not in ("command", "config")})
-    if args.command == "shortft":
-        if given.setdefault("strategy", "shortft") != "shortft":
-            raise ValueError(f"sdo shortft runs strategy shortft, not {given['strategy']!r}; use sdo finetune for that")
+    if args.command == "shortft" and given.setdefault("strategy", "shortft") != "shortft":
+        raise ValueError(f"sdo shortft runs strategy shortft, not {given['strategy']!r}; use sdo finetune for that")
     if "output" not in given:
         raise ValueError("give the run folder: --output or `output` in the config")
     saved = Path(given["output"]) / "command.json"  # a resumed run starts from the options it was started with

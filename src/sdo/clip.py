@@ -1,3 +1,4 @@
+
 """CLIP objectives (Sec. 5.1 of Dou et al., 2025) on a Hugging Face ``transformers`` ``CLIPModel``: text-image
 similarity (Eq. 23's editing term), Gram-matrix style on a layer of the vision tower (Eq. 24) and an aesthetic
 predictor on the normalized image embedding (Eq. 25).
@@ -9,6 +10,7 @@ no PIL, no ``no_grad``, no detaching clamp, so the gradient reaches every pixel.
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -18,7 +20,7 @@ from torch.nn import functional as F
 
 from .objectives import GramStyle
 
-__all__ = ["ClipPreprocess", "CLIPTextSimilarity", "clip_hidden_states", "CLIPGramStyle", "AestheticScore"]
+__all__ = ["AestheticScore", "CLIPGramStyle", "CLIPTextSimilarity", "ClipPreprocess", "clip_hidden_states"]
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)  # OpenAI CLIP's image normalization
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -165,7 +167,7 @@ class AestheticScore:
             if linear.bias is not None:
                 linear.bias.data.copy_(state[key[: -len("weight")] + "bias"])
             layers.append(linear)
-        for a, b in zip(layers[:-1], layers[1:], strict=True):
+        for a, b in itertools.pairwise(layers):
             if a.out_features != b.in_features:
                 raise ValueError(f"{path}: layer sizes do not chain ({a.out_features} -> {b.in_features})")
         if layers[-1].out_features != 1:

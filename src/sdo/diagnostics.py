@@ -12,7 +12,7 @@ from .chain import Chain
 from .sampling import sample, step_range
 from .strategies import Strategy, get_strategy
 
-__all__ = ["GradientFidelity", "strategy_gradient", "gradient_fidelity", "gradient_norm_by_depth"]
+__all__ = ["GradientFidelity", "gradient_fidelity", "gradient_norm_by_depth", "strategy_gradient"]
 
 StrategySpec = str | Strategy
 

@@ -20,6 +20,7 @@ a one-process run with the same global batch. Nothing is lost on a kill: see :mo
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import math
 import os
@@ -52,7 +53,7 @@ from .sampling import sample
 from .solvers import solver_from_scheduler
 from .strategies import Checkpoint, Full, RandomTruncated, Shortcut, Truncated
 
-__all__ = ["FinetuneConfig", "FinetuneTask", "FinetuneResult", "NonFiniteError", "finetune", "STRATEGIES"]
+__all__ = ["STRATEGIES", "FinetuneConfig", "FinetuneResult", "FinetuneTask", "NonFiniteError", "finetune"]
 
 def _strategy(cfg: FinetuneConfig, generator: torch.Generator):
     return {"sdo": lambda: Shortcut(at="random", generator=generator),
@@ -66,11 +67,8 @@ def _accelerator(cfg: FinetuneConfig):
     from accelerate import Accelerator
     from accelerate.utils import ProjectConfiguration
 
-    if cfg.tensorboard:
-        try:
-            import tensorboard  # noqa: F401
-        except ImportError:
-            raise ImportError("tensorboard=True needs the tensorboard package (pip install tensorboard)") from None
+    if cfg.tensorboard and importlib.util.find_spec("tensorboard") is None:
+        raise ImportError("tensorboard=True needs the tensorboard package (pip install tensorboard)")
     project = ProjectConfiguration(project_dir=str(cfg.output), logging_dir=str(cfg.output / "tensorboard"))
     return Accelerator(cpu=cfg.cpu, log_with="tensorboard" if cfg.tensorboard else None, project_config=project)
 

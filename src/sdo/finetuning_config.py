@@ -11,7 +11,7 @@ import torch
 
 from .lora import DEFAULT_TARGETS
 
-__all__ = ["FinetuneConfig", "FinetuneTask", "FinetuneResult", "NonFiniteError", "STRATEGIES"]
+__all__ = ["STRATEGIES", "FinetuneConfig", "FinetuneResult", "FinetuneTask", "NonFiniteError"]
 
 STRATEGIES = ("sdo", "random-truncated", "truncated", "checkpoint", "full", "shortft")
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}

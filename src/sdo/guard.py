@@ -23,7 +23,7 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-__all__ = ["GuardLimits", "GuardCheck", "Guard", "diversity", "drift"]
+__all__ = ["Guard", "GuardCheck", "GuardLimits", "diversity", "drift"]
 
 
 def diversity(images: torch.Tensor) -> float:

@@ -13,7 +13,7 @@ import torch
 from .chain import Chain
 from .sampling import sample, step_range
 
-__all__ = ["invert", "round_trip_error", "rebuild", "rebuilt_states", "check_ode"]
+__all__ = ["check_ode", "invert", "rebuild", "rebuilt_states", "round_trip_error"]
 
 
 def check_ode(chain: Chain, steps: range, who: str) -> None:

@@ -33,9 +33,25 @@ from torch import nn
 
 from .checkpoints import atomic_write
 
-__all__ = ["DEFAULT_TARGETS", "add_lora", "lora_layers", "lora_parameters", "lora_state_dict", "save_lora", "read_lora",
-           "write_lora", "load_lora", "scale_lora", "merge_loras", "scale_lora_files", "merge_lora_files",
-           "delta_weights", "lora_disabled", "set_lora_scale", "lora_scale"]
+__all__ = [
+    "DEFAULT_TARGETS",
+    "add_lora",
+    "delta_weights",
+    "load_lora",
+    "lora_disabled",
+    "lora_layers",
+    "lora_parameters",
+    "lora_scale",
+    "lora_state_dict",
+    "merge_lora_files",
+    "merge_loras",
+    "read_lora",
+    "save_lora",
+    "scale_lora",
+    "scale_lora_files",
+    "set_lora_scale",
+    "write_lora",
+]
 
 #: the attention projections of diffusers' Attention (UNets and DiT/PixArt transformers alike)
 DEFAULT_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
@@ -202,7 +218,7 @@ def read_lora(folder: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict]
                                 "or diffusers' save_lora_adapter write one)")
     with safe_open(folder / _WEIGHTS, framework="pt") as f:
         metadata = f.metadata() or {}
-        state = {k: f.get_tensor(k) for k in f.keys()}
+        state = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (a safetensors handle is not a dict)
     if _METADATA_KEY in metadata:
         return state, json.loads(metadata[_METADATA_KEY])
     if (folder / _CONFIG).is_file():

@@ -11,8 +11,16 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import nn
 
-__all__ = ["Clamped", "ClassifierMargin", "ClassifierCrossEntropy", "GramStyle", "FeatureMatch", "Fidelity",
-           "WeightedSum", "gram_matrix"]
+__all__ = [
+    "Clamped",
+    "ClassifierCrossEntropy",
+    "ClassifierMargin",
+    "FeatureMatch",
+    "Fidelity",
+    "GramStyle",
+    "WeightedSum",
+    "gram_matrix",
+]
 
 
 class Clamped:

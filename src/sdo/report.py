@@ -8,7 +8,7 @@ from pathlib import Path
 
 import torch
 
-__all__ = ["save_grid", "plot_curves", "plot_bars", "write_index", "format_table"]
+__all__ = ["format_table", "plot_bars", "plot_curves", "save_grid", "write_index"]
 
 
 def _pyplot():
@@ -129,9 +129,9 @@ def write_index(path: str | Path, title: str, sections: Sequence[dict]) -> Path:
     parts = [
         "<!doctype html><html><head><meta charset='utf-8'>",
         f"<title>{html.escape(title)}</title>",
-        "<style>body{font-family:sans-serif;max-width:1100px;margin:2em auto;padding:0 1em}"
-        "table{border-collapse:collapse;margin:.5em 0}td,th{border:1px solid #ccc;padding:.25em .6em;"
-        "text-align:right}th{background:#f3f3f3}img{max-width:100%;margin:.5em 0}</style></head><body>",
+        ("<style>body{font-family:sans-serif;max-width:1100px;margin:2em auto;padding:0 1em}"
+         "table{border-collapse:collapse;margin:.5em 0}td,th{border:1px solid #ccc;padding:.25em .6em;"
+         "text-align:right}th{background:#f3f3f3}img{max-width:100%;margin:.5em 0}</style></head><body>"),
         f"<h1>{html.escape(title)}</h1>",
     ]
     for section in sections:

@@ -15,7 +15,7 @@ from collections.abc import Callable, Sequence
 import torch
 import torch.nn.functional as F
 
-__all__ = ["ClassLogProb", "InkReward", "WeightedReward", "from_objective", "DigitJudge", "digits_reward"]
+__all__ = ["ClassLogProb", "DigitJudge", "InkReward", "WeightedReward", "digits_reward", "from_objective"]
 
 
 def _check(reward: torch.Tensor, images: torch.Tensor, name: str) -> torch.Tensor:

@@ -1,3 +1,4 @@
+
 """ShortFT (Shortcut-based Fine-Tuning; Guo, Cui, Bo, Huang, ICCV 2025): reward fine-tuning end to end through a
 chain shortened by a trajectory-preserving few-step model.
 
@@ -22,6 +23,7 @@ N-step chain with each timestep's LoRAs (:func:`load_shortft`), at the cost of p
 from __future__ import annotations
 
 import contextlib
+import itertools
 import json
 import os
 from collections.abc import Sequence
@@ -39,7 +41,7 @@ from .finetuning_config import FinetuneConfig, FinetuneResult, FinetuneTask
 from .lora import add_lora, load_lora, lora_layers, lora_parameters, save_lora
 from .solvers import DPMSolverPP, solver_from_scheduler
 
-__all__ = ["segment_ends", "TimestepLoRA", "short_chain", "shortft", "load_shortft", "adapter_names"]
+__all__ = ["TimestepLoRA", "adapter_names", "load_shortft", "segment_ends", "short_chain", "shortft"]
 
 
 def segment_ends(steps: int, segments: int) -> tuple[int, ...]:
@@ -68,7 +70,7 @@ class TimestepLoRA(torch.nn.Module):
         super().__init__()
         if len(adapters) != len(timesteps) or not adapters:
             raise ValueError(f"one LoRA timestep per adapter: got {len(adapters)} adapters, {len(timesteps)} timesteps")
-        if any(a <= b for a, b in zip(timesteps, timesteps[1:], strict=False)):
+        if any(a <= b for a, b in itertools.pairwise(timesteps)):
             raise ValueError(f"LoRA timesteps must decrease (noisiest segment first), got {list(timesteps)}")
         self.model, self.adapters, self.timesteps = model, list(adapters), [int(t) for t in timesteps]
         self.config = getattr(model, "config", None)

@@ -24,15 +24,15 @@ import torch
 from diffusers.utils.torch_utils import randn_tensor
 
 __all__ = [
-    "SolverState",
-    "Solver",
+    "SUPPORTED_SCHEDULERS",
     "DDIMSolver",
     "DDPMSolver",
     "DPMSolverPP",
     "EulerSolver",
     "FlowEulerSolver",
     "LCMSolver",
-    "SUPPORTED_SCHEDULERS",
+    "Solver",
+    "SolverState",
     "solver_from_scheduler",
 ]
 

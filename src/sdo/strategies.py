@@ -28,8 +28,8 @@ Jacobians with model outputs held fixed) * dx_{i+1}/dx_i; for parameters at step
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from typing import Any, Callable, ClassVar
+from collections.abc import Callable, Sequence
+from typing import Any, ClassVar
 
 import torch
 from torch.utils.checkpoint import checkpoint
@@ -38,16 +38,16 @@ from .denoiser import _map
 from .picard import Picard
 
 __all__ = [
-    "Strategy",
-    "Full",
     "Checkpoint",
-    "Truncated",
+    "ConstantMemory",
+    "Full",
     "RandomTruncated",
     "Shortcut",
-    "ConstantMemory",
-    "register_strategy",
-    "get_strategy",
+    "Strategy",
+    "Truncated",
     "available_strategies",
+    "get_strategy",
+    "register_strategy",
 ]
 
 _REGISTRY: dict[str, type[Strategy]] = {}

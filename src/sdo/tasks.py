@@ -32,8 +32,20 @@ from .objectives import Clamped, ClassifierCrossEntropy, ClassifierMargin, Fidel
 from .sampling import sample, step_range
 from .vae import VAEDecoder, decoded
 
-__all__ = ["Pipeline", "load_pipeline", "load_image", "TaskResult", "ImageClassifier", "edit", "edit_digits", "style",
-           "aesthetic", "adversarial", "step_at", "load_digit_image"]
+__all__ = [
+    "ImageClassifier",
+    "Pipeline",
+    "TaskResult",
+    "adversarial",
+    "aesthetic",
+    "edit",
+    "edit_digits",
+    "load_digit_image",
+    "load_image",
+    "load_pipeline",
+    "step_at",
+    "style",
+]
 
 
 @dataclass
@@ -344,7 +356,7 @@ def edit_digits(image: torch.Tensor, prompt: str | Sequence[str], *, lam: float 
     clip_term = CLIPTextSimilarity(clip_model, prompt, tokenizer)
     fidelity = Fidelity(image)
     objective = WeightedSum([(1.0, clip_term), (lam, fidelity)])
-    identity = lambda x: x  # noqa: E731  (pixel space: nothing to decode)
+    identity = lambda x: x
     before_x0, before = _before(chain, latent, start, identity)
     after, result = _optimize(chain, latent, start, objective, identity, strategy, iterations, lr, progress)
     with torch.no_grad():

@@ -17,7 +17,7 @@ import torch
 
 from .digits import IMAGE_SIZE, NULL_CLASS, NUM_CLASSES, DigitClassifier, unet_config
 
-__all__ = ["DigitsModels", "load_digits", "load_digits_student", "load_digit_clip", "weights_dir"]
+__all__ = ["DigitsModels", "load_digit_clip", "load_digits", "load_digits_student", "weights_dir"]
 
 
 def weights_dir():

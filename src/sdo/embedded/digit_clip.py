@@ -35,17 +35,17 @@ from .digits import IMAGE_SIZE, NUM_CLASSES, load_dataset
 
 __all__ = [
     "NUMBER_WORDS",
+    "Caption",
     "DigitCLIP",
     "DigitCLIPConfig",
-    "Caption",
-    "captions",
-    "ink_statistics",
     "attribute_thresholds",
     "attributes",
+    "captions",
+    "evaluate_digit_clip",
+    "ink_statistics",
     "load_text_encoder",
     "sentence_embeddings",
     "train_digit_clip",
-    "evaluate_digit_clip",
 ]
 
 NUMBER_WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")

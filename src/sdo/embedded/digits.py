@@ -26,17 +26,17 @@ from tqdm.auto import tqdm
 
 __all__ = [
     "IMAGE_SIZE",
-    "NUM_CLASSES",
     "NULL_CLASS",
+    "NUM_CLASSES",
     "DigitClassifier",
     "TrainConfig",
+    "evaluate_samples",
     "load_dataset",
-    "unet_config",
     "scheduler_config",
     "train_classifier",
-    "train_unet",
-    "evaluate_samples",
     "train_digits",
+    "train_unet",
+    "unet_config",
 ]
 
 IMAGE_SIZE = 16
@@ -93,28 +93,28 @@ class DigitClassifier(nn.Module):
 
 def unet_config() -> dict:
     """The DDPM's UNet2DModel config (0.65M parameters; attention at the 8x8 level and in the mid block)."""
-    return dict(
-        sample_size=IMAGE_SIZE,
-        in_channels=1,
-        out_channels=1,
-        block_out_channels=(16, 32, 64),
-        layers_per_block=1,
-        down_block_types=("DownBlock2D", "AttnDownBlock2D", "DownBlock2D"),
-        up_block_types=("UpBlock2D", "AttnUpBlock2D", "UpBlock2D"),
-        attention_head_dim=8,
-        norm_num_groups=8,
-        num_class_embeds=NUM_CLASSES + 1,
-    )
+    return {
+        "sample_size": IMAGE_SIZE,
+        "in_channels": 1,
+        "out_channels": 1,
+        "block_out_channels": (16, 32, 64),
+        "layers_per_block": 1,
+        "down_block_types": ("DownBlock2D", "AttnDownBlock2D", "DownBlock2D"),
+        "up_block_types": ("UpBlock2D", "AttnUpBlock2D", "UpBlock2D"),
+        "attention_head_dim": 8,
+        "norm_num_groups": 8,
+        "num_class_embeds": NUM_CLASSES + 1,
+    }
 
 
 def scheduler_config() -> dict:
     """Noise schedule of the DDPM (1000 steps, cosine, epsilon prediction); load with any supported scheduler."""
-    return dict(
-        num_train_timesteps=1000,
-        beta_schedule="squaredcos_cap_v2",
-        prediction_type="epsilon",
-        clip_sample=False,
-    )
+    return {
+        "num_train_timesteps": 1000,
+        "beta_schedule": "squaredcos_cap_v2",
+        "prediction_type": "epsilon",
+        "clip_sample": False,
+    }
 
 
 @dataclass
@@ -188,7 +188,7 @@ def train_unet(cfg: TrainConfig, progress: bool = True):
     noise_schedule = DDPMScheduler(**scheduler_config())
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.unet_lr, weight_decay=1e-4)
     warmup = 200
-    lr_at = lambda step: min(1.0, (step + 1) / warmup) * 0.5 * (1 + torch.cos(torch.tensor(step / cfg.unet_steps * torch.pi)).item())  # noqa: E731
+    lr_at = lambda step: min(1.0, (step + 1) / warmup) * 0.5 * (1 + torch.cos(torch.tensor(step / cfg.unet_steps * torch.pi)).item())
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_at)
     losses = []
     bar = tqdm(range(cfg.unet_steps), desc="ddpm", disable=not progress)

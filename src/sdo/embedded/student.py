@@ -25,7 +25,7 @@ from tqdm.auto import tqdm
 
 from .digits import IMAGE_SIZE, NULL_CLASS, NUM_CLASSES, ema_step, unet_config
 
-__all__ = ["StudentConfig", "teacher_trajectories", "jump_error", "train_student", "load_student_weights"]
+__all__ = ["StudentConfig", "jump_error", "load_student_weights", "teacher_trajectories", "train_student"]
 
 
 @dataclass
@@ -150,7 +150,7 @@ def train_student(output: str | Path, cfg: StudentConfig | None = None, progress
     student.train().requires_grad_(True)
     ema = EMAModel(student.parameters(), decay=cfg.ema_decay, use_ema_warmup=True, power=2 / 3)
     opt = torch.optim.AdamW(student.parameters(), lr=cfg.lr, weight_decay=1e-4)
-    lr_at = lambda s: min(1.0, (s + 1) / 100) * 0.5 * (1 + torch.cos(torch.tensor(s / cfg.train_steps * torch.pi)).item())  # noqa: E731
+    lr_at = lambda s: min(1.0, (s + 1) / 100) * 0.5 * (1 + torch.cos(torch.tensor(s / cfg.train_steps * torch.pi)).item())
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_at)
     starts, lasts = torch.tensor([a for a, _ in jumps]), torch.tensor([b for _, b in jumps])
     losses = []
