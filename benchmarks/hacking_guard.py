@@ -3,11 +3,13 @@
 Each run tunes the unconditional digits DDPM (N = 50 DDIM steps) with a LoRA on the classifier's log p(target | x0),
 with DRaFT+'s penalty (``--regularizer`` W: 10 for every digit 0-9, 30 for three of them), lr 3e-3, LoRA rank 4 on
 attention and conv1/conv2, batch 8, seed 0, ``--budget`` seconds of updates, the hacking guard checking every 10
-updates on 64 fixed seeds (sdo.guard). Then 64 fixed-seed samples at LoRA scale 1 are read by the judge (a k-NN on
-the real digits that was not the reward): its target rate, its rejection rate ("no digit") and the samples'
+updates on 64 fixed seeds (sdo.guard; ShortFT also checks each stage's LoRA before freezing it). Then
+``--eval-count`` (256) fixed-seed samples at LoRA scale 1, other samples than the guard's 64, are read by the judge (a
+k-NN on the real digits that was not the reward): its target rate, its rejection rate ("no digit") and the samples'
 diversity (mean pairwise RMS distance, over the base model's), for the final LoRA and for the one the guard keeps.
 
-    python benchmarks/hacking_guard.py                   # 26 runs of 120 s of updates: about 70 minutes
+    python benchmarks/hacking_guard.py                   # 26 runs of 120 s of updates: about 75 minutes
+    python benchmarks/hacking_guard.py --methods shortft --output benchmarks/results/hacking_guard_held
     python benchmarks/hacking_guard.py --budget 10 --digits 7 --strong '' --output /tmp/quick
 """
 
@@ -21,6 +23,7 @@ import statistics
 import time
 from pathlib import Path
 
+from sdo.attack import wilson
 from sdo.finetuning import FinetuneConfig, finetune
 from sdo.reward_tasks import digits_task
 
@@ -38,6 +41,7 @@ def main() -> None:
     parser.add_argument("--strong", type=_ints, default=[3, 5, 8], help="targets also run at W = 30 (default 3,5,8)")
     parser.add_argument("--weak", type=float, default=10.0)
     parser.add_argument("--methods", default="shortft,sdo")
+    parser.add_argument("--eval-count", type=int, default=256, help="judged samples per LoRA (default 256)")
     parser.add_argument("--output", type=Path, default=Path(__file__).parent / "results" / "hacking_guard")
     parser.add_argument("--force", action="store_true", help="replace the output's results and runs")
     parser.add_argument("--rewrite", action="store_true", help="only rewrite results.md from results.json and runs/")
@@ -60,14 +64,14 @@ def main() -> None:
         folder = _folder(args.output, {"method": method, "target": digit, "W": w})
         cfg = FinetuneConfig(output=folder, strategy=method, regularizer=w, lr=3e-3, time_budget=args.budget,
                              updates=100_000, target_modules=TARGETS, sample_every=0, eval_scales=(0.0, 1.0),
-                             progress=False)
+                             eval_count=args.eval_count, progress=False)
         result = finetune(digits_task("class", target=digit), cfg)
         summary = json.loads((folder / "summary.json").read_text())
         base, final = result.evaluation["0"], result.evaluation["1"]
         kept = summary["kept"]["evaluation"] if summary["kept"] else final
         row = {"method": method, "target": digit, "W": w, "updates": result.updates, "seconds": result.seconds,
                "base": base, "final": final, "kept": kept, "kept_update": result.kept_update,
-               "guard_failed": summary["guard"]["failed"], "seconds_by_stage": _stage_seconds(folder)}
+               "guard_failed": summary["guard"]["failed"], "judged": args.eval_count, "seconds_by_stage": _stage_seconds(folder)}
         results.append(row)
         print(f"{method:8s} digit {digit} W={w:g}: final judge {final['judge_target']:.2f} rejected "
               f"{final['judge_rejected']:.2f} diversity {final['diversity'] / base['diversity']:.2f}; kept update "
@@ -87,14 +91,21 @@ def _stage_seconds(folder: Path) -> dict[str, float] | None:
     return {str(k): statistics.median(r["seconds"] for r in records if r.get("stage") == k) for k in stages} or None
 
 
+def _with_interval(share: float, row: dict) -> str:
+    """A judged share with its 95% Wilson interval over the row's judged samples."""
+    n = row.get("judged", 64)
+    low, high = wilson(round(share * n), n)
+    return f"{share:.2f} [{low:.2f}, {high:.2f}]"
+
+
 def _write_table(args, results: list[dict], seconds: float | None) -> None:
-    head = ("| method | digit | W | updates | final: judge target | rejected | diversity | guard failed at | "
+    head = ("| method | digit | W | updates | final: judge target | rejected [95%] | diversity | guard failed at | "
             "kept update | kept: judge target | rejected | diversity |")
     lines = [head, "| " + " | ".join(["---"] * 12) + " |"]
     for r in results:
         div = r["base"]["diversity"]
         lines.append(f"| {r['method']} | {r['target']} | {r['W']:g} | {r['updates']} "
-                     f"| {r['final']['judge_target']:.2f} | {r['final']['judge_rejected']:.2f} "
+                     f"| {r['final']['judge_target']:.2f} | {_with_interval(r['final']['judge_rejected'], r)} "
                      f"| {r['final']['diversity'] / div:.2f} | {', '.join(map(str, r['guard_failed'])) or '-'} "
                      f"| {r['kept_update']} "
                      f"| {r['kept']['judge_target']:.2f} | {r['kept']['judge_rejected']:.2f} "
@@ -111,10 +122,15 @@ def _write_table(args, results: list[dict], seconds: float | None) -> None:
         keys = sorted({k for s in staged for k in s}, key=int)
         lines.append("\nShortFT, median seconds per update by stage over its runs: " + ", ".join(
             f"stage {k}: {statistics.median(s[k] for s in staged if k in s):.2f}" for k in keys) + ".")
+    judged = results[0].get("judged", 64) if results else args.eval_count  # results before 256 judged the guard's 64
+    same = "the guard's 64" if judged == 64 else "other samples than the guard's 64"
     took = "" if seconds is None else f"; {seconds / 60:.0f} min in all"
-    text = (f"# Reward hacking at the README's settings\n\n`python benchmarks/hacking_guard.py` ({args.budget:g} s of "
-            f"updates per run{took} on {platform.machine()}). Judge on 64 fixed-seed samples "
-            "at LoRA scale 1; diversity over the base model's; 'kept': the LoRA of the last guard check that passed "
+    command = "python benchmarks/hacking_guard.py" + ("" if args.methods == "shortft,sdo" else f" --methods {args.methods}")
+    if args.output.resolve() != (Path(__file__).parent / "results" / "hacking_guard").resolve():
+        command += f" --output {args.output}"
+    text = (f"# Reward hacking at the README's settings\n\n`{command}` ({args.budget:g} s of "
+            f"updates per run{took} on {platform.machine()}). Judge on "
+            f"{judged} fixed-seed samples at LoRA scale 1 ({same}); diversity over the base model's; 'kept': the LoRA of the last guard check that passed "
             "(the final one when every check passed).\n\n" + "\n".join(lines) + "\n")
     (args.output / "results.md").write_text(text)
     print(text)

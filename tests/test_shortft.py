@@ -3,6 +3,7 @@ shipped student), its gradient against a hand-written loop, gradients reaching e
 progressive stages, resume, inference on the original chain with per-timestep LoRAs, and the command line."""
 
 import copy
+import itertools
 import json
 import os
 import subprocess
@@ -23,7 +24,7 @@ from sdo.solvers import solver_from_scheduler
 
 ROOT = Path(__file__).resolve().parents[1]
 SMALL = {"steps": 8, "segments": 4, "batch_size": 2, "sample_every": 0, "eval_count": 2, "sample_count": 2, "eval_scales": (1.0,),
-             "progress": False, "cpu": True, "lr": 1e-2}
+             "progress": False, "cpu": True, "lr": 1e-2, "guard_every": 0}
 
 
 def _task(digits, judge, **kwargs):
@@ -234,15 +235,57 @@ def test_shortft_trains_the_right_loras_in_progressive_stages(digits, judge, tmp
         assert load_file(str(lora_dir / name / "pytorch_lora_weights.safetensors"))
 
 
+@pytest.mark.parametrize("verdicts", [[False, False, True], [True]])
+def test_a_stage_does_not_end_while_the_guard_fails_its_lora(digits, judge, tmp_path, verdicts):
+    """The guard checks after updates 3, 6 and 8 and at stage 1's end (before update 5): a LoRA it rejects is not
+    frozen; the stage goes on until a check passes. ``verdicts``: the checks' outcomes in order (then passing)."""
+    task, outcomes = _task(digits, judge), iter([True, *verdicts])  # the first call judges the base samples
+
+    def scripted(images, conditions):  # the judge's verdicts in order; then everything passes (the evaluation too)
+        return {"judge_rejected": 0.0 if next(outcomes, True) else 1.0}
+
+    task.describe = scripted
+    cfg = sdo.FinetuneConfig(output=tmp_path / "run", strategy="shortft", updates=8, checkpoint_every=1,
+                             keep_checkpoints=10, regularizer=1.0, **{**SMALL, "segments": 2, "guard_every": 3,
+                                                                      "guard_count": 4})
+    result = sdo.shortft(task, cfg)
+    stages = [r["stage"] for r in result.metrics]
+    checked = [r["update"] for r in result.metrics if "stage_check" in r]
+    if verdicts[0]:  # passing: stage 1 ends on time, after its check
+        assert stages == [1, 1, 1, 1, 2, 2, 2, 2] and checked == [5]
+    else:  # failed after update 3 and at the stage's end: held until the check after update 6 passes
+        assert stages == [1, 1, 1, 1, 1, 1, 2, 2] and checked == [5]
+        assert result.metrics[4]["stage_check"]["failed"] and not result.metrics[5]["guard"]["failed"]
+    states = [load_checkpoint(p)[0] for p in sorted((tmp_path / "run" / "checkpoints").glob("step-*"))]
+    first = [s["lora_segment_1"] for s in states]
+    moved = [any(not torch.equal(a[k], b[k]) for k in a) for a, b in itertools.pairwise(first)]
+    assert moved == [s == 1 for s in stages[1:]]  # LoRA 1 moves exactly in stage 1's updates
+
+
 def _timesteps(digits, steps, segments):
     solver = solver_from_scheduler(digits.scheduler, steps)
     return [solver.timesteps[e] for e in segment_ends(steps, segments)]
 
 
-def test_shortft_resumes_to_the_same_loras(digits, judge, tmp_path):
-    cfg = dict(strategy="shortft", updates=4, checkpoint_every=2, **SMALL)
-    whole = sdo.finetune(_task(digits, judge), sdo.FinetuneConfig(output=tmp_path / "a", **cfg))
-    task, calls = _task(digits, judge), []
+def _rejecting(digits, judge):
+    """A task whose judge rejects every sample but the base model's (the first it sees in a process: the guard's)."""
+    task, seen = _task(digits, judge), []
+
+    def describe(images, conditions):
+        seen.append(images) if not seen else None
+        return {"judge_rejected": 0.0 if torch.equal(images, seen[0]) else 1.0}
+
+    task.describe = describe
+    return task
+
+
+@pytest.mark.parametrize("guard", [0, 1])
+def test_shortft_resumes_to_the_same_loras(digits, judge, tmp_path, guard):
+    """Also with the guard checking every update and failing (stage 1 held from its end on, across the resume)."""
+    cfg = dict(strategy="shortft", updates=4, checkpoint_every=2, **{**SMALL, "guard_every": guard, "guard_count": 4})
+    make = (lambda: _rejecting(digits, judge)) if guard else (lambda: _task(digits, judge))
+    whole = sdo.finetune(make(), sdo.FinetuneConfig(output=tmp_path / "a", **cfg))
+    task, calls = make(), []
     reward = task.reward
 
     def interrupted(images, conditions):  # the run is interrupted in its third update
@@ -254,8 +297,10 @@ def test_shortft_resumes_to_the_same_loras(digits, judge, tmp_path):
     task.reward = interrupted
     with pytest.raises(KeyboardInterrupt):
         sdo.finetune(task, sdo.FinetuneConfig(output=tmp_path / "b", **cfg))
-    resumed = sdo.finetune(_task(digits, judge), sdo.FinetuneConfig(output=tmp_path / "b", resume=True, **cfg))
-    assert [r["stage"] for r in resumed.metrics] == [r["stage"] for r in whole.metrics] == [1, 2, 3, 4]
+    resumed = sdo.finetune(make(), sdo.FinetuneConfig(output=tmp_path / "b", resume=True, **cfg))
+    assert [r["stage"] for r in resumed.metrics] == [r["stage"] for r in whole.metrics] == (
+        [1, 1, 1, 1] if guard else [1, 2, 3, 4])
+    assert [r.get("stage_check") for r in resumed.metrics] == [r.get("stage_check") for r in whole.metrics]
     for name in adapter_names(4):
         a = load_file(str(tmp_path / "a" / "lora" / name / "pytorch_lora_weights.safetensors"))
         b = load_file(str(tmp_path / "b" / "lora" / name / "pytorch_lora_weights.safetensors"))

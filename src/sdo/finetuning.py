@@ -55,6 +55,8 @@ from .strategies import Checkpoint, Full, RandomTruncated, Shortcut, Truncated
 
 __all__ = ["STRATEGIES", "FinetuneConfig", "FinetuneResult", "FinetuneTask", "NonFiniteError", "finetune"]
 
+GUARD_SEEDS = 30_000  # the base of the hacking guard's fixed seeds (_Run.fixed_samples)
+
 def _strategy(cfg: FinetuneConfig, generator: torch.Generator):
     return {"sdo": lambda: Shortcut(at="random", generator=generator),
             "random-truncated": lambda: RandomTruncated(1, cfg.steps, generator=generator, checkpoint=True),
@@ -142,10 +144,17 @@ class _Run:
         """Prepare the next update (ShortFT: its stage); returns extra fields of its metrics record."""
         return {}
 
+    def extra_state(self) -> dict:
+        """What a checkpoint keeps beyond the weights, optimizer and counters (ShortFT: its stage), as JSON."""
+        return {}
+
+    def load_extra_state(self, state: dict) -> None:
+        """Restore :meth:`extra_state` from a checkpoint."""
+
     # -- the hacking guard (sdo.guard) ------------------------------------------------------------------------
     def start_guard(self) -> None:
         """The base model's fixed-seed samples; the LoRA of the current step is the one kept until a check."""
-        images, conditions = self.fixed_samples(self.cfg.guard_count, 0.0)
+        images, conditions = self.fixed_samples(self.cfg.guard_count, 0.0, GUARD_SEEDS)
         self.guard = Guard(images, conditions, self.task.describe)
         if self.kept is None:
             self.kept = (self.step, self._snapshot())
@@ -155,7 +164,7 @@ class _Run:
 
     def guard_check(self) -> GuardCheck:
         """Check the current LoRA; a passing one becomes the LoRA to keep."""
-        check = self.guard.check(self.step, self.fixed_samples(self.cfg.guard_count, 1.0)[0])
+        check = self.guard.check(self.step, self.fixed_samples(self.cfg.guard_count, 1.0, GUARD_SEEDS)[0])
         if check.passed:
             self.kept = (self.step, self._snapshot())
         return check
@@ -251,7 +260,8 @@ class _Run:
             rng_tensors, rng_meta = rng_state(self.generators)
             meta = {"optimizer": opt_meta, "rng": rng_meta, "lr_scheduler": self.lr_scheduler.state_dict(),
                     "skipped": self.skipped, "in_a_row": self.in_a_row, "seconds": self.seconds,
-                    "processes": self.acc.num_processes, "kept_update": self.kept[0] if self.kept else None}
+                    "processes": self.acc.num_processes, "kept_update": self.kept[0] if self.kept else None,
+                    "extra": self.extra_state()}
             tensors = {**self.lora_tensors(), "optimizer": opt_tensors, "rng": rng_tensors, **(self.kept or (0, {}))[1]}
             path = save_checkpoint(self.cfg.output / "checkpoints", self.step, tensors, meta, self.cfg.keep_checkpoints)
         self.acc.wait_for_everyone()
@@ -272,14 +282,17 @@ class _Run:
         self.step, self.skipped, self.in_a_row, self.seconds = meta["step"], meta["skipped"], meta["in_a_row"], meta["seconds"]
         if meta.get("kept_update") is not None:
             self.kept = (meta["kept_update"], {g: t for g, t in tensors.items() if g.startswith("kept_")})
+        self.load_extra_state(meta.get("extra", {}))
         return True
 
     # -- pictures ---------------------------------------------------------------------------------------------
-    def fixed_samples(self, n: int, scale: float = 1.0) -> tuple[torch.Tensor, list]:
-        """Samples from fixed seeds (the same at every update and in every run with this seed), no graph."""
-        conditions, x = self.draw(n, torch.Generator().manual_seed(10_000 + self.cfg.seed))
+    def fixed_samples(self, n: int, scale: float = 1.0, seeds: int = 10_000) -> tuple[torch.Tensor, list]:
+        """Samples from fixed seeds (the same at every update and in every run with this seed), no graph; the
+        hacking guard draws from other seeds (``GUARD_SEEDS``) than the pictures and the evaluation, so that the
+        evaluation's judge reads samples the guard's choices (the kept LoRA, ShortFT's stage ends) never saw."""
+        conditions, x = self.draw(n, torch.Generator().manual_seed(seeds + self.cfg.seed))
         with torch.no_grad(), self.scaled(scale):
-            x0 = sample(self.chain(conditions), x, generator=torch.Generator().manual_seed(20_000 + self.cfg.seed))
+            x0 = sample(self.chain(conditions), x, generator=torch.Generator().manual_seed(seeds + 10_000 + self.cfg.seed))
             return self.images(x0), conditions
 
     def grid(self, path: Path, rows: list[tuple[str, torch.Tensor, list]]) -> None:
@@ -436,7 +449,7 @@ def _finish(run: _Run, metrics: list[dict]) -> dict:
             run.load_lora_tensors(final, out)
         run.grid(out / "final.png", rows)
         _plot(out, metrics, cfg.strategy)
-        checks = [r["guard"] for r in metrics if "guard" in r]
+        checks = [r[k] for r in metrics for k in ("stage_check", "guard") if k in r]  # ShortFT checks stage ends
         summary = {"updates": run.step, "skipped": run.skipped, "seconds": run.seconds, "processes": acc.num_processes,
                    "rank_max_abs_diff": spread, "evaluation": evaluation,
                    "seconds_per_update": statistics.median([r["seconds"] for r in metrics]) if metrics else None,

@@ -13,7 +13,9 @@ segment j the LoRAs 1..j are all active (:class:`TimestepLoRA`). The short chain
 
 and the reward gradient flows end to end through it (every graph-keeping call checkpointed). Training is
 progressive in k stages: stage i trains LoRAs i..k on the chain that runs segments 1..i-1 without a graph (their
-LoRAs frozen), segment i on the base chain with its graph, and the shortcuts after it. Inference runs the original
+LoRAs frozen), segment i on the base chain with its graph, and the shortcuts after it; each stage has an equal
+share of the updates (or seconds) left when it began, and with the hacking guard on a stage does not end (its LoRA is
+not frozen) while the guard's last check of it failed. Inference runs the original
 N-step chain with each timestep's LoRAs (:func:`load_shortft`), at the cost of plain sampling.
 
 :func:`shortft` is :func:`sdo.finetune` with ``strategy="shortft"``: the same options (``segments``,
@@ -170,7 +172,9 @@ class _ShortRun(_Run):
         if self.dtype != torch.float32:  # the frozen few-step model in the base's dtype
             self.few_step.to(dtype=self.dtype)
         self.few_step.to(self.acc.device)
-        self.stage = 0
+        # the progressive stage (0-based), when it began (update, seconds), whether the guard's last check
+        # failed, and the last stage whose end was checked
+        self.stage, self.began, self.held, self.checked_end = 0, (0, 0.0), False, -1
 
     def add_loras(self, model):
         names = adapter_names(self.cfg.segments)
@@ -186,22 +190,46 @@ class _ShortRun(_Run):
         self.timestep_lora = TimestepLoRA(model, names, timesteps)
         return self.timestep_lora
 
-    def current_stage(self) -> int:
-        """The progressive stage of the next update: its share of ``updates`` (or of ``time_budget``, if further)."""
-        cfg = self.cfg
-        if not cfg.progressive:
-            return 0
-        done = self.step / cfg.updates
+    def stage_over(self) -> bool:
+        """Whether the current stage has had its share: the updates (or, if further, the seconds) left when it
+        began, split equally over it and the stages after it (k equal shares when no stage was held)."""
+        cfg, left = self.cfg, self.cfg.segments - self.stage
+        began_step, began_seconds = self.began
+        done = (self.step - began_step) / max(cfg.updates - began_step, 1) * left
         if cfg.time_budget is not None:
-            done = max(done, self.seconds / cfg.time_budget)
-        return min(int(done * cfg.segments), cfg.segments - 1)
+            done = max(done, (self.seconds - began_seconds) / max(cfg.time_budget - began_seconds, 1e-9) * left)
+        return done >= 1 - 1e-9
+
+    def guard_check(self):
+        check = super().guard_check()
+        self.held = not check.passed
+        return check
 
     def begin_update(self) -> dict:
-        self.stage = self.current_stage()
+        """The next update's stage. Its LoRA is frozen when the stage ends, so with the hacking guard on it is
+        checked first, and a LoRA the guard's last check failed is not frozen: the stage goes on, to be checked
+        again at the guard's next check (stage 1 often ends inside the overshoot of its first updates, and the
+        later stages can only compensate for a frozen segment-1 LoRA; docs/shortft.md)."""
+        record = {}
+        if self.cfg.progressive and self.stage < self.cfg.segments - 1 and self.stage_over():
+            if self.guard is not None and self.checked_end != self.stage:
+                self.checked_end = self.stage
+                record["stage_check"] = self.guard_check().record()
+            if self.guard is None or not self.held:
+                self.stage += 1
+                self.began = (self.step, self.seconds)
         for j, params in enumerate(self.adapter_params):
             for p in params:
                 p.requires_grad_(j >= self.stage)
-        return {"stage": self.stage + 1}
+        return {**record, "stage": self.stage + 1}
+
+    def extra_state(self) -> dict:
+        return {"stage": self.stage, "began": list(self.began), "held": self.held, "checked_end": self.checked_end}
+
+    def load_extra_state(self, state: dict) -> None:
+        if state:
+            self.stage, self.began, self.held = state["stage"], tuple(state["began"]), state["held"]
+            self.checked_end = state["checked_end"]
 
     def forward(self, conditions, x):
         cond, uncond = self.task.encode(conditions)
