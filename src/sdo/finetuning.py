@@ -57,6 +57,7 @@ __all__ = ["STRATEGIES", "FinetuneConfig", "FinetuneResult", "FinetuneTask", "No
 
 GUARD_SEEDS = 30_000  # the base of the hacking guard's fixed seeds (_Run.fixed_samples)
 
+
 def _strategy(cfg: FinetuneConfig, generator: torch.Generator):
     return {"sdo": lambda: Shortcut(at="random", generator=generator),
             "random-truncated": lambda: RandomTruncated(1, cfg.steps, generator=generator, checkpoint=True),
@@ -292,7 +293,8 @@ class _Run:
         evaluation's judge reads samples the guard's choices (the kept LoRA, ShortFT's stage ends) never saw."""
         conditions, x = self.draw(n, torch.Generator().manual_seed(seeds + self.cfg.seed))
         with torch.no_grad(), self.scaled(scale):
-            x0 = sample(self.chain(conditions), x, generator=torch.Generator().manual_seed(seeds + 10_000 + self.cfg.seed))
+            noise = torch.Generator().manual_seed(seeds + 10_000 + self.cfg.seed)
+            x0 = sample(self.chain(conditions), x, generator=noise)
             return self.images(x0), conditions
 
     def grid(self, path: Path, rows: list[tuple[str, torch.Tensor, list]]) -> None:
