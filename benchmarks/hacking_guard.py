@@ -71,7 +71,8 @@ def main() -> None:
         kept = summary["kept"]["evaluation"] if summary["kept"] else final
         row = {"method": method, "target": digit, "W": w, "updates": result.updates, "seconds": result.seconds,
                "base": base, "final": final, "kept": kept, "kept_update": result.kept_update,
-               "guard_failed": summary["guard"]["failed"], "judged": args.eval_count, "seconds_by_stage": _stage_seconds(folder)}
+               "guard_failed": summary["guard"]["failed"], "judged": args.eval_count,
+               "seconds_by_stage": _stage_seconds(folder)}
         results.append(row)
         print(f"{method:8s} digit {digit} W={w:g}: final judge {final['judge_target']:.2f} rejected "
               f"{final['judge_rejected']:.2f} diversity {final['diversity'] / base['diversity']:.2f}; kept update "
@@ -125,13 +126,16 @@ def _write_table(args, results: list[dict], seconds: float | None) -> None:
     judged = results[0].get("judged", 64) if results else args.eval_count  # results before 256 judged the guard's 64
     same = "the guard's 64" if judged == 64 else "other samples than the guard's 64"
     took = "" if seconds is None else f"; {seconds / 60:.0f} min in all"
-    command = "python benchmarks/hacking_guard.py" + ("" if args.methods == "shortft,sdo" else f" --methods {args.methods}")
+    command = "python benchmarks/hacking_guard.py"
+    if args.methods != "shortft,sdo":
+        command += f" --methods {args.methods}"
     if args.output.resolve() != (Path(__file__).parent / "results" / "hacking_guard").resolve():
         command += f" --output {args.output}"
     text = (f"# Reward hacking at the README's settings\n\n`{command}` ({args.budget:g} s of "
             f"updates per run{took} on {platform.machine()}). Judge on "
-            f"{judged} fixed-seed samples at LoRA scale 1 ({same}); diversity over the base model's; 'kept': the LoRA of the last guard check that passed "
-            "(the final one when every check passed).\n\n" + "\n".join(lines) + "\n")
+            f"{judged} fixed-seed samples at LoRA scale 1 ({same}); diversity over the base model's; 'kept': the "
+            "LoRA of the last guard check that passed (the final one when every check passed).\n\n"
+            + "\n".join(lines) + "\n")
     (args.output / "results.md").write_text(text)
     print(text)
 

@@ -272,7 +272,8 @@ def _rejecting(digits, judge):
     task, seen = _task(digits, judge), []
 
     def describe(images, conditions):
-        seen.append(images) if not seen else None
+        if not seen:
+            seen.append(images)
         return {"judge_rejected": 0.0 if torch.equal(images, seen[0]) else 1.0}
 
     task.describe = describe
