@@ -14,8 +14,8 @@ segment j the LoRAs 1..j are all active (:class:`TimestepLoRA`). The short chain
 and the reward gradient flows end to end through it (every graph-keeping call checkpointed). Training is
 progressive in k stages: stage i trains LoRAs i..k on the chain that runs segments 1..i-1 without a graph (their
 LoRAs frozen), segment i on the base chain with its graph, and the shortcuts after it; each stage has an equal
-share of the updates (or seconds) left when it began, and with the hacking guard on a stage does not end (its LoRA is
-not frozen) while the guard's last check of it failed. Inference runs the original
+share of the updates (or seconds) left when it began, and with the hacking guard on a stage's LoRA is checked when
+its share is used up and is not frozen while the guard's latest check of it failed. Inference runs the original
 N-step chain with each timestep's LoRAs (:func:`load_shortft`), at the cost of plain sampling.
 
 :func:`shortft` is :func:`sdo.finetune` with ``strategy="shortft"``: the same options (``segments``,
