@@ -3,6 +3,7 @@
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -91,6 +92,57 @@ def test_output_that_is_a_file_is_an_error(tmp_path, capsys):
         main(["demo", "--output", str(path)])
     err = capsys.readouterr().err
     assert "exists and is not a folder" in err and len(err.strip().splitlines()) == 1
+
+
+def test_train_never_replaces_the_shipped_weights_unasked(tmp_path, capsys, monkeypatch):
+    """`sdo train` once wrote into the installed package's weights folder by default. Now: a fresh folder by default,
+    the shipped folder only with --replace-shipped, a non-empty --output only with --overwrite; each refusal comes
+    before any training and changes no file."""
+    import argparse
+    import hashlib
+
+    from sdo.cli import _train_output
+    from sdo.embedded import weights_dir
+
+    shipped = Path(str(weights_dir()))
+    (tmp_path / "used").mkdir()
+    (tmp_path / "used" / "mine.txt").write_text("keep me")
+
+    def digest():
+        return {p: hashlib.sha256(p.read_bytes()).hexdigest() for root in (shipped, tmp_path)
+                for p in sorted(root.rglob("*")) if p.is_file()}
+
+    before = digest()
+    for argv, message in [(["train", "student", "--output", str(shipped)], "pass --replace-shipped"),
+                          (["train", "digits", "--output", str(tmp_path / "used")], "pass --overwrite"),
+                          (["train", "digit-clip", "--output", str(tmp_path / "x"), "--replace-shipped"], "not both")]:
+        assert main(argv) == 2, argv
+        err = capsys.readouterr().err
+        assert message in err and len(err.strip().splitlines()) == 1, err
+    assert digest() == before
+    monkeypatch.chdir(tmp_path)
+    args = argparse.Namespace(model="digits", output=None, replace_shipped=False, overwrite=False)
+    fresh = _train_output(args)
+    assert fresh.name.startswith("sdo-train-digits-") and fresh.is_dir() and not any(fresh.iterdir())
+    assert _train_output(argparse.Namespace(**{**vars(args), "replace_shipped": True})) == shipped
+    assert _train_output(argparse.Namespace(**{**vars(args), "output": tmp_path / "used", "overwrite": True})) == (
+        tmp_path / "used")
+
+
+@pytest.mark.parametrize("argv", [["demo", "--quick"], ["bench", "--quick"], ["edit", "a thick 8", "--digit", "0"],
+                                  ["train", "digit-clip", "--steps", "1"]])
+def test_an_output_holding_files_is_refused_before_any_work(argv, tmp_path, capsys):
+    """Into a folder holding an earlier run's files, a command once replaced them without a word: now it stops at
+    once, names --overwrite, and every file is as it was."""
+    out = tmp_path / "earlier"
+    out.mkdir()
+    (out / "metrics.json").write_text('{"mine": 1}')
+    (out / "before_after.png").write_bytes(b"not a png")
+    assert main([*argv, "--output", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "pass --overwrite" in err and len(err.strip().splitlines()) == 1, err
+    assert (out / "metrics.json").read_text() == '{"mine": 1}' and (out / "before_after.png").read_bytes() == b"not a png"
+    assert sorted(p.name for p in out.iterdir()) == ["before_after.png", "metrics.json"]
 
 
 def test_help_and_module_entry_point(capsys):

@@ -5,6 +5,7 @@ the command line, and a text-to-image pipeline task."""
 import json
 import math
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -153,6 +154,9 @@ def test_reward_shape_and_resume_errors(digits, judge, tmp_path):
     finetune(_task(digits, judge), FinetuneConfig(output=tmp_path / "c", updates=1, **SMALL))
     with pytest.raises(FileExistsError, match="--resume"):
         finetune(_task(digits, judge), FinetuneConfig(output=tmp_path / "c", updates=2, **SMALL))
+    shutil.rmtree(tmp_path / "c" / "checkpoints")  # a finished run whose checkpoints were pruned is still a run
+    with pytest.raises(FileExistsError, match=r"holds a run \(metrics.jsonl, config.json, summary.json, lora\)"):
+        finetune(_task(digits, judge), FinetuneConfig(output=tmp_path / "c", updates=2, **SMALL))
     with pytest.raises(ValueError, match="base_dtype must be one of"):
         FinetuneConfig(output=tmp_path / "d", base_dtype="int8")
 
@@ -227,6 +231,28 @@ def test_two_processes_equal_one(command, steps, tmp_path):
         # whose gradient is near zero by up to ~1e-4 through Adam's normalization (weights here are ~1e-2)
         _assert_same(two, one, rtol=1e-4, atol=1e-6 if command == "finetune" else 5e-4)
         assert any((v != 0).any() for k, v in one.items() if "lora_B" in k)
+
+
+def test_cli_refusal_leaves_the_earlier_run_as_it_was(tmp_path):
+    """A refused `sdo finetune` into an existing run once rewrote its command.json first (the next --resume then
+    crashed or silently changed settings); now it is refused before anything is written, and a bad option is
+    refused before command.json exists."""
+    import hashlib
+
+    from sdo.cli import main
+
+    run = tmp_path / "run"
+    assert main([*RUN, "--updates", "1", "--eval-count", "2", "--output", str(run)]) == 0
+
+    def digest():
+        return {p: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(run.rglob("*")) if p.is_file()}
+
+    before = digest()
+    for extra in (["--rank", "8"], ["--lr", "0.5", "--max-grad-norm", "none"], ["--updates", "2"]):
+        assert main([*RUN, *extra, "--output", str(run)]) == 2, extra
+        assert digest() == before, extra
+    assert main([*RUN, "--warmup", "5", "--output", str(tmp_path / "new")]) == 2  # warm-up with a constant lr
+    assert not (tmp_path / "new" / "command.json").exists()
 
 
 def test_cli_config_file_and_flags(tmp_path):

@@ -358,3 +358,51 @@ def test_lora_command_scales_and_merges_like_the_functions(tmp_path, capsys):
     assert main(["lora", "merge", str(tmp_path / "a"), str(tmp_path / "b"), "--weights", "1",
                  "--output", str(tmp_path / "bad")]) == 2
     assert "one weight per LoRA" in capsys.readouterr().err
+
+
+def test_lora_command_never_overwrites_a_source_and_asks_before_replacing(tmp_path, capsys):
+    """`sdo lora scale X X` once zeroed X in place; `merge --output EXISTING` replaced it. Both are refused before
+    any work, naming the reason or the flag, and no file changes; `--force` replaces an output that is not a source."""
+    import hashlib
+
+    from sdo.cli import main
+
+    for name, seed in (("a", 2), ("b", 3)):
+        model = tiny_unet()
+        add_lora(model, rank=2, target_modules=DEFAULT_TARGETS)
+        randomize(model, seed=seed)
+        save_lora(model, tmp_path / name)
+
+    def digest():
+        return {p: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(tmp_path.rglob("*")) if p.is_file()}
+
+    before = digest()
+    a, b = str(tmp_path / "a"), str(tmp_path / "b")
+    cases = [(["lora", "scale", a, a, "--alpha", "0"], "is the source"),
+             (["lora", "scale", a, a, "--alpha", "0", "--force"], "is the source"),
+             (["lora", "scale", a, str(tmp_path / "a" / "sub"), "--alpha", "0"], "is the source"),
+             (["lora", "merge", a, b, "--weights", "1,1", "--output", b, "--force"], "is the source"),
+             (["lora", "merge", a, "--weights", "1", "--output", b], "pass --force"),
+             (["lora", "scale", a, b, "--alpha", "2"], "pass --force")]
+    for argv, message in cases:
+        assert main(argv) == 2, argv
+        err = capsys.readouterr().err
+        assert message in err and err.count("\n") == 1, (argv, err)
+        assert digest() == before, argv
+    assert main(["lora", "scale", a, b, "--alpha", "2", "--force"]) == 0
+    (scaled, _), (source, _) = read_lora(tmp_path / "b"), read_lora(tmp_path / "a")
+    assert any(not torch.equal(scaled[k], source[k]) for k in source)
+
+
+def test_atomic_writes_get_the_permissions_of_a_plain_open(tmp_path):
+    import os
+
+    from sdo.checkpoints import write_json
+
+    old = os.umask(0o022)
+    try:
+        write_json(tmp_path / "x.json", {"a": 1})
+        (tmp_path / "plain.json").write_text("{}")
+    finally:
+        os.umask(old)
+    assert (tmp_path / "x.json").stat().st_mode & 0o777 == (tmp_path / "plain.json").stat().st_mode & 0o777 == 0o644

@@ -33,13 +33,21 @@ __all__ = [
 ]
 
 
+def _umask() -> int:
+    mask = os.umask(0o022)  # reading the umask means setting it; put it back at once
+    os.umask(mask)
+    return mask
+
+
 def atomic_write(path: str | os.PathLike, write) -> None:
-    """``write(tmp)`` to a temporary file beside ``path``, then ``os.replace`` it onto ``path``."""
+    """``write(tmp)`` to a temporary file beside ``path``, then ``os.replace`` it onto ``path``, with the
+    permissions a plain ``open`` would give (``mkstemp``'s own are 0600)."""
     path = Path(path)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     os.close(fd)
     try:
         write(tmp)
+        os.chmod(tmp, 0o666 & ~_umask())
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):

@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import math
+import os
 import sys
 from pathlib import Path
 
@@ -71,6 +72,23 @@ def _folder(text: str) -> Path:
     return path
 
 
+def _output(args, prefix: str) -> Path:
+    """The command's output folder, settled before any work: ``--output`` (a non-empty one only with
+    ``--overwrite``) or a fresh ``<prefix>-<time>``; created and checked writable."""
+    out = args.output
+    if out is None:
+        out = _fresh_folder(prefix)
+    elif out.is_dir() and any(out.iterdir()) and not getattr(args, "overwrite", False):
+        raise FileExistsError(f"{out} is not empty; pass --overwrite to write into it, or choose another --output")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise ValueError(f"cannot create the output folder {out}: {err.strerror}") from None
+    if not os.access(out, os.W_OK):
+        raise ValueError(f"the output folder {out} is not writable")
+    return out
+
+
 def _fresh_folder(prefix: str) -> Path:
     stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
     path, n = Path(f"{prefix}-{stamp}"), 1
@@ -134,6 +152,7 @@ def _build_parser() -> argparse.ArgumentParser:
                           description="Adversarial generation, style guidance and the cost table on the embedded "
                           "digits models; writes PNGs, metrics.json and index.html.")
     demo.add_argument("--output", type=_folder, default=None, help="report folder (default: a fresh sdo-demo-<time>)")
+    demo.add_argument("--overwrite", action="store_true", help="write into an --output that is not empty (files of the same names are replaced)")
     demo.add_argument("--seed", type=int, default=0, help="seed of every latent and noise draw (default 0)")
     demo.add_argument("--device", type=_device, default="cpu", help="torch device (default cpu)")
     demo.add_argument("--quick", action="store_true", help="a smoke run (4 samples, 10 steps, 4 iterations)")
@@ -178,6 +197,7 @@ def _build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--threads", type=_positive_int, default=None, help="torch threads (default: torch's)")
     bench.add_argument("--seed", type=int, default=0, help="seed of the latent, the weights and random draws")
     bench.add_argument("--output", type=_folder, default=None, help="folder (default: a fresh sdo-bench-<time>)")
+    bench.add_argument("--overwrite", action="store_true", help="write into an --output that is not empty (files of the same names are replaced)")
     bench.add_argument("--quick", action="store_true",
                        help="smoke run: N=5, sweep 2,5, batch 2, one round, depths 1,2,5 (unless given explicitly)")
     bench.add_argument("--no-progress", action="store_true", help="no progress bars")
@@ -255,6 +275,7 @@ def _build_parser() -> argparse.ArgumentParser:
         t.add_argument("--device", type=_device, default="cpu")
         t.add_argument("--checkpoint-vae", action="store_true", help="recompute the VAE decoder in backward")
         t.add_argument("--output", type=_folder, default=None, help=f"folder (default: a fresh sdo-{task}-<time>)")
+        t.add_argument("--overwrite", action="store_true", help="write into an --output that is not empty (files of the same names are replaced)")
         t.add_argument("--no-progress", action="store_true")
 
     train = sub.add_parser("train", help="retrain an embedded model", description="Retrain an embedded model.")
@@ -262,7 +283,11 @@ def _build_parser() -> argparse.ArgumentParser:
 
     def train_parser(name: str, help: str, description: str) -> argparse.ArgumentParser:
         parser = train_sub.add_parser(name, help=help, description=description)
-        parser.add_argument("--output", type=_folder, default=None, help="folder (default: the package's weights folder)")
+        parser.add_argument("--output", type=_folder, default=None,
+                            help="folder (default: a fresh sdo-train-<model>-<time>); never the shipped weights")
+        parser.add_argument("--replace-shipped", action="store_true",
+                            help="write into the installed package's weights folder, replacing the shipped model")
+        parser.add_argument("--overwrite", action="store_true", help="write into an --output that is not empty (files of the same names are replaced)")
         parser.add_argument("--seed", type=int, default=0, help="seed (default 0)")
         parser.add_argument("--no-progress", action="store_true", help="no progress bars")
         return parser
@@ -292,7 +317,7 @@ def _demo(args) -> None:
     from .demo import DemoConfig, run_demo
 
     cfg = DemoConfig(
-        output=args.output or _fresh_folder("sdo-demo"), seed=args.seed, device=args.device, quick=args.quick,
+        output=_output(args, "sdo-demo"), seed=args.seed, device=args.device, quick=args.quick,
         samples=args.samples, steps=args.steps, iterations=args.iterations, tau=args.tau, lr=args.lr,
         rules=args.rules, content_weight=args.content_weight,
     )
@@ -310,7 +335,7 @@ def _bench(args) -> None:
     sizes = {k: getattr(args, k) if getattr(args, k) is not None else sizes.get(k) for k in _BENCH_QUICK}
     cfg = BenchConfig(
         model=args.model, sweep_repeats=args.sweep_repeats, guidance_scales=args.guidance_scales, params=not args.no_params, memory=not args.no_memory,
-        device=args.device, dtype=args.dtype, seed=args.seed, output=args.output or _fresh_folder("sdo-bench"),
+        device=args.device, dtype=args.dtype, seed=args.seed, output=_output(args, "sdo-bench"),
         progress=not args.no_progress, **({"strategies": args.strategies} if args.strategies else {}),
         **{k: v for k, v in sizes.items() if v is not None},
     )
@@ -327,6 +352,7 @@ def _task(args) -> None:
     from . import tasks
 
     strategy = _task_strategy(args)  # a clear error before anything loads
+    args.output = _output(args, f"sdo-{args.command}")
     dtype = getattr(torch, args.dtype)
     if args.command == "edit" and args.model is None:
         _save_task(args, _edit_digits(args, strategy))
@@ -395,8 +421,7 @@ def _save_task(args, result) -> None:
 
     from . import report
 
-    out = args.output or _fresh_folder(f"sdo-{args.command}")
-    out.mkdir(parents=True, exist_ok=True)
+    out = args.output  # settled by _task before any work
     report.save_grid([("before", result.before), ("after", result.after)], out / "before_after.png", title=args.prompt)
     report.plot_curves({args.strategy: result.optimization.losses}, out / "loss.png", f"sdo {args.command}", "iteration", "loss")
     settings = ("strategy", "steps", "iterations", "lr", "optimizer", "step_rule", "tau", "target", "start_t",
@@ -411,11 +436,24 @@ def _save_task(args, result) -> None:
     print(f"wrote {out}/before_after.png, loss.png and metrics.json")
 
 
+def _train_output(args) -> Path:
+    """Where ``sdo train`` writes: a fresh folder, ``--output``, or the shipped weights only when asked."""
+    from .embedded import weights_dir
+
+    shipped = Path(str(weights_dir()))
+    if args.replace_shipped:
+        if args.output is not None:
+            raise ValueError("give --output or --replace-shipped, not both")
+        return shipped
+    if args.output is not None and args.output.resolve() == shipped.resolve():
+        raise ValueError(f"{args.output} is the package's shipped weights folder: pass --replace-shipped to replace them")
+    return _output(args, f"sdo-train-{args.model}")
+
+
 def _train(args) -> None:
     import json
 
-    from .embedded import weights_dir
-
+    output = _train_output(args)
     if args.model == "student":
         from .embedded.student import StudentConfig, train_student
 
@@ -423,7 +461,6 @@ def _train(args) -> None:
         for name in ("train_steps", "trajectories"):
             if getattr(args, name) is not None:
                 setattr(cfg, name, getattr(args, name))
-        output = args.output or Path(str(weights_dir()))
         card = train_student(output, cfg, progress=not args.no_progress)
         print(json.dumps({k: card[k] for k in ("held_out", "seconds")}, indent=2))
         print(f"wrote digits_student.safetensors and digits_student_card.json to {output}")
@@ -431,25 +468,22 @@ def _train(args) -> None:
         from .embedded.digit_clip import DigitCLIPConfig, train_digit_clip
 
         cfg = DigitCLIPConfig(seed=args.seed, **({"steps": args.steps} if args.steps else {}))
-        output = args.output or Path(str(weights_dir()))
         _, card = train_digit_clip(output, cfg, progress=not args.no_progress)
         print(json.dumps({k: card[k] for k in ("held_out", "seconds")}, indent=2))
         print(f"wrote digit_clip.safetensors and digit_clip_card.json to {output}")
     else:
-        _train_digits(args)
+        _train_digits(args, output)
 
 
-def _train_digits(args) -> None:
+def _train_digits(args, output: Path) -> None:
     import json
 
-    from .embedded import weights_dir
     from .embedded.digits import TrainConfig, train_digits
 
     cfg = TrainConfig(seed=args.seed)
     for name in ("unet_steps", "classifier_epochs", "eval_samples"):
         if getattr(args, name) is not None:
             setattr(cfg, name, getattr(args, name))
-    output = args.output or Path(str(weights_dir()))
     card = train_digits(output, cfg, progress=not args.no_progress)
     print(json.dumps({k: card[k] for k in ("classifier", "samples", "seconds")}, indent=2))
     print(f"wrote the weights and digits_card.json to {output}")

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -93,10 +94,12 @@ def _lora_parsers(sub) -> None:
     scale.add_argument("source", type=Path)
     scale.add_argument("output", type=Path)
     scale.add_argument("--alpha", type=float, required=True)
+    scale.add_argument("--force", action="store_true", help="replace an existing output folder (never a source)")
     merge = lora_sub.add_parser("merge", help="theta + sum_i w_i delta_i: several LoRAs as one (exact)")
     merge.add_argument("sources", type=Path, nargs="+")
     merge.add_argument("--weights", type=_tuple(float), required=True, help="one per source, comma-separated")
     merge.add_argument("--output", type=Path, required=True)
+    merge.add_argument("--force", action="store_true", help="replace an existing output folder (never a source)")
 
 
 def load_config(path: Path) -> dict:
@@ -167,7 +170,7 @@ def _task(options: dict, cfg):
 
 def run_finetune(args) -> None:
     from .checkpoints import write_json
-    from .finetuning import FinetuneConfig, finetune
+    from .finetuning import FinetuneConfig, finetune, run_files
 
     given = load_config(args.config) if getattr(args, "config", None) else {}
     given.update({k: v for k, v in vars(args).items() if k not in ("command", "config")})
@@ -178,10 +181,16 @@ def run_finetune(args) -> None:
     saved = Path(given["output"]) / "command.json"  # a resumed run starts from the options it was started with
     values = json.loads(saved.read_text()) if given.get("resume") and saved.is_file() else {}
     values.update(given)
-    saved.parent.mkdir(parents=True, exist_ok=True)
-    write_json(saved, {k: v for k, v in values.items() if k != "resume"})
-    options = {k: values.pop(k) for k in _TASK_KEYS if k in values}
-    cfg = FinetuneConfig.from_dict(values)
+    options = {k: values[k] for k in _TASK_KEYS if k in values}
+    cfg = FinetuneConfig.from_dict({k: v for k, v in values.items() if k not in _TASK_KEYS})  # checked before writing
+    main_process = os.environ.get("RANK", "0") == "0"  # under `accelerate launch` only rank 0 writes command.json
+    found = run_files(cfg.output) + (["command.json"] if main_process and saved.is_file() else [])
+    if not cfg.resume and found:  # refused before command.json is touched, so the earlier run stays resumable
+        raise FileExistsError(f"{cfg.output} already holds a run ({', '.join(found)}); pass --resume to continue it, "
+                              "or choose a new --output")
+    if main_process:
+        saved.parent.mkdir(parents=True, exist_ok=True)
+        write_json(saved, {k: v for k, v in values.items() if k != "resume"})
     result = finetune(_task(options, cfg), cfg)
     print(json.dumps({"updates": result.updates, "skipped": result.skipped, "seconds": round(result.seconds, 2),
                       "seconds_per_update": round(result.seconds_per_update, 4), "evaluation": result.evaluation}, indent=2))
@@ -194,13 +203,26 @@ def run_finetune(args) -> None:
         print(f"keep {result.keep}: the final LoRA passed the reward-hacking guard", file=sys.stderr)
 
 
+def _check_lora_output(output: Path, sources: list[Path], force: bool) -> None:
+    """Before any work: the output is never one of the sources (or inside one), and an existing, non-empty output
+    folder is replaced only with ``--force``."""
+    out = output.resolve()
+    for source in sources:
+        if out == source.resolve() or source.resolve() in out.parents:
+            raise ValueError(f"the output {output} is the source {source} (or inside it); write to another folder")
+    if output.exists() and (not output.is_dir() or any(output.iterdir())) and not force:
+        raise FileExistsError(f"{output} already exists; pass --force to replace it, or choose another --output")
+
+
 def run_lora(args) -> None:
     from .lora import merge_lora_files, scale_lora_files
 
+    sources = [args.source] if args.action == "scale" else args.sources
+    if args.action == "merge" and len(args.weights) != len(args.sources):
+        raise ValueError(f"{len(args.sources)} LoRAs but {len(args.weights)} weights: give one weight per LoRA")
+    _check_lora_output(args.output, sources, args.force)
     if args.action == "scale":
         scale_lora_files(args.source, args.output, args.alpha)
     else:
-        if len(args.weights) != len(args.sources):
-            raise ValueError(f"{len(args.sources)} LoRAs but {len(args.weights)} weights: give one weight per LoRA")
         merge_lora_files(args.sources, args.weights, args.output)
     print(f"wrote {args.output}")

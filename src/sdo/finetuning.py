@@ -53,9 +53,17 @@ from .sampling import sample
 from .solvers import solver_from_scheduler
 from .strategies import Checkpoint, Full, RandomTruncated, Shortcut, Truncated
 
-__all__ = ["STRATEGIES", "FinetuneConfig", "FinetuneResult", "FinetuneTask", "NonFiniteError", "finetune"]
+__all__ = ["STRATEGIES", "FinetuneConfig", "FinetuneResult", "FinetuneTask", "NonFiniteError", "finetune", "run_files"]
 
 GUARD_SEEDS = 30_000  # the base of the hacking guard's fixed seeds (_Run.fixed_samples)
+
+
+def run_files(output) -> list[str]:
+    """What of a fine-tuning run ``output`` holds (any of these marks a run folder, even with its checkpoints pruned):
+    the names of its checkpoints, logs, settings, summary and LoRA that exist there."""
+    out = Path(output)
+    return [name for name in ("checkpoints", "metrics.jsonl", "config.json", "summary.json", "lora", "kept")
+            if (out / name).exists()]
 
 
 def _strategy(cfg: FinetuneConfig, generator: torch.Generator):
@@ -335,14 +343,16 @@ def _train(run: _Run) -> FinetuneResult:
     cfg = run.cfg
     acc, out = run.acc, cfg.output
     checkpoints = out / "checkpoints"
+    found = run_files(out)  # before the barrier, so that no process sees files the main process writes after it
     if run.acc.is_main_process:
         out.mkdir(parents=True, exist_ok=True)
     acc.wait_for_everyone()
     if cfg.resume:
         if not run.restore():
             raise FileNotFoundError(f"resume=True but {checkpoints} holds no checkpoint")
-    elif latest_checkpoint(checkpoints) is not None:
-        raise FileExistsError(f"{out} already holds a run; pass resume=True (--resume) to continue it, or a new output")
+    elif found:
+        raise FileExistsError(f"{out} already holds a run ({', '.join(found)}); pass resume=True (--resume) to "
+                              "continue it, or a new output")
     metrics_path = out / "metrics.jsonl"
     metrics = _read_metrics(metrics_path, run.step)  # drops what a killed run logged after its last checkpoint
     if acc.is_main_process:
