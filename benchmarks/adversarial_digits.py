@@ -8,6 +8,7 @@ AdjointDPM (exact adjoint) and DOODL (EDICT reversible), each at its own best le
    seconds; and each method's success at SDO's wall-clock (equal time) beside the success at equal iterations.
 
     python benchmarks/adversarial_digits.py                       # n = 100
+    python benchmarks/adversarial_digits.py --rewrite             # results.md again from results.json
     python benchmarks/adversarial_digits.py --n 8 --tune-n 8 --iterations 3 --output /tmp/quick
 """
 
@@ -39,14 +40,18 @@ def main() -> None:
     parser.add_argument("--methods", default=",".join(METHODS))
     parser.add_argument("--output", type=Path, default=Path(__file__).parent / "results" / "adversarial_digits")
     parser.add_argument("--force", action="store_true", help="replace results already in --output")
+    parser.add_argument("--rewrite", action="store_true", help="only rewrite results.md from --output's results.json")
     args = parser.parse_args()
+    if args.rewrite:
+        _write_table(args.output, json.loads((args.output / "results.json").read_text()))
+        return
     if (args.output / "results.json").exists() and not args.force:
         raise SystemExit(f"{args.output} already holds results; pass --force to replace them")
     args.output.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(0)
     models = load_digits()
     methods = args.methods.split(",")
-    common = dict(steps=args.steps, iterations=args.iterations, tau=args.tau)
+    common = {"steps": args.steps, "iterations": args.iterations, "tau": args.tau}
     began = time.time()
 
     tune = correct_samples(models, args.tune_n, args.steps, seed=1)
@@ -85,21 +90,33 @@ def main() -> None:
               "best_lr": {f"{m}/{rule}": lr for (m, rule), lr in best.items()}, "tuning": tuning, "runs": rows,
               "seconds": time.time() - began, "machine": platform.machine()}
     (args.output / "results.json").write_text(json.dumps(result, indent=1))
-    lines = ["| method | rule | lr | tuned | success | 95% Wilson | mean abs change | seconds "
-             "| success at SDO's seconds |",
-             "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    _write_table(args.output, result)
+
+
+def _write_table(output: Path, result: dict) -> None:
+    """results.md from results.json: every run with its Wilson interval, and Fisher's exact test (two-sided) of its
+    successes against SDO's under the same rule at SDO's tuned rate."""
+    from scipy.stats import fisher_exact
+
+    setup, rows = result["setup"], result["runs"]
+    sdo = {r["rule"]: r for r in rows if r["method"] == "sdo" and r["tuned"]}
+    lines = [("| method | rule | lr | tuned | success | 95% Wilson | Fisher p vs SDO | mean abs change | seconds "
+             "| success at SDO's seconds |"),
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for row in rows:
+        ref = sdo[row["rule"]]
+        table = [[r["successes"], r["n"] - r["successes"]] for r in (row, ref)]
+        p = "-" if row is ref else f"{fisher_exact(table)[1]:.2g}"
         lines.append(f"| {row['method']} | {row['rule']} | {row['lr']:g} | {'yes' if row['tuned'] else 'paper'} | "
-                     f"{row['successes']}/{row['n']} = {row['rate']:.2f} | [{row['low']:.2f}, {row['high']:.2f}] | "
+                     f"{row['successes']}/{row['n']} = {row['rate']:.2f} | [{row['low']:.2f}, {row['high']:.2f}] | {p} | "
                      f"{row['change']:.4f} | {row['seconds']:.0f} | {row['rate_at_sdo_seconds']:.2f} |")
     text = (f"# Adversarial generation on the digits (Sec. 5.1.4)\n\n`python benchmarks/adversarial_digits.py "
-            f"--n {args.n} --tune-n {args.tune_n}` ({result['seconds'] / 60:.0f} min on {platform.machine()}, "
-            f"{args.steps} DDIM steps, {args.iterations} iterations, tau {args.tau}).\n\nTuned learning rates "
-            f"(grid {GRID}, on {args.tune_n} other samples): "
+            f"--n {setup['n']} --tune-n {setup['tune_n']}` ({result['seconds'] / 60:.0f} min on {result['machine']}, "
+            f"{setup['steps']} DDIM steps, {setup['iterations']} iterations, tau {setup['tau']}).\n\nTuned learning "
+            f"rates (grid {setup['grid']}, on {setup['tune_n']} other samples): "
             + ", ".join(f"{k} {v:g}" for k, v in result["best_lr"].items()) + "\n\n" + "\n".join(lines) + "\n")
-    (args.output / "results.md").write_text(text)
+    (output / "results.md").write_text(text)
     print(text)
-
 
 if __name__ == "__main__":
     main()

@@ -166,16 +166,17 @@ class _Run:
         images, conditions = self.fixed_samples(self.cfg.guard_count, 0.0, GUARD_SEEDS)
         self.guard = Guard(images, conditions, self.task.describe)
         if self.kept is None:
-            self.kept = (self.step, self._snapshot())
+            self.kept = (self.step, self.lora_copy())
 
-    def _snapshot(self) -> dict:
-        return {f"kept_{g}": {k: v.detach().clone() for k, v in t.items()} for g, t in self.lora_tensors().items()}
+    def lora_copy(self) -> dict[str, dict[str, torch.Tensor]]:
+        """A copy of :meth:`lora_tensors` that later updates do not change."""
+        return {g: {k: v.detach().clone() for k, v in t.items()} for g, t in self.lora_tensors().items()}
 
     def guard_check(self) -> GuardCheck:
         """Check the current LoRA; a passing one becomes the LoRA to keep."""
         check = self.guard.check(self.step, self.fixed_samples(self.cfg.guard_count, 1.0, GUARD_SEEDS)[0])
         if check.passed:
-            self.kept = (self.step, self._snapshot())
+            self.kept = (self.step, self.lora_copy())
         return check
 
     # -- sampling ---------------------------------------------------------------------------------------------
@@ -271,7 +272,8 @@ class _Run:
                     "skipped": self.skipped, "in_a_row": self.in_a_row, "seconds": self.seconds,
                     "processes": self.acc.num_processes, "kept_update": self.kept[0] if self.kept else None,
                     "extra": self.extra_state()}
-            tensors = {**self.lora_tensors(), "optimizer": opt_tensors, "rng": rng_tensors, **(self.kept or (0, {}))[1]}
+            tensors = {**self.lora_tensors(), "optimizer": opt_tensors, "rng": rng_tensors,
+                       **{f"kept_{g}": t for g, t in (self.kept or (0, {}))[1].items()}}
             path = save_checkpoint(self.cfg.output / "checkpoints", self.step, tensors, meta, self.cfg.keep_checkpoints)
         self.acc.wait_for_everyone()
         return path
@@ -290,7 +292,8 @@ class _Run:
             self.generators["noise"].set_state(noise)
         self.step, self.skipped, self.in_a_row, self.seconds = meta["step"], meta["skipped"], meta["in_a_row"], meta["seconds"]
         if meta.get("kept_update") is not None:
-            self.kept = (meta["kept_update"], {g: t for g, t in tensors.items() if g.startswith("kept_")})
+            self.kept = (meta["kept_update"], {g.removeprefix("kept_"): t for g, t in tensors.items()
+                                               if g.startswith("kept_")})
         self.load_extra_state(meta.get("extra", {}))
         return True
 
@@ -453,8 +456,8 @@ def _finish(run: _Run, metrics: list[dict]) -> dict:
             # the grid's own fixed-seed draw of sample_count (the first rows of a larger draw are other samples)
             rows.append((f"LoRA x{scale:g}", *run.fixed_samples(cfg.sample_count, scale)))
         if _keep_folder(run) != ".":  # the guard's LoRA: saved, scored at scale 1 and shown, then the final restored
-            final = {g: {k: v.detach().clone() for k, v in t.items()} for g, t in run.lora_tensors().items()}
-            run.load_lora_tensors({g.removeprefix("kept_"): t for g, t in run.kept[1].items()}, out / "kept")
+            final = run.lora_copy()
+            run.load_lora_tensors(run.kept[1], out / "kept")
             run.save_loras(out / "kept")
             kept = {"update": run.kept[0], "evaluation": _evaluate(run, 1.0)}
             rows.append((f"kept: update {run.kept[0]}", *run.fixed_samples(cfg.sample_count, 1.0)))
