@@ -68,7 +68,7 @@ def test_quick_demo_is_deterministic(quick_demo, tmp_path):
         (["demo", "--steps", "-3"], "--steps: must be >= 1"),
         (["demo", "--tau", "0"], "--tau: must be a finite number > 0"),
         (["demo", "--tau", "nan"], "--tau: must be a finite number > 0"),
-        (["demo", "--iterations", "many"], "expected a positive integer"),
+        (["demo", "--iterations", "many"], "expected a whole number"),
         (["demo", "--content-weight", "-1"], "--content-weight: must be a finite number >= 0"),
         (["demo", "--device", "cuda:7"], "CUDA is not available"),
         (["demo", "--device", "banana"], "not a torch device"),
@@ -231,3 +231,64 @@ def test_bench_needs_an_existing_config_and_sdo(tmp_path, capsys):
     assert "no such UNet config" in capsys.readouterr().err
     assert main(["bench", "--strategies", "full,adjoint", "--output", str(tmp_path / "o")]) == 2
     assert "keep 'sdo'" in capsys.readouterr().err
+
+
+def test_every_flag_of_every_command_has_help():
+    import argparse
+
+    from sdo.cli import _build_parser
+
+    bare = []
+
+    def walk(parser, path):
+        for action in parser._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                for name, sub in action.choices.items():
+                    walk(sub, [*path, name])
+            elif not isinstance(action, argparse._HelpAction) and not action.help:
+                bare.append(" ".join([*path, *(action.option_strings or [action.dest])]))
+
+    walk(_build_parser(), ["sdo"])
+    assert not bare
+
+
+def test_finetune_help_states_the_config_defaults():
+    """Each `sdo finetune` flag's "(default X)" is the FinetuneConfig default, and the learning-rate schedules
+    are diffusers' (spelled out so that parsing imports no torch)."""
+    import dataclasses
+
+    from diffusers.optimization import SchedulerType
+
+    from sdo import cli_finetune
+    from sdo.finetuning import FinetuneConfig
+
+    assert cli_finetune._LR_SCHEDULERS == tuple(kind.value for kind in SchedulerType)
+    for field in dataclasses.fields(FinetuneConfig):
+        help_text = cli_finetune._HELP.get(field.name)
+        if help_text is None or isinstance(field.default, bool):
+            continue
+        value = field.default
+        shown = ("none" if value is None else ",".join(f"{v:g}" if isinstance(v, float) else v for v in value)
+                 if isinstance(value, (tuple, type(None))) else f"{value:g}" if isinstance(value, float) else value)
+        assert f"(default {shown})" in help_text, (field.name, help_text)
+
+
+def test_a_users_mistake_is_one_line_and_a_bug_keeps_its_traceback(monkeypatch, capsys):
+    from sdo import cli
+    from sdo.checks import UsageError
+
+    def mistake(args):
+        raise UsageError("--steps must be\n a whole number")
+
+    def bug(args):
+        raise ValueError("an internal invariant broke")
+
+    monkeypatch.setattr(cli, "_demo", mistake)
+    assert main(["demo"]) == 2
+    assert capsys.readouterr().err == "sdo demo: error: --steps must be a whole number\n"
+    monkeypatch.setattr(cli, "_demo", bug)
+    with pytest.raises(ValueError, match="internal invariant"):
+        main(["demo"])
+    monkeypatch.setattr(cli, "_demo", lambda args: Path("/nonexistent/folder/file").read_text())  # an OSError
+    assert main(["demo"]) == 2
+    assert "/nonexistent/folder/file" in capsys.readouterr().err

@@ -105,7 +105,7 @@ def test_strategies_keep_the_right_calls():
     assert uniform.checkpoint and uniform.high == 50
     sizes = {len(uniform.select(range(50))) for _ in range(200)}
     assert min(sizes) < 10 and max(sizes) > 40  # k ~ U{1..N}, one k per trajectory
-    with pytest.raises(ValueError, match="unknown strategy"):
+    with pytest.raises(ValueError, match="strategy must be one of sdo, .*alignprop"):
         cfg(strategy="alignprop")
 
 

@@ -7,6 +7,7 @@ import pytest
 import torch
 from test_finetune import SMALL, _task
 
+from sdo.checks import UsageError
 from sdo.embedded.digits import load_dataset
 from sdo.finetuning import FinetuneConfig, finetune
 from sdo.guard import Guard, GuardLimits, diversity, drift
@@ -88,7 +89,7 @@ def test_guard_keeps_the_last_passing_lora_and_stops(digits, judge, tmp_path, ca
 def test_reward_without_gradient_to_the_lora_is_an_error(digits, judge, tmp_path):
     task = _task(digits, judge)
     task.reward = lambda images, conditions: (0 * images).flatten(1).sum(1)  # has a graph, its gradient is exactly 0
-    with pytest.raises(RuntimeError, match="no gradient reached the trainable LoRA"):
+    with pytest.raises(UsageError, match="no gradient reached the trainable LoRA"):
         finetune(task, FinetuneConfig(output=tmp_path, updates=2, **SMALL))
 
 

@@ -10,9 +10,10 @@
 
 from .adjoint import Adjoint
 from .chain import Chain
+from .checks import NonFiniteError, UsageError
 from .denoiser import Denoiser
 from .diagnostics import GradientFidelity, gradient_fidelity, gradient_norm_by_depth
-from .finetuning import FinetuneConfig, FinetuneResult, FinetuneTask, NonFiniteError, finetune
+from .finetuning import FinetuneConfig, FinetuneResult, FinetuneTask, finetune
 from .guidance import Guidance
 from .inversion import invert, round_trip_error
 from .latent import LatentResult, LinfBall, optimize_latent
@@ -63,6 +64,7 @@ __all__ = [
     "Strategy",
     "TimestepLoRA",
     "Truncated",
+    "UsageError",
     "VAEDecoder",
     "available_strategies",
     "decoded",

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import torch
 
+from .checks import UsageError
 from .lora import lora_disabled
 
 __all__ = ["Anchored"]
@@ -34,7 +35,7 @@ class Anchored(torch.nn.Module):
         t = float(torch.as_tensor(timestep).reshape(-1)[0])
         index = {float(v): i for i, v in enumerate(self.solver.timesteps.tolist())}
         if t not in index:
-            raise ValueError(f"timestep {t:g} is not one of the sampler's; the penalty cannot weigh it")
+            raise UsageError(f"timestep {t:g} is not one of the sampler's; the penalty cannot weigh it")
         return index[t]
 
     def terms(self) -> list[tuple[torch.Tensor, torch.Tensor]]:

@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 import torch
 
 from .chain import Chain
+from .checks import UsageError
 from .latent import LinfBall, optimize_latent
 from .objectives import Clamped, ClassifierMargin
 from .sampling import sample
@@ -44,7 +45,7 @@ TUNED_LR = {("sdo", "plain"): 0.003, ("full", "plain"): 0.1, ("truncated", "plai
 def wilson(successes: int, n: int, z: float = 1.96) -> tuple[float, float]:
     """The Wilson score interval of a binomial proportion (95% for z = 1.96)."""
     if n <= 0:
-        raise ValueError(f"n must be >= 1, got {n}")
+        raise UsageError(f"n must be >= 1, got {n}")
     p = successes / n
     centre = (p + z * z / (2 * n)) / (1 + z * z / n)
     half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
@@ -67,7 +68,7 @@ def correct_samples(models, n: int, steps: int, seed: int, device="cpu") -> tupl
         candidates = sample(chain, x_T)
     keep = (_read(models.classifier, candidates) == labels).nonzero().flatten()[:n]
     if len(keep) < n:
-        raise ValueError(f"only {len(keep)} of {3 * n} candidate samples are read correctly; need {n}")
+        raise UsageError(f"only {len(keep)} of {3 * n} candidate samples are read correctly; need {n}")
     return labels[keep], x_T[keep], candidates[keep]
 
 
@@ -96,7 +97,7 @@ def attack(models, labels: torch.Tensor, x_T: torch.Tensor, originals: torch.Ten
     """One method's attack on every sample (module docstring); returns an :class:`AttackRun` (and the reported
     samples with ``return_samples``)."""
     if method not in METHODS:
-        raise ValueError(f"unknown method {method!r}; use one of {', '.join(METHODS)}")
+        raise UsageError(f"unknown method {method!r}; use one of {', '.join(METHODS)}")
     name, options = METHODS[method]
     chain = Chain.from_diffusers(models.unet, models.scheduler, steps, cond={"class_labels": labels})
     objective = Clamped(ClassifierMargin(models.classifier, labels, margin=1.0))

@@ -20,6 +20,7 @@ import math
 
 import torch
 
+from .checks import UsageError
 from .solvers import SUPPORTED_SCHEDULERS
 from .vae import encode_prompts
 
@@ -61,7 +62,7 @@ def task_scheduler(scheduler, name: str | None = None):
         "euler": lambda config: EulerDiscreteScheduler.from_config(config),
     }
     if name not in builders:
-        raise ValueError(f"unknown scheduler {name!r}; choose from {', '.join(SCHEDULERS)} (or None: the pipeline's)")
+        raise UsageError(f"unknown scheduler {name!r}; choose from {', '.join(SCHEDULERS)} (or None: the pipeline's)")
     return builders[name](scheduler.config)
 
 
@@ -70,7 +71,7 @@ def guidance_scale_embedding(w: torch.Tensor, dim: int, dtype: torch.dtype = tor
     UNet takes as ``timestep_cond``. This is diffusers' ``LatentConsistencyModelPipeline.get_guidance_scale_embedding``
     (after VDM's timestep embedding), written out because diffusers has it only as a pipeline method."""
     if w.ndim != 1:
-        raise ValueError(f"w must be 1-D, got shape {tuple(w.shape)}")
+        raise UsageError(f"w must be 1-D, got shape {tuple(w.shape)}")
     w = w * 1000.0
     half = dim // 2
     freqs = torch.exp(torch.arange(half, dtype=dtype) * -(math.log(10000.0) / (half - 1)))

@@ -29,6 +29,7 @@ import torch
 from . import bench, report
 from .adjoint import Adjoint, reconstruction_error
 from .chain import Chain
+from .checks import UsageError, reading
 from .diagnostics import gradient_fidelity, gradient_norm_by_depth
 from .guidance import Guidance
 from .latent import optimize_latent
@@ -77,13 +78,13 @@ class BenchConfig:
     def __post_init__(self):
         unknown = [s for s in self.strategies if s not in STRATEGIES]
         if unknown:
-            raise ValueError(f"unknown strategies {unknown}; available: {', '.join(STRATEGIES)}")
+            raise UsageError(f"unknown strategies {unknown}; available: {', '.join(STRATEGIES)}")
         if "sdo" not in self.strategies:
-            raise ValueError("the benchmark reports ratios to SDO: keep 'sdo' among the strategies")
+            raise UsageError("the benchmark reports ratios to SDO: keep 'sdo' among the strategies")
         if self.dtype not in ("float32", "float64", "float16", "bfloat16"):
-            raise ValueError(f"dtype must be float32, float64, float16 or bfloat16, got {self.dtype!r}")
+            raise UsageError(f"dtype must be float32, float64, float16 or bfloat16, got {self.dtype!r}")
         if self.quality_iterations < 0 or self.time_travel < 1:
-            raise ValueError("quality_iterations must be >= 0 and time_travel >= 1")
+            raise UsageError("quality_iterations must be >= 0 and time_travel >= 1")
         if self.model != "digits" and not Path(self.model).is_file():
             raise FileNotFoundError(f"{self.model}: no such UNet config file (or use --model digits)")
         self.output = Path(self.output)
@@ -119,10 +120,11 @@ def build(cfg: BenchConfig, n: int) -> Setup:
     else:
         from diffusers import DDIMScheduler, UNet2DConditionModel, UNet2DModel
 
-        config = json.loads(Path(cfg.model).read_text())
-        cls = UNet2DConditionModel if config.get("_class_name") == "UNet2DConditionModel" else UNet2DModel
-        torch.manual_seed(cfg.seed)
-        model = cls.from_config(config).to(cfg.device)
+        with reading(cfg.model, "the UNet config"):
+            config = json.loads(Path(cfg.model).read_text())
+            cls = UNet2DConditionModel if config.get("_class_name") == "UNet2DConditionModel" else UNet2DModel
+            torch.manual_seed(cfg.seed)
+            model = cls.from_config(config).to(cfg.device)
         if dtype != torch.float32:
             model = model.to(dtype)
         scheduler = DDIMScheduler(clip_sample=False)

@@ -4,6 +4,12 @@ run killed at any instant leaves the previous checkpoint whole; no pickle is rea
 
 A checkpoint holds named tensor groups (the LoRA, the optimizer's state, RNG states) and one JSON document
 (step counters, the optimizer's param groups, the LR scheduler, Python's RNG state).
+
+The fallback rule (:func:`load_latest`): resume from the checkpoint ``latest.json`` names; when the pointer or
+that checkpoint is bad (not JSON, a missing folder, a truncated safetensors file, NaN or infinity in a tensor),
+from the newest other ``step-*`` folder that loads cleanly, with a warning naming the bad file(s) and the
+checkpoint used instead; when none loads, a :class:`~sdo.checks.UsageError` names the bad files.
+:func:`save_checkpoint` never writes NaN or infinity (:class:`~sdo.checks.NonFiniteError`).
 """
 
 from __future__ import annotations
@@ -14,16 +20,21 @@ import os
 import random
 import shutil
 import tempfile
+import warnings
 from pathlib import Path
 
 import numpy as np
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
+
+from .checks import NonFiniteError, UsageError, check_finite
 
 __all__ = [
     "atomic_write",
     "latest_checkpoint",
     "load_checkpoint",
+    "load_latest",
     "load_optimizer_state",
     "optimizer_state",
     "rng_state",
@@ -63,7 +74,13 @@ def write_json(path: str | os.PathLike, data) -> None:
 def save_checkpoint(root: str | Path, step: int, tensors: dict[str, dict[str, torch.Tensor]], meta: dict,
                     keep: int = 2) -> Path:
     """Write ``root/step-<step>/`` (one ``<group>.safetensors`` per entry of ``tensors`` and ``meta.json``)
-    atomically, point ``root/latest.json`` at it, and delete all but the newest ``keep`` checkpoints."""
+    atomically, point ``root/latest.json`` at it, and delete all but the newest ``keep`` checkpoints (and any
+    newer than ``step``: what a resumed run replaces). Refuses (:class:`NonFiniteError`) NaN or infinity."""
+    for group, values in tensors.items():
+        for name, value in values.items():
+            if value.is_floating_point() and not bool(torch.isfinite(value).all()):
+                raise NonFiniteError(f"refusing to write checkpoint step {step} in {root}: {group} tensor {name} "
+                                     "holds NaN or infinity; the checkpoints already there are left as they were")
     root = Path(root)
     root.mkdir(parents=True, exist_ok=True)
     final = root / f"step-{step:07d}"
@@ -72,33 +89,87 @@ def save_checkpoint(root: str | Path, step: int, tensors: dict[str, dict[str, to
     tmp.mkdir()
     for group, values in tensors.items():
         save_file({k: v.detach().cpu().contiguous() for k, v in values.items()}, str(tmp / f"{group}.safetensors"))
-    (tmp / "meta.json").write_text(json.dumps({**meta, "step": step}, indent=1))
+    (tmp / "meta.json").write_text(json.dumps({**meta, "step": step, "groups": sorted(tensors)}, indent=1))
     if final.exists():  # a rerun of the same step (after a resume): the new copy wins
         shutil.rmtree(final)
     os.replace(tmp, final)
     write_json(root / "latest.json", {"step": step, "path": final.name})
     done = sorted(p for p in root.glob("step-*") if p.is_dir())
-    for old in done[: max(len(done) - keep, 0)]:
+    mine = done.index(final) + 1  # those after it are an abandoned future (of a run resumed from an older one)
+    for old in done[mine:] + done[: max(mine - keep, 0)]:
         shutil.rmtree(old, ignore_errors=True)
     return final
 
 
-def latest_checkpoint(root: str | Path) -> Path | None:
-    """The checkpoint ``latest.json`` names, or None when the folder has none."""
-    pointer = Path(root) / "latest.json"
-    if not pointer.is_file():
-        return None
-    path = Path(root) / json.loads(pointer.read_text())["path"]
-    if not (path / "meta.json").is_file():
-        raise FileNotFoundError(f"{pointer} names {path}, which is missing or incomplete")
+def _why(error: Exception) -> str:
+    return (error.strerror if isinstance(error, OSError) and error.strerror else str(error)).splitlines()[0]
+
+
+def _pointer(root: Path) -> Path:
+    """The folder ``root/latest.json`` names; a :class:`UsageError` naming the pointer when it is bad."""
+    pointer = root / "latest.json"
+    try:
+        path = root / str(json.loads(pointer.read_text())["path"])
+    except (OSError, ValueError, KeyError, TypeError) as error:
+        raise UsageError(f"{pointer}: unreadable ({type(error).__name__}: {_why(error)})") from None
+    if not path.is_dir():
+        raise UsageError(f"{pointer} names {path}, which is missing")
     return path
 
 
+def latest_checkpoint(root: str | Path) -> Path | None:
+    """The checkpoint folder ``latest.json`` names (not loaded), or None when there is none or it is bad."""
+    try:
+        return _pointer(Path(root))
+    except UsageError:
+        return None
+
+
 def load_checkpoint(path: str | Path) -> tuple[dict[str, dict[str, torch.Tensor]], dict]:
-    """``(tensors by group, meta)`` of a checkpoint folder written by :func:`save_checkpoint`."""
+    """``(tensors by group, meta)`` of a checkpoint folder written by :func:`save_checkpoint`; a
+    :class:`UsageError` names the file that is missing, not JSON, not readable safetensors, or not finite."""
     path = Path(path)
-    tensors = {p.stem: load_file(str(p)) for p in sorted(path.glob("*.safetensors"))}
-    return tensors, json.loads((path / "meta.json").read_text())
+    file = path / "meta.json"
+    try:
+        meta = json.loads(file.read_text())
+    except (OSError, ValueError) as error:
+        raise UsageError(f"{file}: unreadable ({type(error).__name__}: {_why(error)})") from None
+    if not isinstance(meta, dict) or "step" not in meta:
+        raise UsageError(f"{file}: not a checkpoint's meta.json (no step)")
+    tensors = {}
+    for group in meta.get("groups") or sorted(p.stem for p in path.glob("*.safetensors")):
+        file = path / f"{group}.safetensors"
+        try:
+            tensors[group] = load_file(str(file))
+        except (OSError, SafetensorError) as error:
+            raise UsageError(f"{file}: unreadable ({type(error).__name__}: {_why(error)})") from None
+        for name, value in tensors[group].items():
+            check_finite(f"{file} tensor {name}", value)
+    return tensors, meta
+
+
+def load_latest(root: str | Path) -> tuple[Path, dict[str, dict[str, torch.Tensor]], dict] | None:
+    """``(folder, tensors by group, meta)`` of the checkpoint to resume from, by the fallback rule of the module
+    docstring; None when ``root`` holds no checkpoint."""
+    root = Path(root)
+    folders = sorted((p for p in root.glob("step-*") if p.is_dir()), reverse=True)
+    if not folders and not (root / "latest.json").exists():
+        return None
+    problems, named = [], []
+    try:
+        named.append(_pointer(root))
+    except UsageError as error:
+        problems.append(str(error))
+    for path in dict.fromkeys(named + folders):
+        try:
+            tensors, meta = load_checkpoint(path)
+        except UsageError as error:
+            problems.append(str(error))
+            continue
+        if problems:
+            warnings.warn(f"{'; '.join(problems)}; resuming from {path} instead", stacklevel=2)
+        return path, tensors, meta
+    raise UsageError(f"no checkpoint in {root} loads: {'; '.join(problems)}")
 
 
 def optimizer_state(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict]:

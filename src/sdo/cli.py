@@ -10,6 +10,7 @@ import os
 import sys
 from pathlib import Path
 
+from .checks import NonFiniteError, UsageError, check_text
 from .cli_finetune import add_parsers, run_finetune, run_lora
 
 __all__ = ["main"]
@@ -22,14 +23,23 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
 
 
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
-    return value
+def _int_at_least(minimum: int):
+    """An argparse type: a whole number >= ``minimum``."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"must be >= {minimum}, got {value}")
+        return value
+
+    return parse
+
+
+_positive_int = _int_at_least(1)
+_non_negative_int = _int_at_least(0)
 
 
 def _finite_float(minimum: float, inclusive: bool):
@@ -83,9 +93,9 @@ def _output(args, prefix: str) -> Path:
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as err:
-        raise ValueError(f"cannot create the output folder {out}: {err.strerror}") from None
+        raise UsageError(f"cannot create the output folder {out}: {err.strerror}") from None
     if not os.access(out, os.W_OK):
-        raise ValueError(f"the output folder {out} is not writable")
+        raise UsageError(f"the output folder {out} is not writable")
     return out
 
 
@@ -153,7 +163,7 @@ def _build_parser() -> argparse.ArgumentParser:
                           "digits models; writes PNGs, metrics.json and index.html.")
     demo.add_argument("--output", type=_folder, default=None, help="report folder (default: a fresh sdo-demo-<time>)")
     demo.add_argument("--overwrite", action="store_true", help="write into an --output that is not empty (files of the same names are replaced)")
-    demo.add_argument("--seed", type=int, default=0, help="seed of every latent and noise draw (default 0)")
+    demo.add_argument("--seed", type=_non_negative_int, default=0, help="seed of every latent and noise draw (default 0)")
     demo.add_argument("--device", type=_device, default="cpu", help="torch device (default cpu)")
     demo.add_argument("--quick", action="store_true", help="a smoke run (4 samples, 10 steps, 4 iterations)")
     demo.add_argument("--samples", type=_positive_int, default=8, help="adversarial samples (default 8)")
@@ -190,12 +200,13 @@ def _build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--no-memory", action="store_true", help="skip the memory measurements")
     bench.add_argument("--guidance-scales", type=_float_list, default=(0.05, 0.2),
                        help="FreeDoM/UGD step sizes of the quality comparison (default 0.05,0.2; 'none' to skip)")
-    bench.add_argument("--quality-iterations", type=int, default=None,
+    bench.add_argument("--quality-iterations", type=_non_negative_int, default=None,
                        help="Adam steps of SDO in the quality comparison (default 10; 0 to skip)")
     bench.add_argument("--device", type=_device, default="cpu", help="torch device (default cpu)")
-    bench.add_argument("--dtype", choices=("float32", "float64", "float16", "bfloat16"), default="float32")
+    bench.add_argument("--dtype", choices=("float32", "float64", "float16", "bfloat16"), default="float32",
+                       help="dtype of the model and the latent (default float32; float16 needs a GPU)")
     bench.add_argument("--threads", type=_positive_int, default=None, help="torch threads (default: torch's)")
-    bench.add_argument("--seed", type=int, default=0, help="seed of the latent, the weights and random draws")
+    bench.add_argument("--seed", type=_non_negative_int, default=0, help="seed of the latent, the weights and random draws")
     bench.add_argument("--output", type=_folder, default=None, help="folder (default: a fresh sdo-bench-<time>)")
     bench.add_argument("--overwrite", action="store_true", help="write into an --output that is not empty (files of the same names are replaced)")
     bench.add_argument("--quick", action="store_true",
@@ -224,7 +235,7 @@ def _build_parser() -> argparse.ArgumentParser:
         if task == "adversarial":
             t.add_argument("--classifier", required=True,
                            help="a local transformers image-classification folder (model and image processor)")
-            t.add_argument("--target", type=int, default=None, help="class to reach (default: leave the generation's own)")
+            t.add_argument("--target", type=_non_negative_int, default=None, help="class to reach (default: leave the generation's own)")
             t.add_argument("--tau", type=_positive_float, default=0.1, help="L-infinity radius on the latent (default 0.1)")
         else:
             t.add_argument("--clip", required=task != "edit", default=None,
@@ -236,21 +247,21 @@ def _build_parser() -> argparse.ArgumentParser:
             source = t.add_mutually_exclusive_group(required=True)
             source.add_argument("--image", default=None, help="the real image to edit (for the embedded digits: white "
                                 "ink on black, or dark on light, which is negated)")
-            source.add_argument("--digit", type=int, default=None,
+            source.add_argument("--digit", type=_non_negative_int, default=None,
                                 help="edit this held-out digit of the embedded models' test split (0-296)")
             t.add_argument("--lam", type=_non_negative_float, default=None,
                            help="fidelity weight lambda (default: 0.5 on the embedded digits, an attribute edit; 0.7 "
                            "with --model, as the paper)")
         if task == "style":
             t.add_argument("--reference", required=True, help="the style image")
-            t.add_argument("--layer", type=int, default=3, help="CLIP vision layer of the Gram loss (default 3)")
+            t.add_argument("--layer", type=_non_negative_int, default=3, help="CLIP vision layer of the Gram loss (default 3)")
         if task == "aesthetic":
             t.add_argument("--head", required=True, help="aesthetic head weights (.safetensors or a torch state dict)")
         t.add_argument("--strategy", default="sdo", help="gradient strategy (default sdo)")
         t.add_argument("--picard", action="store_true", help="SDO's forward pass by Picard sweeps over all steps "
                        "(ParaDiGMS), warm-started from the previous iteration's trajectory: fewer sequential "
                        "denoiser calls, larger ones; meant for a GPU with batch capacity to spare, slower on a CPU")
-        t.add_argument("--start-t", type=int, default=start,
+        t.add_argument("--start-t", type=_non_negative_int, default=start,
                        help=f"timestep of the optimized latent (default {start or 'x_T, the initial noise'})")
         t.add_argument("--steps", type=_positive_int, default=steps, help=f"sampling steps (default {steps})")
         t.add_argument("--iterations", type=_positive_int, default=iterations,
@@ -269,14 +280,14 @@ def _build_parser() -> argparse.ArgumentParser:
                        "supports it, else ddim)" + ("; inverting a real image needs ddim or euler"
                                                     if task in ("edit", "aesthetic") else ""))
         if task != "edit":  # editing a real image draws no noise
-            t.add_argument("--seed", type=int, default=0, help="seed of the generation's noise (default 0)")
+            t.add_argument("--seed", type=_non_negative_int, default=0, help="seed of the generation's noise (default 0)")
         t.add_argument("--dtype", choices=("float32", "float16", "bfloat16"), default="float32",
-                       help="dtype of the frozen parts (default float32)")
-        t.add_argument("--device", type=_device, default="cpu")
+                       help="dtype of the frozen parts (default float32; float16 needs a GPU)")
+        t.add_argument("--device", type=_device, default="cpu", help="torch device (default cpu)")
         t.add_argument("--checkpoint-vae", action="store_true", help="recompute the VAE decoder in backward")
         t.add_argument("--output", type=_folder, default=None, help=f"folder (default: a fresh sdo-{task}-<time>)")
         t.add_argument("--overwrite", action="store_true", help="write into an --output that is not empty (files of the same names are replaced)")
-        t.add_argument("--no-progress", action="store_true")
+        t.add_argument("--no-progress", action="store_true", help="no progress bars")
 
     train = sub.add_parser("train", help="retrain an embedded model", description="Retrain an embedded model.")
     train_sub = train.add_subparsers(dest="model", required=True, parser_class=_Parser)
@@ -288,7 +299,7 @@ def _build_parser() -> argparse.ArgumentParser:
         parser.add_argument("--replace-shipped", action="store_true",
                             help="write into the installed package's weights folder, replacing the shipped model")
         parser.add_argument("--overwrite", action="store_true", help="write into an --output that is not empty (files of the same names are replaced)")
-        parser.add_argument("--seed", type=int, default=0, help="seed (default 0)")
+        parser.add_argument("--seed", type=_non_negative_int, default=0, help="seed (default 0)")
         parser.add_argument("--no-progress", action="store_true", help="no progress bars")
         return parser
 
@@ -329,6 +340,9 @@ def _bench(args) -> None:
 
     from .benchmark import BenchConfig, run_bench
 
+    if args.dtype == "float16" and args.device == "cpu":
+        raise UsageError("--dtype float16 needs a GPU (--device cuda): on a CPU half-precision layers are slow or "
+                         "missing and overflow to inf; use float32, float64 or bfloat16", "dtype")
     if args.threads:
         torch.set_num_threads(args.threads)
     sizes = _BENCH_QUICK if args.quick else {}
@@ -347,29 +361,21 @@ _BENCH_QUICK = {"steps": 5, "sweep": (2, 5), "batch": 2, "repeats": 1, "depths":
 
 def _task(args) -> None:
     import torch
-    from transformers import CLIPModel, CLIPTokenizer
 
     from . import tasks
 
-    strategy = _task_strategy(args)  # a clear error before anything loads
+    strategy = _check_task(args)  # every option, before anything is created or loaded
     args.output = _output(args, f"sdo-{args.command}")
-    dtype = getattr(torch, args.dtype)
     if args.command == "edit" and args.model is None:
         _save_task(args, _edit_digits(args, strategy))
         return
-    if args.command == "edit" and (args.clip is None or args.image is None):
-        raise ValueError("editing a pipeline's image (--model) needs --clip and --image (--digit is for the embedded "
-                         "digits, without --model)")
-    pipe = tasks.load_pipeline(args.model, args.device, dtype)
+    pipe = tasks.load_pipeline(args.model, args.device, getattr(torch, args.dtype))
     if args.command != "adversarial":
-        if not Path(args.clip).is_dir():
-            raise FileNotFoundError(f"{args.clip}: no such CLIP model folder")
-        clip = CLIPModel.from_pretrained(args.clip, local_files_only=True).to(args.device).eval().requires_grad_(False)
+        clip, tokenizer = tasks.load_clip(args.clip, args.device, tokenizer=args.command == "edit")
     common = {"steps": args.steps, "iterations": args.iterations, "lr": args.lr, "strategy": strategy,
                   "start_t": args.start_t, "guidance_scale": args.guidance_scale, "scheduler": args.scheduler,
                   "checkpoint_vae": args.checkpoint_vae, "progress": not args.no_progress}
     if args.command == "edit":
-        tokenizer = CLIPTokenizer.from_pretrained(args.clip, local_files_only=True)
         image = tasks.load_image(args.image, pipe.image_size)
         result = tasks.edit(pipe, clip, tokenizer, image, args.prompt, lam=0.7 if args.lam is None else args.lam, **common)
     elif args.command == "style":
@@ -385,6 +391,39 @@ def _task(args) -> None:
     _save_task(args, result)
 
 
+def _check_task(args):
+    """The task command's options that can be checked before loading anything; returns its strategy."""
+    check_text("prompt", args.prompt)
+    strategy = _task_strategy(args)
+    if args.dtype == "float16" and args.device == "cpu":
+        raise UsageError("--dtype float16 needs a GPU (--device cuda): on a CPU half-precision layers are slow or "
+                         "missing and overflow to inf; use float32 or bfloat16", "dtype")
+    if args.command == "edit" and args.model is None:
+        from .embedded.digits import HELD_OUT
+
+        if args.dtype != "float32" or args.guidance_scale != 1 or args.checkpoint_vae:
+            raise UsageError("the embedded digits edit runs in float32, unguided, without a VAE: drop --dtype, "
+                             "--guidance-scale and --checkpoint-vae, or pass --model")
+        if args.digit is not None and args.digit >= HELD_OUT:
+            raise UsageError(f"--digit must be in 0..{HELD_OUT - 1} (the held-out split), got {args.digit}", "digit")
+        if args.image is not None and not Path(args.image).is_file():
+            raise FileNotFoundError(f"--image {args.image}: no such file")
+        return strategy
+    if args.command == "edit" and (args.clip is None or args.image is None):
+        raise UsageError("editing a pipeline's image (--model) needs --clip and --image (--digit is for the embedded "
+                         "digits, without --model)")
+    folders = {"model": "pipeline folder", "clip": "CLIP model folder", "classifier": "image classifier folder"}
+    for name, what in folders.items():
+        path = getattr(args, name, None)
+        if path is not None and not Path(path).is_dir():
+            raise FileNotFoundError(f"--{name} {path}: no such {what}")
+    for name in ("image", "reference", "head"):
+        path = getattr(args, name, None)
+        if path is not None and not Path(path).is_file():
+            raise FileNotFoundError(f"--{name} {path}: {'a folder, not a file' if Path(path).is_dir() else 'no such file'}")
+    return strategy
+
+
 def _task_strategy(args):
     """The tasks' --strategy; with --picard, SDO on a Picard forward pass warm-started from the last iteration."""
     from .picard import Picard
@@ -393,21 +432,16 @@ def _task_strategy(args):
     if not args.picard:
         return get_strategy(args.strategy)
     if args.strategy != "sdo":
-        raise ValueError(f"--picard runs SDO's forward pass: it needs --strategy sdo, got {args.strategy!r}")
+        raise UsageError(f"--picard runs SDO's forward pass: it needs --strategy sdo, got {args.strategy!r}")
     return get_strategy("sdo", picard=Picard(warm_start=True))
 
 
 def _edit_digits(args, strategy):
     """``sdo edit`` without --model: the embedded digits DDPM and image-text model."""
     from . import tasks
-    from .embedded.digits import HELD_OUT, load_dataset
+    from .embedded.digits import load_dataset
 
-    if args.dtype != "float32" or args.guidance_scale != 1 or args.checkpoint_vae:
-        raise ValueError("the embedded digits edit runs in float32, unguided, without a VAE: drop --dtype, "
-                         "--guidance-scale and --checkpoint-vae, or pass --model")
-    if args.digit is not None:
-        if not 0 <= args.digit < HELD_OUT:
-            raise ValueError(f"--digit must be in 0..{HELD_OUT - 1} (the held-out split), got {args.digit}")
+    if args.digit is not None:  # in range: checked by _check_task
         image = load_dataset("test")[0][args.digit : args.digit + 1]
     else:
         image = tasks.load_digit_image(args.image)
@@ -443,10 +477,10 @@ def _train_output(args) -> Path:
     shipped = Path(str(weights_dir()))
     if args.replace_shipped:
         if args.output is not None:
-            raise ValueError("give --output or --replace-shipped, not both")
+            raise UsageError("give --output or --replace-shipped, not both")
         return shipped
     if args.output is not None and args.output.resolve() == shipped.resolve():
-        raise ValueError(f"{args.output} is the package's shipped weights folder: pass --replace-shipped to replace them")
+        raise UsageError(f"{args.output} is the package's shipped weights folder: pass --replace-shipped to replace them")
     return _output(args, f"sdo-train-{args.model}")
 
 
@@ -489,9 +523,27 @@ def _train_digits(args, output: Path) -> None:
     print(f"wrote the weights and digits_card.json to {output}")
 
 
+def _quiet_loading() -> None:
+    """--no-progress: no loading bars from diffusers and transformers either."""
+    from diffusers.utils import logging as diffusers_logging
+    from transformers.utils import logging as transformers_logging
+
+    diffusers_logging.disable_progress_bar()
+    transformers_logging.disable_progress_bar()
+
+
+def _one_line(err: BaseException) -> str:
+    """The error as one line (an OSError's own text names its file)."""
+    return " ".join(str(err).split()) or type(err).__name__
+
+
 def main(argv: list[str] | None = None) -> int:
+    """Run the ``sdo`` command: 0 on success; 2 for a user's mistake (:class:`~sdo.UsageError`, a bad path or
+    file), printed as one line; 3 when the numbers went non-finite; an internal bug keeps its traceback."""
     parser = _build_parser()
     args = parser.parse_args(argv)
+    if getattr(args, "no_progress", False) or getattr(args, "progress", True) is False:
+        _quiet_loading()
     try:
         if args.command == "demo":
             _demo(args)
@@ -505,13 +557,11 @@ def main(argv: list[str] | None = None) -> int:
             run_lora(args)
         else:
             _train(args)
-    except (ValueError, FileNotFoundError, FileExistsError) as err:
-        print(f"sdo {args.command}: error: {err}", file=sys.stderr)
+    except (UsageError, OSError) as err:  # a user's mistake (OSError: a path, a file PIL cannot read, a full disk)
+        print(f"sdo {args.command}: error: {_one_line(err)}", file=sys.stderr)
         return 2
-    except RuntimeError as err:
-        if type(err).__name__ != "NonFiniteError":
-            raise
-        print(f"sdo {args.command}: error: {err}", file=sys.stderr)
+    except NonFiniteError as err:
+        print(f"sdo {args.command}: error: {_one_line(err)}", file=sys.stderr)
         return 3
     except KeyboardInterrupt:
         print(f"sdo {args.command}: interrupted", file=sys.stderr)

@@ -18,6 +18,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from .checks import UsageError, check_finite, check_prompts, reading
 from .objectives import GramStyle
 
 __all__ = ["AestheticScore", "CLIPGramStyle", "CLIPTextSimilarity", "ClipPreprocess", "clip_hidden_states"]
@@ -35,7 +36,7 @@ class ClipPreprocess:
     def __init__(self, size: int, mean=CLIP_MEAN, std=CLIP_STD, cutouts: int = 0, min_fraction: float = 0.5,
                  generator: torch.Generator | None = None):
         if size < 1 or cutouts < 0 or not 0 < min_fraction <= 1:
-            raise ValueError(f"need size >= 1, cutouts >= 0 and 0 < min_fraction <= 1, got {size}, {cutouts}, {min_fraction}")
+            raise UsageError(f"need size >= 1, cutouts >= 0 and 0 < min_fraction <= 1, got {size}, {cutouts}, {min_fraction}")
         self.size, self.cutouts, self.min_fraction, self.generator = int(size), int(cutouts), float(min_fraction), generator
         self.mean, self.std = torch.tensor(mean).view(1, 3, 1, 1), torch.tensor(std).view(1, 3, 1, 1)
 
@@ -48,7 +49,7 @@ class ClipPreprocess:
 
     def __call__(self, images: torch.Tensor) -> torch.Tensor:
         if images.ndim != 4 or images.shape[1] not in (1, 3):
-            raise ValueError(f"expected images (B, 1 or 3, H, W), got shape {tuple(images.shape)}")
+            raise UsageError(f"expected images (B, 1 or 3, H, W), got shape {tuple(images.shape)}")
         x = (images + 1) / 2
         if x.shape[1] == 1:
             x = x.expand(-1, 3, -1, -1)
@@ -88,14 +89,17 @@ class CLIPTextSimilarity:
     def __init__(self, model, prompts: str | Sequence[str] | None = None, tokenizer=None, *,
                  text_embeds: torch.Tensor | None = None, preprocess: ClipPreprocess | None = None):
         if (prompts is None) == (text_embeds is None):
-            raise ValueError("give either prompts (with a tokenizer) or text_embeds")
+            raise UsageError("give either prompts (with a tokenizer) or text_embeds")
         self.model = model
         self.preprocess = preprocess or ClipPreprocess.for_model(model)
         if text_embeds is None:
             if tokenizer is None:
-                raise ValueError("prompts need the model's tokenizer")
-            prompts = [prompts] if isinstance(prompts, str) else list(prompts)
-            tokens = tokenizer(prompts, padding=True, return_tensors="pt").to(next(model.parameters()).device)
+                raise UsageError("prompts need the model's tokenizer")
+            config = getattr(getattr(model, "config", None), "text_config", None)
+            limit = min(tokenizer.model_max_length, getattr(config, "max_position_embeddings", None) or 1 << 30)
+            prompts = check_prompts("prompt", prompts, tokenizer, limit)
+            tokens = tokenizer(prompts, padding=True, truncation=True, max_length=limit, return_tensors="pt")
+            tokens = tokens.to(next(model.parameters()).device)
             with torch.no_grad():
                 out = model.get_text_features(**tokens)
             text_embeds = getattr(out, "pooler_output", out)
@@ -107,7 +111,7 @@ class CLIPTextSimilarity:
         embeds = _image_embeds(self.model, pixels)
         text = self.text_embeds.to(embeds)
         if text.shape[0] not in (1, batch):
-            raise ValueError(f"{text.shape[0]} prompts for {batch} images: give one, or one per image")
+            raise UsageError(f"{text.shape[0]} prompts for {batch} images: give one, or one per image")
         text = text.expand(batch, -1).repeat_interleave(embeds.shape[0] // batch, dim=0)
         return _per_image(1 - (embeds * text).sum(-1), batch)
 
@@ -149,16 +153,21 @@ class AestheticScore:
         path = Path(path)
         if not path.is_file():
             raise FileNotFoundError(f"{path}: no such aesthetic head file")
-        if path.suffix == ".safetensors":
-            from safetensors.torch import load_file
+        with reading(path, "the aesthetic head"):
+            if path.suffix == ".safetensors":
+                from safetensors.torch import load_file
 
-            state = load_file(str(path))
-        else:
-            state = torch.load(path, map_location="cpu", weights_only=True)
+                state = load_file(str(path))
+            else:
+                state = torch.load(path, map_location="cpu", weights_only=True)
+            if not isinstance(state, dict) or not all(torch.is_tensor(v) for v in state.values()):
+                raise UsageError(f"{path}: expected a state dict of tensors")
+        for key, value in state.items():
+            check_finite(f"{path}: {key}", value)
         weights = [k for k in state if k.endswith("weight")]
         weights.sort(key=lambda k: [int(p) if p.isdigit() else p for p in k.split(".")])
         if not weights or any(state[k].ndim != 2 for k in weights):
-            raise ValueError(f"{path}: expected Linear weight matrices, found keys {sorted(state)[:6]}")
+            raise UsageError(f"{path}: expected Linear weight matrices, found keys {sorted(state)[:6]}")
         layers = []
         for key in weights:
             w = state[key]
@@ -169,9 +178,9 @@ class AestheticScore:
             layers.append(linear)
         for a, b in itertools.pairwise(layers):
             if a.out_features != b.in_features:
-                raise ValueError(f"{path}: layer sizes do not chain ({a.out_features} -> {b.in_features})")
+                raise UsageError(f"{path}: layer sizes do not chain ({a.out_features} -> {b.in_features})")
         if layers[-1].out_features != 1:
-            raise ValueError(f"{path}: the head must end in one output, got {layers[-1].out_features}")
+            raise UsageError(f"{path}: the head must end in one output, got {layers[-1].out_features}")
         return nn.Sequential(*layers).requires_grad_(False)
 
     @classmethod

@@ -27,6 +27,7 @@ import torch.nn.functional as F
 
 from . import attack, bench, report
 from .chain import Chain
+from .checks import UsageError
 from .embedded import load_digits
 from .latent import optimize_latent
 from .objectives import Clamped, ClassifierMargin, FeatureMatch, GramStyle, WeightedSum
@@ -63,19 +64,19 @@ class DemoConfig:
             self.style_iterations, self.cost_repeats = min(self.style_iterations, 4), 1
         for name in ("samples", "steps", "iterations", "style_iterations", "cost_repeats"):
             if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+                raise UsageError(f"{name} must be >= 1, got {getattr(self, name)}")
         self.rules = (self.rules,) if isinstance(self.rules, str) else tuple(self.rules)
         if not self.rules or any(r not in ("plain", "sign") for r in self.rules):
-            raise ValueError(f"rules must be 'plain' and/or 'sign', got {self.rules}")
+            raise UsageError(f"rules must be 'plain' and/or 'sign', got {self.rules}")
         if self.lr is not None and not self.lr > 0:
-            raise ValueError(f"lr must be > 0 or None, got {self.lr}")
+            raise UsageError(f"lr must be > 0 or None, got {self.lr}")
         for name in ("tau", "style_lr"):
             if not getattr(self, name) > 0:
-                raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
+                raise UsageError(f"{name} must be > 0, got {getattr(self, name)}")
         if not self.content_weight >= 0:
-            raise ValueError(f"content_weight must be >= 0, got {self.content_weight}")
+            raise UsageError(f"content_weight must be >= 0, got {self.content_weight}")
         if self.output.exists() and not self.output.is_dir():
-            raise ValueError(f"output {self.output} exists and is not a folder")
+            raise UsageError(f"output {self.output} exists and is not a folder")
 
 
 def _noise(n: int, seed: int, device) -> torch.Tensor:

@@ -13,6 +13,8 @@ from typing import Any
 
 import torch
 
+from .checks import UsageError, check_finite, check_number
+
 __all__ = ["Denoiser"]
 
 
@@ -31,18 +33,18 @@ def _cat(uncond, cond, key: str):
     """Batch the unconditional and conditional keyword arguments for one guided model call."""
     if torch.is_tensor(cond):
         if not torch.is_tensor(uncond):
-            raise ValueError(f"uncond[{key!r}] must be a tensor like cond[{key!r}]")
+            raise UsageError(f"uncond[{key!r}] must be a tensor like cond[{key!r}]")
         return torch.cat([uncond, cond])
     if isinstance(cond, Mapping):
         if not isinstance(uncond, Mapping) or set(uncond) != set(cond):
-            raise ValueError(f"uncond[{key!r}] and cond[{key!r}] must have the same keys")
+            raise UsageError(f"uncond[{key!r}] and cond[{key!r}] must have the same keys")
         return {k: _cat(uncond[k], cond[k], f"{key}.{k}") for k in cond}
     if isinstance(cond, (tuple, list)):
         if not isinstance(uncond, (tuple, list)) or len(uncond) != len(cond):
-            raise ValueError(f"uncond[{key!r}] and cond[{key!r}] must be sequences of the same length")
+            raise UsageError(f"uncond[{key!r}] and cond[{key!r}] must be sequences of the same length")
         return type(cond)(_cat(u, c, f"{key}[{j}]") for j, (u, c) in enumerate(zip(uncond, cond, strict=True)))
     if uncond is not cond and uncond != cond:
-        raise ValueError(f"uncond[{key!r}] and cond[{key!r}] differ but are not tensors: cannot batch them")
+        raise UsageError(f"uncond[{key!r}] and cond[{key!r}] differ but are not tensors: cannot batch them")
     return cond
 
 
@@ -68,13 +70,13 @@ class Denoiser:
         self.model = model
         self.cond = dict(cond or {})
         self.uncond = None if uncond is None else dict(uncond)
-        self.guidance_scale = None if guidance_scale is None else float(guidance_scale)
+        self.guidance_scale = None if guidance_scale is None else check_number("guidance_scale", guidance_scale)
         if self.guidance_scale is not None and self.uncond is None:
-            raise ValueError("guidance_scale needs uncond: the keyword arguments of the unconditional branch")
+            raise UsageError("guidance_scale needs uncond: the keyword arguments of the unconditional branch")
         if self.uncond is not None and self.guidance_scale is None:
-            raise ValueError("uncond was given without guidance_scale")
+            raise UsageError("uncond was given without guidance_scale")
         if self.uncond is not None and set(self.uncond) != set(self.cond):
-            raise ValueError(f"cond and uncond must have the same keys, got {sorted(self.cond)} and {sorted(self.uncond)}")
+            raise UsageError(f"cond and uncond must have the same keys, got {sorted(self.cond)} and {sorted(self.uncond)}")
         forward = getattr(model, "forward", model)
         try:
             params = inspect.signature(forward).parameters
@@ -101,15 +103,34 @@ class Denoiser:
         if not torch.is_tensor(x) or not x.is_floating_point():
             raise TypeError(f"the latent must be a floating-point tensor, got {getattr(x, 'dtype', type(x))}")
         if self.in_channels is not None and (x.ndim < 2 or x.shape[1] != self.in_channels):
-            raise ValueError(
+            raise UsageError(
                 f"latent of shape {tuple(x.shape)} does not fit the model: it expects {self.in_channels} channels "
                 "in dimension 1 (batch, channels, ...)"
             )
+        check_finite("the latent", x)
+        factor = self._downsampling()
+        if factor > 1 and x.ndim == 4 and (x.shape[-1] % factor or x.shape[-2] % factor):
+            raise UsageError(f"latent of shape {tuple(x.shape)} does not fit the model: its height and width must be "
+                             f"multiples of {factor} (the model downsamples by {factor})")
+        for name, value in self.cond.items():
+            size = value.shape[0] if torch.is_tensor(value) and value.ndim > 0 else None
+            if size not in (None, 1, x.shape[0]):
+                raise UsageError(f"cond[{name!r}] has a batch of {size} but the latent has {x.shape[0]}: give one "
+                                 "condition, or one per latent", name)
         p = self._parameter()
         if p is not None and p.dtype != x.dtype:
-            raise ValueError(f"latent dtype {x.dtype} differs from the model's {p.dtype}; cast one of them")
+            raise UsageError(f"latent dtype {x.dtype} differs from the model's {p.dtype}; cast one of them")
         if p is not None and p.device != x.device:
-            raise ValueError(f"device mismatch: latent on {x.device}, model on {p.device}; move one of them")
+            raise UsageError(f"device mismatch: latent on {x.device}, model on {p.device}; move one of them")
+
+    def _downsampling(self) -> int:
+        """How much a diffusers UNet shrinks its input (2 per down block but the last); 1 when unknown."""
+        config = getattr(self.model, "config", None)
+        blocks = getattr(config, "down_block_types", None)
+        patch = getattr(config, "patch_size", None)  # transformers (PixArt, DiT): the patch side
+        if blocks:
+            return 2 ** (len(blocks) - 1)
+        return int(patch) if isinstance(patch, int) else 1
 
     def _call(self, x: torch.Tensor, t: torch.Tensor, kwargs: dict) -> torch.Tensor:
         t = t.to(x.device).reshape(-1).expand(x.shape[0])

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 import torch
 
 from .chain import Chain
+from .checks import UsageError
 from .sampling import sample, step_range
 from .strategies import Strategy, get_strategy
 
@@ -81,7 +82,7 @@ def gradient_fidelity(
     named = _named(strategies)
     ref = strategy_gradient(chain, x, objective, reference, params=params, start=start, seed=seed)
     if any(g is None for g in ref):
-        raise ValueError("the objective does not depend on some of params under the reference strategy")
+        raise UsageError("the objective does not depend on some of params under the reference strategy")
     out = {}
     for label, strategy in named.items():
         grads = strategy_gradient(chain, x, objective, strategy, params=params, start=start, seed=seed)
@@ -107,7 +108,7 @@ def gradient_norm_by_depth(
     n = len(chain)
     for d in depths:
         if isinstance(d, bool) or not isinstance(d, int) or not 1 <= d <= n:
-            raise ValueError(f"depths must be ints in 1..{n} (the chain's steps), got {d!r}")
+            raise UsageError(f"depths must be ints in 1..{n} (the chain's steps), got {d!r}")
     named = _named(strategies)
     generator = torch.Generator(x.device).manual_seed(seed)
     with torch.no_grad():  # the latents at every depth, on one trajectory

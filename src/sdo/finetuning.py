@@ -27,6 +27,7 @@ import os
 import statistics
 import sys
 import time
+import warnings
 from dataclasses import asdict
 from pathlib import Path
 
@@ -38,22 +39,23 @@ from .chain import Chain
 from .checkpoints import (
     atomic_write,
     latest_checkpoint,
-    load_checkpoint,
+    load_latest,
     load_optimizer_state,
     optimizer_state,
     rng_state,
     save_checkpoint,
     set_rng_state,
 )
+from .checks import NonFiniteError, UsageError
 from .denoiser import Denoiser
-from .finetuning_config import _DTYPES, STRATEGIES, FinetuneConfig, FinetuneResult, FinetuneTask, NonFiniteError
+from .finetuning_config import _DTYPES, STRATEGIES, FinetuneConfig, FinetuneResult, FinetuneTask
 from .guard import Guard, GuardCheck
 from .lora import add_lora, lora_parameters, lora_scale, lora_state_dict, save_lora
 from .sampling import sample
 from .solvers import solver_from_scheduler
 from .strategies import Checkpoint, Full, RandomTruncated, Shortcut, Truncated
 
-__all__ = ["STRATEGIES", "FinetuneConfig", "FinetuneResult", "FinetuneTask", "NonFiniteError", "finetune", "run_files"]
+__all__ = ["STRATEGIES", "FinetuneConfig", "FinetuneResult", "FinetuneTask", "finetune", "run_files"]
 
 GUARD_SEEDS = 30_000  # the base of the hacking guard's fixed seeds (_Run.fixed_samples)
 
@@ -93,9 +95,9 @@ class _Run:
         self.task, self.cfg = task, cfg
         self.acc = acc = _accelerator(cfg)
         if cfg.batch_size % acc.num_processes:
-            raise ValueError(f"batch_size={cfg.batch_size} must be divisible by the {acc.num_processes} processes")
+            raise UsageError(f"batch_size={cfg.batch_size} must be divisible by the {acc.num_processes} processes")
         if not len(task.conditions):
-            raise ValueError("the task has no conditions to draw from")
+            raise UsageError("the task has no conditions to draw from")
         self.local = cfg.batch_size // acc.num_processes
         model = task.model
         if cfg.base_dtype != "float32":
@@ -137,10 +139,10 @@ class _Run:
 
         for group, name in self.adapters.items():
             if group not in tensors:
-                raise ValueError(f"{path}: the checkpoint holds no LoRA {group!r}; it was written by another kind of run")
+                raise UsageError(f"{path}: the checkpoint holds no LoRA {group!r}; it was written by another kind of run")
             result = set_peft_model_state_dict(self.task.model, tensors[group], adapter_name=name)
             if getattr(result, "unexpected_keys", None):
-                raise ValueError(f"{path}: the checkpoint's LoRA does not fit this run ({result.unexpected_keys[:3]})")
+                raise UsageError(f"{path}: the checkpoint's LoRA does not fit this run ({result.unexpected_keys[:3]})")
 
     def scaled(self, scale: float):
         """A context in which the LoRA(s) act at ``scale`` (0: the base model)."""
@@ -209,7 +211,7 @@ class _Run:
             self.wrapped.recording = False
             reward = self.task.reward(self.images(x0), conditions)
             if tuple(reward.shape) != (len(conditions),):
-                raise ValueError(f"the reward returned shape {tuple(reward.shape)}; expected ({len(conditions)},)")
+                raise UsageError(f"the reward returned shape {tuple(reward.shape)}; expected ({len(conditions)},)")
             penalty = self.wrapped.penalty()
             penalty = reward.new_zeros(()) if penalty is None else penalty
             self.wrapped.penalties = []
@@ -224,8 +226,9 @@ class _Run:
         if acc.num_processes > 1:
             grads, scalars = acc.reduce(grads, "mean"), acc.reduce(scalars.to(acc.device), "mean")
         if not bool(grads.any()):  # not a zero step that AdamW would still move on momentum and weight decay
-            raise RuntimeError("no gradient reached the trainable LoRA weights (exactly zero): the reward does not "
-                               "change with them; check that it is differentiable in the images and not saturated")
+            name = getattr(self.task.reward, "__name__", type(self.task.reward).__name__)
+            raise UsageError(f"no gradient reached the trainable LoRA weights (exactly zero): the reward {name} does "
+                             "not change with them; check that it is differentiable in the images and not saturated")
         return grads, acc.gather(torch.cat(rewards).to(acc.device)).cpu(), scalars
 
     def update(self) -> dict:
@@ -244,6 +247,12 @@ class _Run:
             if cfg.max_grad_norm is not None:
                 torch.nn.utils.clip_grad_norm_(trainable, cfg.max_grad_norm)
             self.optimizer.step()
+            if not all(bool(torch.isfinite(p).all()) for p in trainable):  # a finite gradient times a huge lr
+                saved = latest_checkpoint(cfg.output / "checkpoints")
+                raise NonFiniteError(
+                    f"update {self.step + 1} made the LoRA weights non-finite (gradient norm {norm:.3g}, lr "
+                    f"{self.lr_scheduler.get_last_lr()[0]:g}); stopped before saving it, so the last checkpoint "
+                    f"({saved or 'none yet'}) is intact. Lower lr")
             self.lr_scheduler.step()
             self.in_a_row = 0
         else:
@@ -279,10 +288,11 @@ class _Run:
         return path
 
     def restore(self) -> bool:
-        path = latest_checkpoint(self.cfg.output / "checkpoints")
-        if path is None:
+        """Load the latest checkpoint that loads cleanly (see :func:`sdo.checkpoints.load_latest`); False if none."""
+        found = load_latest(self.cfg.output / "checkpoints")
+        if found is None:
             return False
-        tensors, meta = load_checkpoint(path)
+        path, tensors, meta = found
         self.load_lora_tensors(tensors, path)
         load_optimizer_state(self.optimizer, tensors["optimizer"], meta["optimizer"])
         self.lr_scheduler.load_state_dict(meta["lr_scheduler"])
@@ -319,9 +329,24 @@ class _Run:
 
 
 def _read_metrics(path: Path, upto: int) -> list[dict]:
+    """The records of ``path`` up to update ``upto``. A partial last line (a kill while writing it) is dropped
+    with a warning; any other line that is not a record is a :class:`UsageError`."""
     if not path.is_file():
         return []
-    records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    lines = [(n, line) for n, line in enumerate(path.read_text(errors="replace").splitlines(), 1) if line.strip()]
+    records = []
+    for n, line in lines:
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as error:
+            if n == lines[-1][0]:
+                warnings.warn(f"{path}, line {n}: dropped a partial record (a run killed while writing it)",
+                              stacklevel=2)
+                continue
+            raise UsageError(f"{path}, line {n}: not a JSON record ({error.msg}); fix or delete the line") from None
+        if not isinstance(record, dict) or not isinstance(record.get("update"), int):
+            raise UsageError(f"{path}, line {n}: not a metrics record (no update number)")
+        records.append(record)
     return [r for r in records if r["update"] <= upto]
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -9,16 +10,30 @@ from typing import Any
 
 import torch
 
+from .checks import UsageError, check_choice, check_int, check_number, check_text
 from .lora import DEFAULT_TARGETS
 
-__all__ = ["STRATEGIES", "FinetuneConfig", "FinetuneResult", "FinetuneTask", "NonFiniteError"]
+__all__ = ["STRATEGIES", "FinetuneConfig", "FinetuneResult", "FinetuneTask"]
 
 STRATEGIES = ("sdo", "random-truncated", "truncated", "checkpoint", "full", "shortft")
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+_POSITIVE_INTS = ("k", "segments", "steps", "updates", "batch_size", "accumulation", "rank", "checkpoint_every",
+                  "keep_checkpoints", "sample_count", "eval_count", "max_nonfinite", "guard_patience")
 
 
-class NonFiniteError(RuntimeError):
-    """Too many updates in a row had a non-finite loss or gradient."""
+def _lr_schedulers() -> tuple[str, ...]:
+    from diffusers.optimization import SchedulerType
+
+    return tuple(kind.value for kind in SchedulerType)
+
+
+def _sequence(name: str, value) -> tuple:
+    """A list or tuple field (a single string stands for one item)."""
+    if isinstance(value, str):
+        return (value,)
+    if not isinstance(value, (list, tuple)):
+        raise UsageError(f"{name} must be a list, got {type(value).__name__} {value!r}", name)
+    return tuple(value)
 
 
 @dataclass
@@ -64,40 +79,49 @@ class FinetuneConfig:
     progress: bool = True
 
     def __post_init__(self):
+        """Every field checked for type, finiteness and range (a :class:`~sdo.UsageError` naming it)."""
+        if not isinstance(self.output, (str, os.PathLike)) or not str(self.output).strip():
+            raise UsageError(f"output must be a folder path, got {self.output!r}", "output")
         self.output = Path(self.output)
-        self.betas = tuple(float(b) for b in self.betas)
-        self.target_modules = (self.target_modules,) if isinstance(self.target_modules, str) else tuple(self.target_modules)
-        self.eval_scales = tuple(float(s) for s in self.eval_scales)
-        if self.strategy not in STRATEGIES:
-            raise ValueError(f"unknown strategy {self.strategy!r}; use one of {', '.join(STRATEGIES)}")
-        if self.base_dtype not in _DTYPES:
-            raise ValueError(f"base_dtype must be one of {', '.join(_DTYPES)}, got {self.base_dtype!r}")
-        for name in ("k", "segments", "steps", "updates", "batch_size", "accumulation", "rank", "checkpoint_every",
-                     "keep_checkpoints", "sample_count", "eval_count", "max_nonfinite", "guard_patience"):
-            if int(getattr(self, name)) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        for name in ("lr",):
-            if not getattr(self, name) > 0:
-                raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
-        if self.guard_every and int(self.guard_count) < 2:
-            raise ValueError(f"guard_count must be >= 2 (the guard compares sample diversity), got {self.guard_count}")
-        for name in ("weight_decay", "regularizer", "eta", "warmup", "sample_every", "guard_every"):
-            if not getattr(self, name) >= 0:
-                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        check_choice("strategy", self.strategy, STRATEGIES)
+        check_choice("base_dtype", self.base_dtype, _DTYPES)
+        check_choice("lr_scheduler", self.lr_scheduler, _lr_schedulers())
+        for name in _POSITIVE_INTS:
+            setattr(self, name, check_int(name, getattr(self, name), minimum=1))
+        for name in ("warmup", "sample_every", "guard_every", "seed"):
+            setattr(self, name, check_int(name, getattr(self, name), minimum=0))
+        self.guard_count = check_int("guard_count", self.guard_count, minimum=2 if self.guard_every else 1)
+        self.lr = check_number("lr", self.lr, above=0, maximum=1e6)  # beyond, AdamW's float32 arithmetic overflows
+        self.eta = check_number("eta", self.eta, minimum=0, maximum=1)  # DDIM's sigma_t needs eta <= 1
+        for name in ("weight_decay", "regularizer"):
+            setattr(self, name, check_number(name, getattr(self, name), minimum=0))
+        if self.guidance_scale is not None:
+            self.guidance_scale = check_number("guidance_scale", self.guidance_scale, minimum=0)
+        for name in ("max_grad_norm", "alpha", "time_budget"):
+            if getattr(self, name) is not None:
+                setattr(self, name, check_number(name, getattr(self, name), above=0))
+        self.betas = _sequence("betas", self.betas)
+        if len(self.betas) != 2:
+            raise UsageError(f"betas must be two numbers (beta1, beta2), got {self.betas!r}", "betas")
+        self.betas = tuple(check_number("betas", b, minimum=0, below=1) for b in self.betas)
+        self.target_modules = tuple(check_text("target_modules", m) for m in _sequence("target_modules", self.target_modules))
+        self.eval_scales = tuple(check_number("eval_scales", v, minimum=0) for v in _sequence("eval_scales", self.eval_scales))
+        for name in ("progressive", "stop_on_hacking", "resume", "tensorboard", "cpu", "progress"):
+            if not isinstance(getattr(self, name), bool):
+                raise UsageError(f"{name} must be true or false, got {getattr(self, name)!r}", name)
+        if self.base_dtype == "float16" and (self.cpu or not torch.cuda.is_available()):
+            raise UsageError("base_dtype float16 needs a GPU: on a CPU half-precision matmuls are slow and overflow to "
+                             "inf; use bfloat16 or float32", "base_dtype")
         if self.strategy == "shortft":
             if self.segments > self.steps:
-                raise ValueError(f"segments={self.segments} cannot exceed steps={self.steps}")
+                raise UsageError(f"segments={self.segments} cannot exceed steps={self.steps}", "segments")
             if self.eta:
-                raise ValueError("shortft jumps along the deterministic chain: eta must be 0")
+                raise UsageError("shortft jumps along the deterministic chain: eta must be 0", "eta")
         if self.warmup and self.lr_scheduler == "constant":  # diffusers' "constant" ignores num_warmup_steps
-            raise ValueError(f"warmup={self.warmup} has no effect with lr_scheduler='constant'; use "
-                             "'constant_with_warmup' (or cosine, linear, ...)")
-        if self.max_grad_norm is not None and not self.max_grad_norm > 0:
-            raise ValueError(f"max_grad_norm must be > 0 or None, got {self.max_grad_norm}")
-        if self.time_budget is not None and not self.time_budget > 0:
-            raise ValueError(f"time_budget must be > 0 or None, got {self.time_budget}")
+            raise UsageError(f"warmup={self.warmup} has no effect with lr_scheduler='constant'; use "
+                             "'constant_with_warmup' (or cosine, linear, ...)", "warmup")
         if self.output.exists() and not self.output.is_dir():
-            raise ValueError(f"output {self.output} exists and is not a folder")
+            raise UsageError(f"output {self.output} exists and is not a folder", "output")
 
     @classmethod
     def from_dict(cls, values: dict) -> FinetuneConfig:
@@ -105,7 +129,8 @@ class FinetuneConfig:
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(values) - known)
         if unknown:
-            raise ValueError(f"unknown fine-tuning option(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
+            raise UsageError(f"unknown fine-tuning option(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}",
+                             unknown[0])
         return cls(**values)
 
 

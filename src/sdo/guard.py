@@ -23,6 +23,8 @@ from dataclasses import asdict, dataclass
 
 import torch
 
+from .checks import UsageError
+
 __all__ = ["Guard", "GuardCheck", "GuardLimits", "diversity", "drift"]
 
 
@@ -71,7 +73,7 @@ class Guard:
         self.base, self.conditions, self.describe, self.limits = base.detach(), conditions, describe, limits
         self.base_diversity = diversity(base)
         if not self.base_diversity > 0:
-            raise ValueError("the guard needs at least two different base samples (guard_count >= 2)")
+            raise UsageError("the guard needs at least two different base samples (guard_count >= 2)")
         self.base_rejected = self._rejected(base)
 
     def _rejected(self, images: torch.Tensor) -> float | None:

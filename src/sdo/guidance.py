@@ -23,6 +23,8 @@ import torch
 from diffusers.utils.torch_utils import randn_tensor
 from tqdm.auto import tqdm
 
+from .checks import UsageError
+
 __all__ = ["Guidance", "guided_run"]
 
 
@@ -40,7 +42,7 @@ class Guidance:
         if not callable(self.objective):
             raise TypeError("Guidance.objective must be callable: x0_hat -> loss")
         if isinstance(self.time_travel, bool) or int(self.time_travel) != self.time_travel or self.time_travel < 1:
-            raise ValueError(f"time_travel must be an int >= 1, got {self.time_travel!r}")
+            raise UsageError(f"time_travel must be an int >= 1, got {self.time_travel!r}")
 
     def rho(self, i: int) -> float:
         return float(self.scale(i)) if callable(self.scale) else float(self.scale)
@@ -53,7 +55,7 @@ def _loss_gradient(chain, i: int, x: torch.Tensor, objective) -> tuple[torch.Ten
         out = chain.denoise(i, x)
         loss = objective(chain.solver.denoised(i, x, out))
         if not torch.is_tensor(loss) or not loss.requires_grad:
-            raise ValueError("the guidance objective does not depend on x0_hat (no gradient); check for detach/no_grad")
+            raise UsageError("the guidance objective does not depend on x0_hat (no gradient); check for detach/no_grad")
         if not bool(torch.isfinite(loss).all()):
             raise FloatingPointError(f"guidance objective is not finite at step {i}")
         (grad,) = torch.autograd.grad(loss.sum(), x)

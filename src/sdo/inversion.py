@@ -11,6 +11,7 @@ from collections.abc import Iterator
 import torch
 
 from .chain import Chain
+from .checks import UsageError
 from .sampling import sample, step_range
 
 __all__ = ["check_ode", "invert", "rebuild", "rebuilt_states", "round_trip_error"]
@@ -20,12 +21,12 @@ def check_ode(chain: Chain, steps: range, who: str) -> None:
     """Raise unless ``steps`` of ``chain`` are deterministic one-step updates that can be inverted."""
     solver = chain.solver
     if not solver.invertible:
-        raise ValueError(f"{who} inverts solver steps, but {type(solver).__name__}'s cannot be inverted "
+        raise UsageError(f"{who} inverts solver steps, but {type(solver).__name__}'s cannot be inverted "
                          f"({solver._not_invertible_reason()})")
     stochastic = solver.noise_steps()
     noisy = [i for i in steps if stochastic[i]]
     if noisy:
-        raise ValueError(
+        raise UsageError(
             f"{who} runs the probability-flow ODE backwards, but {type(solver).__name__} adds noise at steps "
             f"{noisy[:3]}{'...' if len(noisy) > 3 else ''}; use a deterministic solver (DDIM eta=0, "
             "DPM-Solver++ order 1, Euler)"

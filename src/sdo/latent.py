@@ -11,6 +11,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .chain import Chain
+from .checks import UsageError, check_int, check_number
 from .picard import Picard
 from .sampling import sample, step_range
 from .strategies import Shortcut, Strategy, get_strategy
@@ -24,9 +25,7 @@ class LinfBall:
     """Projection onto the L-infinity ball of ``radius`` around the starting latent (adversarial tasks)."""
 
     def __init__(self, radius: float):
-        if not radius > 0:
-            raise ValueError(f"radius must be > 0, got {radius}")
-        self.radius = float(radius)
+        self.radius = check_number("radius", radius, above=0)
 
     def __call__(self, latent: torch.Tensor, origin: torch.Tensor) -> torch.Tensor:
         return origin + (latent - origin).clamp(-self.radius, self.radius)
@@ -53,7 +52,7 @@ class LatentResult:
 def _make_optimizer(optimizer, params, lr):
     if isinstance(optimizer, str):
         if optimizer not in _OPTIMIZERS:
-            raise ValueError(f"unknown optimizer {optimizer!r}; use one of {sorted(_OPTIMIZERS)} or a callable")
+            raise UsageError(f"unknown optimizer {optimizer!r}; use one of {sorted(_OPTIMIZERS)} or a callable")
         return _OPTIMIZERS[optimizer](params, lr=lr)
     if callable(optimizer):
         return optimizer(params, lr=lr)
@@ -64,10 +63,14 @@ def _item_losses(loss: torch.Tensor, batch: int, iteration: int) -> torch.Tensor
     if not torch.is_tensor(loss):
         raise TypeError(f"objective must return a tensor, got {type(loss).__name__}")
     if loss.ndim > 0 and tuple(loss.shape) != (batch,):
-        raise ValueError(f"objective returned shape {tuple(loss.shape)}: expected a scalar or one loss per item, shape ({batch},)")
+        raise UsageError(f"objective returned shape {tuple(loss.shape)}: expected a scalar or one loss per item, shape ({batch},)")
     if not torch.isfinite(loss).all():
-        raise ValueError(f"non-finite loss at iteration {iteration}: {loss.detach().flatten().tolist()}")
+        raise UsageError(f"non-finite loss at iteration {iteration}: {loss.detach().flatten().tolist()}")
     return loss.reshape(-1)
+
+
+def _name(objective) -> str:
+    return getattr(objective, "__name__", None) or type(objective).__name__
 
 
 def _check_gradient_path(grad: torch.Tensor, grad_x0: torch.Tensor, strategy) -> None:
@@ -75,7 +78,7 @@ def _check_gradient_path(grad: torch.Tensor, grad_x0: torch.Tensor, strategy) ->
     dims = tuple(range(1, grad.ndim))
     cut = (grad_x0.abs().amax(dim=dims) > 0) & (grad.abs().amax(dim=dims) == 0)
     if cut.any():
-        raise ValueError(
+        raise UsageError(
             f"the objective has a gradient at the sample but the latent receives none under {strategy!r} "
             f"(items {cut.nonzero().flatten().tolist()}): some step's update does not depend on its input "
             "except through a denoiser call kept without a graph (e.g. DDIM with prediction_type='sample' and "
@@ -120,19 +123,19 @@ def optimize_latent(
     """
     steps = step_range(chain, start)
     if step_rule not in ("plain", "sign"):
-        raise ValueError(f"step_rule must be 'plain' or 'sign', got {step_rule!r}")
+        raise UsageError(f"step_rule must be 'plain' or 'sign', got {step_rule!r}")
     strategy = get_strategy(strategy)
     if picard:
         if not isinstance(strategy, Shortcut):
-            raise ValueError(f"picard runs SDO's forward pass: it needs strategy='sdo' (a Shortcut), got {strategy!r}")
+            raise UsageError(f"picard runs SDO's forward pass: it needs strategy='sdo' (a Shortcut), got {strategy!r}")
         picard = Picard(warm_start=True) if picard is True else picard
         if not isinstance(picard, Picard):
             raise TypeError(f"picard must be True or an sdo.Picard, got {type(picard).__name__}")
         strategy = Shortcut(at=strategy.at, generator=strategy.generator, picard=picard)
     tracker = strategy.picard if isinstance(strategy, Shortcut) else None
     first_run = len(tracker.runs) if tracker else 0
-    if int(iterations) < 1:
-        raise ValueError(f"iterations must be >= 1, got {iterations}")
+    iterations = check_int("iterations", iterations, minimum=1)
+    lr = check_number("lr", lr, above=0)
     chain.check(x)
     if generator is None:
         generator = torch.Generator().manual_seed(int(torch.randint(0, 2**62, ())))
@@ -162,23 +165,27 @@ def optimize_latent(
             best_sample = torch.where(better.view(-1, *([1] * (x0.ndim - 1))), x0, best_sample)
 
     began = time.perf_counter()
-    bar = tqdm(range(int(iterations)), desc=f"optimize_latent[{strategy.name or type(strategy).__name__}]", disable=not progress)
+    bar = tqdm(range(iterations), desc=f"optimize_latent[{strategy.name or type(strategy).__name__}]", disable=not progress)
     for it in bar:
         opt.zero_grad(set_to_none=True)
         x0 = run(latent)
         loss = objective(x0)
         items = _item_losses(loss, batch, it)
         if not loss.requires_grad:
-            raise ValueError(
+            raise UsageError(
                 "objective(x0) does not depend on the sample: its value carries no gradient. Check that the "
                 "objective uses its argument and does not detach it or run under torch.no_grad()"
             )
         grad, grad_x0 = torch.autograd.grad(loss.sum(), [latent, x0], allow_unused=True)
         if grad is None or grad_x0 is None:
-            raise ValueError("objective(x0) does not depend on the sample: the latent received no gradient")
+            raise UsageError("objective(x0) does not depend on the sample: the latent received no gradient")
+        if it == 0 and not bool(grad_x0.any()):  # later, a satisfied hinge (a margin reached) may be exactly flat
+            raise UsageError(f"the gradient of the objective {_name(objective)} at the sample is exactly zero: it does "
+                             "not change with x0 (it rounds, thresholds or multiplies it by zero), so nothing would "
+                             "be optimized; use a differentiable objective")
         _check_gradient_path(grad, grad_x0, strategy)
         if not torch.isfinite(grad).all():
-            raise ValueError(f"non-finite gradient at iteration {it}; lower lr or use strategy='sdo'")
+            raise UsageError(f"non-finite gradient at iteration {it}; lower lr or use strategy='sdo'")
         items = items.detach()
         history.append(items)
         track(x0, items)

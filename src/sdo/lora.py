@@ -32,6 +32,7 @@ import torch
 from torch import nn
 
 from .checkpoints import atomic_write
+from .checks import UsageError, reading
 
 __all__ = [
     "DEFAULT_TARGETS",
@@ -67,7 +68,7 @@ def lora_layers(model: nn.Module, adapter_name: str) -> list[tuple[str, nn.Modul
 
     have = sorted(getattr(model, "peft_config", {}))
     if adapter_name not in have:
-        raise ValueError(f"{type(model).__name__} has no LoRA adapter {adapter_name!r} (it has {have or 'none'}); "
+        raise UsageError(f"{type(model).__name__} has no LoRA adapter {adapter_name!r} (it has {have or 'none'}); "
                          "add one with add_lora or load_lora, or pass adapter_name")
     return [(n, m) for n, m in model.named_modules() if isinstance(m, LoraLayer) and adapter_name in m.lora_A]
 
@@ -90,11 +91,11 @@ def _config_object(config: dict):
     from peft import LoraConfig
 
     if config.get("peft_type", "LORA") != "LORA":
-        raise ValueError(f"not a LoRA config (peft_type={config['peft_type']!r}); sdo.lora handles LoRA adapters only")
+        raise UsageError(f"not a LoRA config (peft_type={config['peft_type']!r}); sdo.lora handles LoRA adapters only")
     known = {f.name for f in dataclasses.fields(LoraConfig)}
     unknown = sorted(k for k, v in config.items() if k not in known and v not in (None, False, {}, [], ""))
     if unknown:
-        raise ValueError(f"the LoRA config sets {unknown}, unknown to this peft version; upgrade peft to load it")
+        raise UsageError(f"the LoRA config sets {unknown}, unknown to this peft version; upgrade peft to load it")
     return LoraConfig(**{k: v for k, v in config.items() if k in known})
 
 
@@ -107,7 +108,7 @@ def _inject(model: nn.Module, config, adapter_name: str, *, trainable: bool, see
     from peft.tuners.tuners_utils import BaseTunerLayer
 
     if adapter_name in getattr(model, "peft_config", {}):
-        raise ValueError(f"{type(model).__name__} already has a LoRA adapter {adapter_name!r}; pass another "
+        raise UsageError(f"{type(model).__name__} already has a LoRA adapter {adapter_name!r}; pass another "
                          "adapter_name, or start from a model without it")
     grads = {id(p): p.requires_grad for p in _adapter_params(model)}
     active = {id(m): m.active_adapters for m in model.modules() if isinstance(m, BaseTunerLayer)}
@@ -119,7 +120,7 @@ def _inject(model: nn.Module, config, adapter_name: str, *, trainable: bool, see
             inject_adapter_in_model(config, model, adapter_name=adapter_name)
         except NoMatchingPeftModuleError as e:
             layers = [n for n, m in model.named_modules() if isinstance(m, (nn.Linear, nn.Conv2d))]
-            raise ValueError(f"no module of {type(model).__name__} matches target_modules={config.target_modules}; "
+            raise UsageError(f"no module of {type(model).__name__} matches target_modules={config.target_modules}; "
                              f"its Linear/Conv2d modules include {layers[:12]} ({len(layers)} in all): target a name's "
                              "last part(s), e.g. 'to_q', 'to_out.0' or 'conv1'") from e
 
@@ -164,7 +165,7 @@ def add_lora(model: nn.Module, *, rank: int = 4, alpha: float | None = None,
     from peft import LoraConfig
 
     if rank < 1:
-        raise ValueError(f"rank must be a positive integer, got {rank}")
+        raise UsageError(f"rank must be a positive integer, got {rank}")
     targets = target_modules if isinstance(target_modules, str) else list(target_modules)
     config = LoraConfig(r=rank, lora_alpha=rank if alpha is None else alpha, target_modules=targets)
     _inject(model, config, adapter_name, trainable=True, seed=init_seed, fork=False)
@@ -216,14 +217,20 @@ def read_lora(folder: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict]
     if not (folder / _WEIGHTS).is_file():
         raise FileNotFoundError(f"{folder / _WEIGHTS} not found: a LoRA folder holds {_WEIGHTS} (sdo.lora.save_lora "
                                 "or diffusers' save_lora_adapter write one)")
-    with safe_open(folder / _WEIGHTS, framework="pt") as f:
+    with reading(folder / _WEIGHTS, "the LoRA weights"), safe_open(folder / _WEIGHTS, framework="pt") as f:
         metadata = f.metadata() or {}
         state = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (a safetensors handle is not a dict)
+    bad = [k for k, v in state.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+    if bad:
+        raise UsageError(f"{folder / _WEIGHTS}: {bad[0]} has non-finite weights (NaN or inf; {len(bad)} tensors in "
+                         "all); the training that wrote it diverged")
     if _METADATA_KEY in metadata:
-        return state, json.loads(metadata[_METADATA_KEY])
+        with reading(folder / _WEIGHTS, "the LoRA config in its metadata"):
+            return state, json.loads(metadata[_METADATA_KEY])
     if (folder / _CONFIG).is_file():
-        return state, json.loads((folder / _CONFIG).read_text())
-    raise ValueError(f"{folder} has no LoRA config ({_METADATA_KEY!r} safetensors metadata or {_CONFIG}); "
+        with reading(folder / _CONFIG, "the LoRA config"):
+            return state, json.loads((folder / _CONFIG).read_text())
+    raise UsageError(f"{folder} has no LoRA config ({_METADATA_KEY!r} safetensors metadata or {_CONFIG}); "
                      "save the LoRA with sdo.lora.save_lora or diffusers' save_lora_adapter")
 
 
@@ -246,7 +253,7 @@ def load_lora(model: nn.Module, folder: str | os.PathLike, adapter_name: str = "
             result = set_peft_model_state_dict(model, state, adapter_name=adapter_name)
             problems = [f"unexpected {k}" for k in result.unexpected_keys]
         if problems:
-            raise ValueError(f"{folder} does not fit {type(model).__name__} ({len(problems)} problems: "
+            raise UsageError(f"{folder} does not fit {type(model).__name__} ({len(problems)} problems: "
                              f"{problems[:6]}); load it into the model it was trained on")
 
     _inject(model, config, adapter_name, trainable=trainable, seed=None, fork=True, load=load)
@@ -256,24 +263,24 @@ def load_lora(model: nn.Module, folder: str | os.PathLike, adapter_name: str = "
 def _modules(state: dict[str, torch.Tensor], config: dict, what: str) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
     """{module: (A, B)} of a plain LoRA state dict, checked: LoRA config, no DoRA/bias, paired finite weights."""
     if config.get("peft_type", "LORA") != "LORA":
-        raise ValueError(f"{what} is not a LoRA (peft_type={config['peft_type']!r})")
+        raise UsageError(f"{what} is not a LoRA (peft_type={config['peft_type']!r})")
     for flag, name in (("use_dora", "DoRA (a magnitude vector, not a low-rank delta)"), ("lora_bias", "a LoRA bias")):
         if config.get(flag):
-            raise ValueError(f"{what} uses {name}; scale/merge handle plain LoRA (A, B) only: train without {flag}")
+            raise UsageError(f"{what} uses {name}; scale/merge handle plain LoRA (A, B) only: train without {flag}")
     other = [k for k in state if not k.endswith((_A, _B))]
     if other:
-        raise ValueError(f"{what} holds non-LoRA weights {other[:4]}; expected only '<module>{_A}' and '<module>{_B}'")
+        raise UsageError(f"{what} holds non-LoRA weights {other[:4]}; expected only '<module>{_A}' and '<module>{_B}'")
     out = {}
     for key in state:
         name = key.removesuffix(_A).removesuffix(_B)
         if name + _A not in state or name + _B not in state:
-            raise ValueError(f"{what}: {name} has only one of lora_A/lora_B")
+            raise UsageError(f"{what}: {name} has only one of lora_A/lora_B")
         a, b = state[name + _A], state[name + _B]
         if a.ndim not in (2, 4) or b.ndim != a.ndim or b.shape[1] != a.shape[0] or b.shape[2:] not in ((), (1, 1)):
-            raise ValueError(f"{what}: {name} has A {tuple(a.shape)} and B {tuple(b.shape)}, not a Linear "
+            raise UsageError(f"{what}: {name} has A {tuple(a.shape)} and B {tuple(b.shape)}, not a Linear "
                              "((r, in), (out, r)) or Conv2d ((r, in, kh, kw), (out, r, 1, 1)) LoRA")
         if not (torch.isfinite(a).all() and torch.isfinite(b).all()):
-            raise ValueError(f"{what}: {name} has non-finite weights; the training that wrote it diverged")
+            raise UsageError(f"{what}: {name} has non-finite weights; the training that wrote it diverged")
         out[name] = (a, b)
     return out
 
@@ -286,7 +293,7 @@ def _scaling(config: dict, name: str, rank: int) -> float:
     r = rank_pattern.get(get_pattern_key(rank_pattern.keys(), name), config["r"])
     alpha = alpha_pattern.get(get_pattern_key(alpha_pattern.keys(), name), config["lora_alpha"])
     if r != rank:
-        raise ValueError(f"the config gives {name} rank {r} but its weights have rank {rank}")
+        raise UsageError(f"the config gives {name} rank {r} but its weights have rank {rank}")
     return alpha / math.sqrt(r) if config.get("use_rslora") else alpha / r
 
 
@@ -295,7 +302,7 @@ def scale_lora(state: dict[str, torch.Tensor], config: dict, alpha: float) -> tu
     config = _config_dict(config)
     _modules(state, config, "the LoRA to scale")
     if not math.isfinite(alpha):
-        raise ValueError(f"alpha must be finite, got {alpha}")
+        raise UsageError(f"alpha must be finite, got {alpha}")
     return {k: v * alpha if k.endswith(_B) else v.clone() for k, v in state.items()}, config
 
 
@@ -310,18 +317,18 @@ def merge_loras(items: Sequence[tuple[dict[str, torch.Tensor], dict, float]]) ->
 
     items = list(items)
     if not items:
-        raise ValueError("merge_loras needs at least one (state, config, weight)")
+        raise UsageError("merge_loras needs at least one (state, config, weight)")
     parsed, targets = [], set()
     for i, (state, config, weight) in enumerate(items):
         config = _config_dict(config)
         if not math.isfinite(weight):
-            raise ValueError(f"weight {i} is {weight}; merge weights must be finite")
+            raise UsageError(f"weight {i} is {weight}; merge weights must be finite")
         mods = _modules(state, config, f"LoRA {i}")
         if not mods:
-            raise ValueError(f"LoRA {i} has no weights")
+            raise UsageError(f"LoRA {i} has no weights")
         t = config.get("target_modules")
         if not isinstance(t, (list, tuple)) or config.get("exclude_modules") or config.get("layers_to_transform"):
-            raise ValueError(f"LoRA {i} selects modules by {t!r} (with exclude_modules/layers_to_transform: "
+            raise UsageError(f"LoRA {i} selects modules by {t!r} (with exclude_modules/layers_to_transform: "
                              f"{config.get('exclude_modules')}, {config.get('layers_to_transform')}); merge_loras "
                              "needs target_modules as a list of names and no exclusions, to take their union")
         targets |= set(t)
@@ -332,7 +339,7 @@ def merge_loras(items: Sequence[tuple[dict[str, torch.Tensor], dict, float]]) ->
         present = [mods[name] for mods, _ in parsed if name in mods]
         a0, b0 = present[0]
         if any(a.shape[1:] != a0.shape[1:] or b.shape[0] != b0.shape[0] for a, b in present):
-            raise ValueError(f"{name} has incompatible shapes across the LoRAs: "
+            raise UsageError(f"{name} has incompatible shapes across the LoRAs: "
                              f"{[(tuple(a.shape), tuple(b.shape)) for a, b in present]}; merge LoRAs of one model")
         dtype = functools.reduce(torch.promote_types, [t.dtype for pair in present for t in pair])
         As, Bs = [], []
@@ -354,7 +361,7 @@ def scale_lora_files(src: str | os.PathLike, dst: str | os.PathLike, alpha: floa
 def merge_lora_files(srcs: Sequence[str | os.PathLike], weights: Sequence[float], dst: str | os.PathLike) -> None:
     """Folders to folder :func:`merge_loras` (``sdo lora merge``), one weight per source folder."""
     if len(srcs) != len(weights):
-        raise ValueError(f"{len(srcs)} LoRA folders but {len(weights)} weights; give one weight per folder")
+        raise UsageError(f"{len(srcs)} LoRA folders but {len(weights)} weights; give one weight per folder")
     write_lora(dst, *merge_loras([(*read_lora(src), w) for src, w in zip(srcs, weights, strict=True)]))
 
 
@@ -372,7 +379,7 @@ def lora_disabled(model: nn.Module) -> Iterator[nn.Module]:
 
     layers = [m for m in model.modules() if isinstance(m, BaseTunerLayer)]
     if not layers:
-        raise ValueError(f"{type(model).__name__} has no LoRA layers, so lora_disabled would change nothing; "
+        raise UsageError(f"{type(model).__name__} has no LoRA layers, so lora_disabled would change nothing; "
                          "add_lora or load_lora first")
     was = [(m, m.disable_adapters) for m in layers]
     flags = [(p, p.requires_grad) for p in _adapter_params(model)]
@@ -390,7 +397,7 @@ def lora_disabled(model: nn.Module) -> Iterator[nn.Module]:
 def set_lora_scale(model: nn.Module, scale: float, adapter_name: str = "default") -> None:
     """Interpolate at inference: theta + scale * dtheta (0 = base, 1 = trained), via peft's ``LoraLayer.set_scale``."""
     if not math.isfinite(scale):
-        raise ValueError(f"scale must be finite, got {scale}")
+        raise UsageError(f"scale must be finite, got {scale}")
     for _, m in lora_layers(model, adapter_name):
         m.set_scale(adapter_name, scale)
 

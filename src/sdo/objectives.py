@@ -11,6 +11,8 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import nn
 
+from .checks import UsageError
+
 __all__ = [
     "Clamped",
     "ClassifierCrossEntropy",
@@ -41,7 +43,7 @@ class ClassifierMargin:
 
     def __init__(self, classifier: nn.Module, labels: torch.Tensor, margin: float = 1.0):
         if margin < 0:
-            raise ValueError(f"margin must be >= 0, got {margin}")
+            raise UsageError(f"margin must be >= 0, got {margin}")
         self.classifier, self.labels, self.margin = classifier, labels, float(margin)
 
     def __call__(self, x0: torch.Tensor) -> torch.Tensor:
@@ -68,12 +70,12 @@ class Fidelity:
 
     def __init__(self, reference: torch.Tensor, p: int = 1):
         if p not in (1, 2):
-            raise ValueError(f"p must be 1 or 2, got {p}")
+            raise UsageError(f"p must be 1 or 2, got {p}")
         self.reference, self.p = reference.detach(), p
 
     def __call__(self, x0: torch.Tensor) -> torch.Tensor:
         if self.reference.shape[1:] != x0.shape[1:] or self.reference.shape[0] not in (1, x0.shape[0]):
-            raise ValueError(f"reference of shape {tuple(self.reference.shape)} does not match x0 {tuple(x0.shape)}")
+            raise UsageError(f"reference of shape {tuple(self.reference.shape)} does not match x0 {tuple(x0.shape)}")
         diff = (x0 - self.reference.to(x0)).abs()
         return (diff if self.p == 1 else diff**2).flatten(1).mean(dim=1)
 
@@ -95,13 +97,13 @@ class GramStyle:
         layers: Sequence[int] | None = None,
     ):
         if reference.ndim < 3:
-            raise ValueError(f"reference must be a batch of images (1, C, H, W), got shape {tuple(reference.shape)}")
+            raise UsageError(f"reference must be a batch of images (1, C, H, W), got shape {tuple(reference.shape)}")
         self.features = features
         with torch.no_grad():
             feats = list(features(reference[:1] if reference.ndim == 4 else reference[None]))
         self.layers = list(range(len(feats))) if layers is None else list(layers)
         if not self.layers or any(not 0 <= i < len(feats) for i in self.layers):
-            raise ValueError(f"layers must index the {len(feats)} feature maps, got {self.layers}")
+            raise UsageError(f"layers must index the {len(feats)} feature maps, got {self.layers}")
         self.targets = [gram_matrix(feats[i]) for i in self.layers]
 
     def __call__(self, x0: torch.Tensor) -> torch.Tensor:
@@ -118,7 +120,7 @@ class FeatureMatch:
         with torch.no_grad():
             feats = list(features(reference))
         if not self.layers or any(not 0 <= i < len(feats) for i in self.layers):
-            raise ValueError(f"layers must index the {len(feats)} feature maps, got {self.layers}")
+            raise UsageError(f"layers must index the {len(feats)} feature maps, got {self.layers}")
         self.targets = [feats[i] for i in self.layers]
 
     def __call__(self, x0: torch.Tensor) -> torch.Tensor:
@@ -131,7 +133,7 @@ class WeightedSum:
 
     def __init__(self, terms: Sequence[tuple[float, Callable[[torch.Tensor], torch.Tensor]]]):
         if not terms:
-            raise ValueError("WeightedSum needs at least one (weight, objective) term")
+            raise UsageError("WeightedSum needs at least one (weight, objective) term")
         self.terms = [(float(w), f) for w, f in terms]
 
     def __call__(self, x0: torch.Tensor) -> torch.Tensor:

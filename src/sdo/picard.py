@@ -34,6 +34,7 @@ from dataclasses import dataclass
 import torch
 
 from .chain import Chain
+from .checks import UsageError, check_int, check_number
 from .denoiser import Denoiser, _map
 from .solvers import SolverState
 
@@ -59,9 +60,10 @@ def _tiled(denoiser: Denoiser, n: int) -> Denoiser:
                     denoiser.guidance_scale)
 
 
-def _check_options(window, tol, max_sweeps) -> None:
-    if (window is not None and int(window) < 1) or (max_sweeps is not None and int(max_sweeps) < 1) or not tol >= 0:
-        raise ValueError(f"need window >= 1, max_sweeps >= 1, tol >= 0; got {window}, {max_sweeps}, {tol}")
+def _check_options(window, tol, max_sweeps) -> tuple:
+    """``(window, tol, max_sweeps)`` checked: whole numbers >= 1 (or None) and a finite tolerance >= 0."""
+    return (None if window is None else check_int("window", window, minimum=1), check_number("tol", tol, minimum=0),
+            None if max_sweeps is None else check_int("max_sweeps", max_sweeps, minimum=1))
 
 
 def _noise_variance(solver, i: int) -> float:
@@ -79,10 +81,10 @@ def _sweeps(chain: Chain, x: torch.Tensor, state: SolverState, steps: range, win
     max_sweeps = n if max_sweeps is None else int(max_sweeps)
     if init is not None:
         if len(init) != n + 1:
-            raise ValueError(f"init must hold the {n + 1} latents of a trajectory over steps {first}..{steps.stop - 1} "
+            raise UsageError(f"init must hold the {n + 1} latents of a trajectory over steps {first}..{steps.stop - 1} "
                              f"(the start, then the latent after each step), got {len(init)}")
         if any(v.shape != x.shape for v in init):
-            raise ValueError(f"init's latents must have the shape of x, {tuple(x.shape)}")
+            raise UsageError(f"init's latents must have the shape of x, {tuple(x.shape)}")
     x = x.detach()
     path = [x] + ([v.detach().to(x) for v in init[1:]] if init is not None else [x] * n)
     reached = n if init is not None else 0  # latents beyond it were never computed (cold start)
@@ -128,7 +130,7 @@ def picard_sample(chain: Chain, x: torch.Tensor, *, window: int | None = None, t
     here: this is a forward pass (for SDO's gradient on top of it, ``Shortcut(picard=Picard(...))``)."""
     from .sampling import step_range
 
-    _check_options(window, tol, max_sweeps)
+    window, tol, max_sweeps = _check_options(window, tol, max_sweeps)
     steps = step_range(chain, start, stop)
     chain.check(x)
     return _sweeps(chain, x, chain.init_state(x, generator), steps, window, tol, max_sweeps, init)
@@ -145,8 +147,8 @@ class Picard:
 
     def __init__(self, window: int | None = None, tol: float = 1e-3, max_sweeps: int | None = None,
                  warm_start: bool = False, init: list[torch.Tensor] | None = None):
-        _check_options(window, tol, max_sweeps)
-        self.window, self.tol, self.max_sweeps, self.warm_start = window, float(tol), max_sweeps, bool(warm_start)
+        self.window, self.tol, self.max_sweeps = _check_options(window, tol, max_sweeps)
+        self.warm_start = bool(warm_start)
         self.init, self.last, self.runs = init, None, []
 
     def __call__(self, chain: Chain, x: torch.Tensor, state: SolverState, steps: range) -> PicardResult:

@@ -24,6 +24,7 @@ from collections.abc import Sequence
 
 import torch
 
+from .checks import UsageError
 from .inversion import check_ode
 from .strategies import ConstantMemory, register_strategy, vjp
 
@@ -49,7 +50,7 @@ class Reversible(ConstantMemory):
     def __init__(self, p: float = 0.93, params: Sequence[torch.Tensor] | None = None):
         super().__init__(params)
         if not 0.5 < float(p) <= 1.0:
-            raise ValueError(f"p must be in (0.5, 1] for the EDICT coupling to be invertible and stable, got {p}")
+            raise UsageError(f"p must be in (0.5, 1] for the EDICT coupling to be invertible and stable, got {p}")
         self.p = float(p)
 
     def forward(self, chain, x, state, steps):

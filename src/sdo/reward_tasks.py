@@ -9,6 +9,7 @@ from collections.abc import Sequence
 import torch
 
 from .backbones import task_scheduler, text_conditioning
+from .checks import UsageError
 from .finetuning import FinetuneTask
 from .rewards import DigitJudge, digits_reward, from_objective
 
@@ -26,12 +27,12 @@ def digits_task(reward: str = "class", target: int | None = 3, labels: Sequence[
 
     models = models or load_digits(device)
     if target is not None and not 0 <= int(target) < models.num_classes:
-        raise ValueError(f"target must be a digit 0-9, got {target}")
+        raise UsageError(f"target must be a digit 0-9, got {target}")
     if target is None and labels is None:
-        raise ValueError("target=None rewards each sample's own class: give labels to condition on")
+        raise UsageError("target=None rewards each sample's own class: give labels to condition on")
     conditions = [models.null_class] if labels is None else [int(c) for c in labels]
     if any(not 0 <= c <= models.null_class for c in conditions):
-        raise ValueError(f"labels must be digits 0-9 (or {models.null_class}, the null class), got {list(labels)}")
+        raise UsageError(f"labels must be digits 0-9 (or {models.null_class}, the null class), got {list(labels)}")
     judge = judge or DigitJudge(device=device)
     unet = models.unet
 
@@ -86,7 +87,7 @@ def pipeline_task(pipe, prompts: Sequence[str], reward, guidance_scale: float = 
 
     prompts = [prompts] if isinstance(prompts, str) else list(prompts)
     if not prompts or any(not isinstance(p, str) or not p.strip() for p in prompts):
-        raise ValueError("give at least one non-empty prompt")
+        raise UsageError("give at least one non-empty prompt")
     if isinstance(reward, tuple) and reward[0] == "objective":
         reward = from_objective(reward[1])
     cache: dict[str, dict] = {}

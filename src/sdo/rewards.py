@@ -15,13 +15,15 @@ from collections.abc import Callable, Sequence
 import torch
 import torch.nn.functional as F
 
+from .checks import UsageError
+
 __all__ = ["ClassLogProb", "DigitJudge", "InkReward", "WeightedReward", "digits_reward", "from_objective"]
 
 
 def _check(reward: torch.Tensor, images: torch.Tensor, name: str) -> torch.Tensor:
     if not torch.is_tensor(reward) or tuple(reward.shape) != (images.shape[0],):
         shape = tuple(reward.shape) if torch.is_tensor(reward) else type(reward).__name__
-        raise ValueError(f"{name} returned {shape}: a reward must be one value per image, shape ({images.shape[0]},)")
+        raise UsageError(f"{name} returned {shape}: a reward must be one value per image, shape ({images.shape[0]},)")
     return reward
 
 
@@ -48,7 +50,7 @@ class InkReward:
 
     def __init__(self, scale: float = 78.0):
         if not scale > 0:
-            raise ValueError(f"scale must be > 0, got {scale}")
+            raise UsageError(f"scale must be > 0, got {scale}")
         self.scale = float(scale)
 
     def __call__(self, images: torch.Tensor, conditions: Sequence) -> torch.Tensor:
@@ -60,7 +62,7 @@ class WeightedReward:
 
     def __init__(self, terms: Sequence[tuple[Callable, float]]):
         if not terms:
-            raise ValueError("WeightedReward needs at least one (reward, weight) pair")
+            raise UsageError("WeightedReward needs at least one (reward, weight) pair")
         self.terms = [(r, float(w)) for r, w in terms]
 
     def __call__(self, images: torch.Tensor, conditions: Sequence) -> torch.Tensor:
@@ -89,7 +91,7 @@ class DigitJudge:
         from .embedded.digits import load_dataset
 
         if not 0 < reject_quantile <= 1:
-            raise ValueError(f"reject_quantile must be in (0, 1], got {reject_quantile}")
+            raise UsageError(f"reject_quantile must be in (0, 1], got {reject_quantile}")
         images, self.labels = load_dataset("train")
         self.bank, self.k = self._features(images).to(device), int(k)
         self.labels = self.labels.to(device)
@@ -132,4 +134,4 @@ def digits_reward(name: str, classifier: torch.nn.Module, target: int | None = N
         return InkReward()
     if name == "class+ink":
         return WeightedReward([(ClassLogProb(classifier, target), 1.0), (InkReward(), ink_weight)])
-    raise ValueError(f"unknown digits reward {name!r}; use 'class', 'ink' or 'class+ink'")
+    raise UsageError(f"unknown digits reward {name!r}; use 'class', 'ink' or 'class+ink'")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 
 from .chain import Chain
+from .checks import UsageError
 from .guidance import Guidance, guided_run
 from .strategies import Strategy, get_strategy
 
@@ -19,9 +20,9 @@ def step_range(chain: Chain, start: int = 0, stop: int | None = None) -> range:
         if isinstance(value, bool) or not isinstance(value, int):
             raise TypeError(f"{name} must be an int step index, got {value!r}")
     if not 0 <= start < n:
-        raise ValueError(f"start={start} is out of range: the chain has {n} steps (valid: 0..{n - 1})")
+        raise UsageError(f"start={start} is out of range: the chain has {n} steps (valid: 0..{n - 1})")
     if not start < stop <= n:
-        raise ValueError(f"stop={stop} is out of range: need start < stop <= {n} (start={start})")
+        raise UsageError(f"stop={stop} is out of range: need start < stop <= {n} (start={start})")
     return range(start, stop)
 
 
@@ -51,7 +52,7 @@ def sample(
     chain.check(x)
     if guidance is not None:
         if strategy is not None:
-            raise ValueError("guidance sampling takes no strategy: its sample is not differentiable")
+            raise UsageError("guidance sampling takes no strategy: its sample is not differentiable")
         if not isinstance(guidance, Guidance):
             raise TypeError(f"guidance must be an sdo.Guidance, got {type(guidance).__name__}")
         return guided_run(chain, x, chain.init_state(x, generator), steps, guidance, generator)

@@ -37,6 +37,7 @@ from torch.utils.checkpoint import checkpoint
 
 from .chain import Chain
 from .checkpoints import write_json
+from .checks import UsageError
 from .denoiser import Denoiser
 from .finetuning import _Run, _train
 from .finetuning_config import FinetuneConfig, FinetuneResult, FinetuneTask
@@ -50,7 +51,7 @@ def segment_ends(steps: int, segments: int) -> tuple[int, ...]:
     """The last step of each of ``segments`` segments of an ``steps``-step chain: floor((j + 1) N / k) - 1.
     For N = 50, k = 4: steps 11, 24, 36, 49, SD 1.5's timesteps 761, 501, 261, 1 (the paper's LoRA timesteps)."""
     if not 1 <= int(segments) <= int(steps):
-        raise ValueError(f"need 1 <= segments <= steps, got segments={segments}, steps={steps}")
+        raise UsageError(f"need 1 <= segments <= steps, got segments={segments}, steps={steps}")
     return tuple((j + 1) * int(steps) // int(segments) - 1 for j in range(int(segments)))
 
 
@@ -71,9 +72,9 @@ class TimestepLoRA(torch.nn.Module):
     def __init__(self, model: torch.nn.Module, adapters: Sequence[str], timesteps: Sequence[int]):
         super().__init__()
         if len(adapters) != len(timesteps) or not adapters:
-            raise ValueError(f"one LoRA timestep per adapter: got {len(adapters)} adapters, {len(timesteps)} timesteps")
+            raise UsageError(f"one LoRA timestep per adapter: got {len(adapters)} adapters, {len(timesteps)} timesteps")
         if any(a <= b for a, b in itertools.pairwise(timesteps)):
-            raise ValueError(f"LoRA timesteps must decrease (noisiest segment first), got {list(timesteps)}")
+            raise UsageError(f"LoRA timesteps must decrease (noisiest segment first), got {list(timesteps)}")
         self.model, self.adapters, self.timesteps = model, list(adapters), [int(t) for t in timesteps]
         self.config = getattr(model, "config", None)
         self.scale = 1.0
@@ -86,7 +87,7 @@ class TimestepLoRA(torch.nn.Module):
     def forward(self, sample, timestep=None, *args, **kwargs):
         ts = torch.as_tensor(timestep).reshape(-1)
         if bool((ts != ts[0]).any()):
-            raise ValueError("TimestepLoRA takes one timestep per call (the rows had different timesteps)")
+            raise UsageError("TimestepLoRA takes one timestep per call (the rows had different timesteps)")
         on = self.adapters[: self.segment(ts[0]) + 1]
         saved = [(m, m._active_adapter, dict(m.scaling) if self.scale != 1.0 else None) for m in self._layers]
         for m, active, scaling in saved:
@@ -114,9 +115,9 @@ class TimestepLoRA(torch.nn.Module):
 
 def _check_ends(chain: Chain, ends: Sequence[int]) -> None:
     if not ends or list(ends) != sorted(set(ends)) or ends[0] < 0 or ends[-1] != len(chain) - 1:
-        raise ValueError(f"segment ends must increase and end at the last step {len(chain) - 1}, got {list(ends)}")
+        raise UsageError(f"segment ends must increase and end at the last step {len(chain) - 1}, got {list(ends)}")
     if isinstance(chain.solver, DPMSolverPP) or any(chain.solver.noise_steps()):
-        raise ValueError(f"ShortFT jumps along a deterministic first-order chain; {type(chain.solver).__name__} "
+        raise UsageError(f"ShortFT jumps along a deterministic first-order chain; {type(chain.solver).__name__} "
                          "is multistep or stochastic: use DDIM (eta = 0), Euler or flow Euler")
 
 
@@ -133,7 +134,7 @@ def short_chain(chain: Chain, few_step, x: torch.Tensor, ends: Sequence[int], *,
     ``use_checkpoint=False`` (the same gradient, more memory)."""
     _check_ends(chain, ends)
     if not 0 <= stage < len(ends):
-        raise ValueError(f"stage must be in 0..{len(ends) - 1}, got {stage}")
+        raise UsageError(f"stage must be in 0..{len(ends) - 1}, got {stage}")
     few_step = few_step if isinstance(few_step, Denoiser) else Denoiser(few_step)
     chain.check(x)
     grad = torch.is_grad_enabled()
@@ -161,11 +162,11 @@ class _ShortRun(_Run):
 
     def __init__(self, task: FinetuneTask, cfg: FinetuneConfig):
         if task.few_step is None:
-            raise ValueError("ShortFT needs a few-step model: set FinetuneTask.few_step (the digits task ships one; "
+            raise UsageError("ShortFT needs a few-step model: set FinetuneTask.few_step (the digits task ships one; "
                              "for a pipeline, a UNet with a Hyper-SD/TCD/PCM LoRA fused in)")
         card = getattr(task.few_step, "sdo_card", None)
         if card and (card["config"]["steps"], card["config"]["segments"]) != (cfg.steps, cfg.segments):
-            raise ValueError(f"the few-step model was distilled for steps={card['config']['steps']}, segments="
+            raise UsageError(f"the few-step model was distilled for steps={card['config']['steps']}, segments="
                              f"{card['config']['segments']}; run with those (got steps={cfg.steps}, segments={cfg.segments})")
         super().__init__(task, cfg)
         self.few_step = task.few_step.requires_grad_(False).eval()

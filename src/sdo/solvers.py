@@ -23,6 +23,8 @@ from dataclasses import dataclass, replace
 import torch
 from diffusers.utils.torch_utils import randn_tensor
 
+from .checks import UsageError, check_int, check_number
+
 __all__ = [
     "SUPPORTED_SCHEDULERS",
     "DDIMSolver",
@@ -50,6 +52,7 @@ class Solver:
 
     timesteps: torch.Tensor  # the model's timestep for each step (CPU tensor, as the scheduler gives it)
     init_noise_sigma: float = 1.0  # scale of x_T (pipelines multiply unit noise by it)
+    num_train_timesteps: int = 1000  # the model's training schedule: timesteps lie in [0, num_train_timesteps]
     noise_dtype: torch.dtype | None = None  # dtype the scheduler draws its noise in (None: the latent's)
 
     def __len__(self) -> int:
@@ -93,7 +96,7 @@ class Solver:
         ``j = i + 1`` it equals a deterministic first-order :meth:`step` (DDIM, Euler, flow Euler)."""
         self.check_index(i)
         if not i < j <= len(self):
-            raise ValueError(f"a jump goes forward: need {i} < j <= {len(self)}, got j={j}")
+            raise UsageError(f"a jump goes forward: need {i} < j <= {len(self)}, got j={j}")
         (alpha, sigma), _ = self.levels(i)
         alpha_j, sigma_j = self.levels(j)[0] if j < len(self) else self.levels(j - 1)[1]
         x0 = self.denoised(i, x, model_out)
@@ -110,13 +113,13 @@ class Solver:
         formula. This is what DDIM inversion, the continuous adjoint and EDICT's inverse need.
         """
         if not self.invertible:
-            raise ValueError(
+            raise UsageError(
                 f"{type(self).__name__} steps cannot be inverted here: {self._not_invertible_reason()}"
             )
         b = self.step(i, torch.zeros_like(x_next), model_out, state)[0]
         a = self.step(i, torch.ones_like(x_next), model_out, state)[0] - b
         if bool((a == 0).any()):
-            raise ValueError(f"step {i} of {type(self).__name__} does not depend on x (its update discards x); "
+            raise UsageError(f"step {i} of {type(self).__name__} does not depend on x (its update discards x); "
                              "it cannot be inverted")
         return (x_next - b) / a
 
@@ -129,7 +132,7 @@ class Solver:
 
     def _noise(self, i: int, state: SolverState, x: torch.Tensor) -> torch.Tensor:
         if len(state.noise) != len(self) or state.noise[i] is None:
-            raise ValueError(
+            raise UsageError(
                 f"step {i} of {type(self).__name__} is stochastic but the state carries no noise for it; "
                 "start runs from solver.init_state(x, generator)"
             )
@@ -144,7 +147,7 @@ def _predict(kind: str, out: torch.Tensor, x: torch.Tensor, alpha: float, sigma:
         return out, (x - alpha * out) / sigma
     if kind == "v_prediction":
         return alpha * x - sigma * out, alpha * out + sigma * x
-    raise ValueError(f"prediction_type {kind!r} is not supported; use 'epsilon', 'sample' or 'v_prediction'")
+    raise UsageError(f"prediction_type {kind!r} is not supported; use 'epsilon', 'sample' or 'v_prediction'")
 
 
 def _reject(scheduler, **unsupported) -> None:
@@ -152,7 +155,7 @@ def _reject(scheduler, **unsupported) -> None:
     for key, allowed in unsupported.items():
         value = scheduler.config.get(key, allowed[0])
         if value not in allowed:
-            raise ValueError(
+            raise UsageError(
                 f"{type(scheduler).__name__} with {key}={value!r} is not supported (supported: {list(allowed)})"
             )
 
@@ -213,9 +216,7 @@ class DDIMSolver(_DiscreteVP):
 
     def __init__(self, scheduler, eta: float = 0.0):
         super().__init__(scheduler)
-        if eta < 0:
-            raise ValueError(f"eta must be >= 0, got {eta}")
-        self.eta = float(eta)
+        self.eta = check_number("eta", eta, minimum=0, maximum=1)  # sigma_t needs eta <= 1 (Eq. 16)
         ac, final = self.alphas_cumprod, float(scheduler.final_alpha_cumprod)
         stride = scheduler.config.num_train_timesteps // len(self.timesteps)
         self._coef, a_out = [], []
@@ -329,7 +330,7 @@ class DPMSolverPP(Solver):
         self.order, self.heun = cfg.solver_order, cfg.solver_type == "heun"
         self.flow = bool(cfg.get("use_flow_sigmas", False))
         if (self.prediction_type == "flow_prediction") != self.flow:
-            raise ValueError("DPMSolverMultistepScheduler: flow_prediction goes with use_flow_sigmas=True")
+            raise UsageError("DPMSolverMultistepScheduler: flow_prediction goes with use_flow_sigmas=True")
         self.sigmas = scheduler.sigmas.double().tolist()
         n = len(self.timesteps)
         self._final_first_order = cfg.euler_at_final or (cfg.lower_order_final and n < 15) or (
@@ -393,7 +394,7 @@ class EulerSolver(Solver):
         self.timesteps = scheduler.timesteps.clone()
         self.prediction_type = scheduler.config.prediction_type
         if self.prediction_type not in ("epsilon", "v_prediction", "sample", "original_sample"):
-            raise ValueError(f"EulerDiscreteScheduler with prediction_type {self.prediction_type!r} is not supported")
+            raise UsageError(f"EulerDiscreteScheduler with prediction_type {self.prediction_type!r} is not supported")
         self.sigmas = scheduler.sigmas.double().tolist()
 
     def model_input(self, i, x):
@@ -469,19 +470,20 @@ def solver_from_scheduler(scheduler, num_inference_steps: int | None = None, *, 
     """
     name = type(scheduler).__name__
     if name not in _SOLVERS:
-        raise ValueError(f"scheduler {name} is not supported; supported schedulers: {', '.join(SUPPORTED_SCHEDULERS)}")
+        raise UsageError(f"scheduler {name} is not supported; supported schedulers: {', '.join(SUPPORTED_SCHEDULERS)}")
     if num_inference_steps is not None:
-        if int(num_inference_steps) < 1:
-            raise ValueError(f"num_inference_steps must be >= 1, got {num_inference_steps}")
+        num_inference_steps = check_int("num_inference_steps", num_inference_steps, minimum=1,
+                                        maximum=scheduler.config.num_train_timesteps)
         scheduler = copy.deepcopy(scheduler)
-        scheduler.set_timesteps(int(num_inference_steps))
+        scheduler.set_timesteps(num_inference_steps)
     elif getattr(scheduler, "num_inference_steps", None) is None:
-        raise ValueError(f"{name}.set_timesteps() has not been called; pass num_inference_steps")
+        raise UsageError(f"{name}.set_timesteps() has not been called; pass num_inference_steps")
     if name == "DDIMScheduler":
         solver = DDIMSolver(scheduler, eta=eta)
-    elif eta != 0.0:
-        raise ValueError(f"eta applies to DDIMScheduler only, not {name}")
+    elif check_number("eta", eta) != 0.0:
+        raise UsageError(f"eta applies to DDIMScheduler only, not {name}", "eta")
     else:
         solver = _SOLVERS[name](scheduler)
     solver.init_noise_sigma = float(getattr(scheduler, "init_noise_sigma", 1.0))
+    solver.num_train_timesteps = int(scheduler.config.num_train_timesteps)  # the range of timesteps t
     return solver

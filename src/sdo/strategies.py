@@ -34,6 +34,7 @@ from typing import Any, ClassVar
 import torch
 from torch.utils.checkpoint import checkpoint
 
+from .checks import UsageError
 from .denoiser import _map
 from .picard import Picard
 
@@ -58,7 +59,7 @@ def register_strategy(name: str) -> Callable[[type], type]:
 
     def decorate(cls):
         if name in _REGISTRY and _REGISTRY[name] is not cls:
-            raise ValueError(f"strategy name {name!r} is already registered to {_REGISTRY[name].__name__}")
+            raise UsageError(f"strategy name {name!r} is already registered to {_REGISTRY[name].__name__}")
         if not (isinstance(cls, type) and issubclass(cls, Strategy)):
             raise TypeError("register_strategy decorates Strategy subclasses")
         cls.name = name
@@ -76,10 +77,10 @@ def get_strategy(name: str | Strategy, **kwargs) -> Strategy:
     """``get_strategy("sdo", at="random")`` -> ``Shortcut(at="random")``; a Strategy instance passes through."""
     if isinstance(name, Strategy):
         if kwargs:
-            raise ValueError("keyword arguments are only accepted with a strategy name")
+            raise UsageError("keyword arguments are only accepted with a strategy name")
         return name
     if name not in _REGISTRY:
-        raise ValueError(f"unknown strategy {name!r}; available: {', '.join(available_strategies())}")
+        raise UsageError(f"unknown strategy {name!r}; available: {', '.join(available_strategies())}")
     return _REGISTRY[name](**kwargs)
 
 
@@ -146,7 +147,7 @@ class Truncated(Strategy):
 
     def __init__(self, k: int = 1, checkpoint: bool = False):
         if int(k) < 1:
-            raise ValueError(f"k must be >= 1, got {k}")
+            raise UsageError(f"k must be >= 1, got {k}")
         self.k, self.checkpoint = int(k), bool(checkpoint)
 
     def select(self, steps):
@@ -162,7 +163,7 @@ class RandomTruncated(Strategy):
     def __init__(self, low: int = 1, high: int = 50, generator: torch.Generator | None = None,
                  checkpoint: bool = False):
         if not 1 <= int(low) <= int(high):
-            raise ValueError(f"need 1 <= low <= high, got low={low}, high={high}")
+            raise UsageError(f"need 1 <= low <= high, got low={low}, high={high}")
         self.low, self.high, self.generator, self.checkpoint = int(low), int(high), generator, bool(checkpoint)
 
     def select(self, steps):
@@ -189,7 +190,7 @@ class Shortcut(Strategy):
     def __init__(self, at: str | int = "first", generator: torch.Generator | None = None,
                  picard: Picard | bool | None = None):
         if at not in ("first", "random") and not (isinstance(at, int) and not isinstance(at, bool) and at >= 0):
-            raise ValueError(f"at must be 'first', 'random' or a step index >= 0, got {at!r}")
+            raise UsageError(f"at must be 'first', 'random' or a step index >= 0, got {at!r}")
         if picard is True:
             picard = Picard()
         if not (picard in (None, False) or isinstance(picard, Picard)):
@@ -202,7 +203,7 @@ class Shortcut(Strategy):
         if self.at == "random":
             return {_randint(steps.start, steps.stop - 1, self.generator)}
         if self.at not in steps:
-            raise ValueError(f"Shortcut(at={self.at}) is outside the steps that run ({steps.start}..{steps.stop - 1})")
+            raise UsageError(f"Shortcut(at={self.at}) is outside the steps that run ({steps.start}..{steps.stop - 1})")
         return {self.at}
 
     def run(self, chain, x, state, steps):

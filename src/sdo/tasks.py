@@ -25,6 +25,7 @@ import torch
 
 from .backbones import task_scheduler, text_conditioning
 from .chain import Chain
+from .checks import UsageError, check_device, check_int, reading
 from .clip import AestheticScore, CLIPGramStyle, CLIPTextSimilarity
 from .inversion import check_ode, invert
 from .latent import LatentResult, LinfBall, optimize_latent
@@ -40,6 +41,7 @@ __all__ = [
     "aesthetic",
     "edit",
     "edit_digits",
+    "load_clip",
     "load_digit_image",
     "load_image",
     "load_pipeline",
@@ -71,6 +73,10 @@ def load_pipeline(path: str | Path, device="cpu", dtype: torch.dtype = torch.flo
     ``dtype``; everything is frozen (the tasks optimize latents)."""
     from diffusers import DiffusionPipeline
 
+    device = check_device("device", device)
+    if dtype == torch.float16 and device.type == "cpu":
+        raise UsageError("float16 needs a GPU: on a CPU half-precision layers are slow or missing and overflow to inf; "
+                         "use float32 or bfloat16", "dtype")
     local = Path(path).is_dir()
     if not local and not allow_hub:
         raise FileNotFoundError(
@@ -81,13 +87,14 @@ def load_pipeline(path: str | Path, device="cpu", dtype: torch.dtype = torch.flo
         raise FileNotFoundError(f"{path} has no model_index.json: not a diffusers pipeline folder")
     with warnings.catch_warnings():  # newer diffusers call it `dtype`; `torch_dtype` works in every version >= 0.30
         warnings.filterwarnings("ignore", message=".*torch_dtype.*", category=FutureWarning)
-        pipe = DiffusionPipeline.from_pretrained(str(path), torch_dtype=dtype, local_files_only=not allow_hub)
+        with reading(path, "the diffusers pipeline"):
+            pipe = DiffusionPipeline.from_pretrained(str(path), torch_dtype=dtype, local_files_only=not allow_hub)
     denoiser = getattr(pipe, "unet", None) or getattr(pipe, "transformer", None)
     missing = [name for name, part in (("unet/transformer", denoiser), ("vae", getattr(pipe, "vae", None)),
                                        ("text_encoder", getattr(pipe, "text_encoder", None)),
                                        ("tokenizer", getattr(pipe, "tokenizer", None))) if part is None]
     if missing:
-        raise ValueError(f"{path}: the pipeline lacks {', '.join(missing)}")
+        raise UsageError(f"{path}: the pipeline lacks {', '.join(missing)}")
     for module in (denoiser, pipe.vae, pipe.text_encoder):
         module.to(device).eval().requires_grad_(False)
     factor = 2 ** (len(pipe.vae.config.block_out_channels) - 1)
@@ -97,6 +104,18 @@ def load_pipeline(path: str | Path, device="cpu", dtype: torch.dtype = torch.flo
                     type(pipe).__name__)
 
 
+def load_clip(path: str | Path, device="cpu", tokenizer: bool = True) -> tuple:
+    """``(model, tokenizer or None)``: a local transformers CLIPModel folder (and its tokenizer), frozen, offline."""
+    from transformers import CLIPModel, CLIPTokenizer
+
+    if not Path(path).is_dir():
+        raise FileNotFoundError(f"{path}: no such CLIP model folder")
+    with reading(path, "the CLIP model"):
+        model = CLIPModel.from_pretrained(str(path), local_files_only=True)
+        tok = CLIPTokenizer.from_pretrained(str(path), local_files_only=True) if tokenizer else None
+    return model.to(check_device("device", device)).eval().requires_grad_(False), tok
+
+
 def load_image(path: str | Path, size: int) -> torch.Tensor:
     """An image file as a (1, 3, size, size) tensor in [-1, 1] (center-cropped to a square, resized)."""
     from PIL import Image
@@ -104,7 +123,8 @@ def load_image(path: str | Path, size: int) -> torch.Tensor:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no such image")
-    img = Image.open(path).convert("RGB")
+    with reading(path, "the image"):
+        img = Image.open(path).convert("RGB")
     side = min(img.size)
     left, top = (img.width - side) // 2, (img.height - side) // 2
     img = img.crop((left, top, left + side, top + side)).resize((size, size), Image.BICUBIC)
@@ -113,7 +133,9 @@ def load_image(path: str | Path, size: int) -> torch.Tensor:
 
 
 def step_at(chain: Chain, t: int) -> int:
-    """The index of the chain's step whose timestep is nearest to ``t`` (the paper gives start points as t)."""
+    """The index of the chain's step whose timestep is nearest to ``t`` (the paper gives start points as t), a
+    whole number within the model's training schedule, 0 to ``num_train_timesteps``."""
+    t = check_int("start_t", t, minimum=0, maximum=chain.solver.num_train_timesteps)
     return int((chain.timesteps.float() - float(t)).abs().argmin())
 
 
@@ -143,7 +165,7 @@ def _invert(chain: Chain, latents: torch.Tensor, start: int, task: str) -> torch
     try:
         check_ode(chain, step_range(chain, start), f"{task} (DDIM inversion of the image)")
     except ValueError as err:
-        raise ValueError(f"{err}. Pass scheduler='ddim' (command line: --scheduler ddim) to invert and sample "
+        raise UsageError(f"{err}. Pass scheduler='ddim' (command line: --scheduler ddim) to invert and sample "
                          "with DDIM") from None
     return invert(chain, latents, start)
 
@@ -272,15 +294,20 @@ class ImageClassifier:
 
         if not Path(path).is_dir():
             raise FileNotFoundError(f"{path}: no such image classifier folder")
-        model = AutoModelForImageClassification.from_pretrained(str(path), local_files_only=True).to(device)
-        processor = AutoImageProcessor.from_pretrained(str(path), local_files_only=True)
+        with reading(path, "the image classifier"):
+            model = AutoModelForImageClassification.from_pretrained(str(path), local_files_only=True).to(device)
+            processor = AutoImageProcessor.from_pretrained(str(path), local_files_only=True)
         size = processor.size  # an int, a dict or (transformers >= 5) a SizeDict
         if not isinstance(size, int):
             get = size.get if hasattr(size, "get") else lambda key: getattr(size, key, None)
             size = get("height") or get("shortest_edge")
         if not size:
-            raise ValueError(f"{path}: cannot read the classifier's input size from {processor.size!r}")
+            raise UsageError(f"{path}: cannot read the classifier's input size from {processor.size!r}")
         return cls(model, size, processor.image_mean, processor.image_std)
+
+    @property
+    def num_labels(self) -> int:
+        return int(self.model.config.num_labels)
 
     def __call__(self, images: torch.Tensor) -> torch.Tensor:
         x = torch.nn.functional.interpolate((images + 1) / 2, size=(self.size, self.size), mode="bilinear", align_corners=False)
@@ -298,6 +325,9 @@ def adversarial(pipe: Pipeline, classifier, prompt: str, *, target: int | None =
     (Carlini-Wagner margin), or, with ``target``, gives it that class (cross-entropy). The defaults are the paper's:
     30 DDIM steps, 30 steps of plain gradient descent at lr 0.1, the image clamped to [-1, 1] before the classifier.
     ``step_rule="sign"`` steps on the gradient's sign (PGD, with ``optimizer="sgd"``)."""
+    if target is not None:  # a classifier without num_labels (any callable) is checked by its own indexing
+        classes = getattr(classifier, "num_labels", None)
+        check_int("target", target, minimum=0, maximum=None if classes is None else classes - 1)
     chain = _chain(pipe, prompt, steps, guidance_scale, scheduler)
     start = 0 if start_t is None else step_at(chain, start_t)
     decode = VAEDecoder(pipe.vae, checkpoint=checkpoint_vae)
@@ -344,7 +374,7 @@ def edit_digits(image: torch.Tensor, prompt: str | Sequence[str], *, lam: float 
     from .embedded.digit_clip import ink_statistics
 
     if image.ndim != 4 or image.shape[1:] != (1, 16, 16):
-        raise ValueError(f"expected digits of shape (B, 1, 16, 16) in [-1, 1], got {tuple(image.shape)}")
+        raise UsageError(f"expected digits of shape (B, 1, 16, 16) in [-1, 1], got {tuple(image.shape)}")
     models = models or load_digits(device)
     clip_model, tokenizer = clip or load_digit_clip(device)
     image = image.to(device)

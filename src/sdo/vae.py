@@ -13,6 +13,8 @@ from collections.abc import Callable, Sequence
 import torch
 from torch.utils.checkpoint import checkpoint as torch_checkpoint
 
+from .checks import UsageError, check_prompts
+
 __all__ = ["VAEDecoder", "decoded", "encode_prompts"]
 
 
@@ -35,11 +37,11 @@ class VAEDecoder:
         shift = shift_factor if shift_factor is not None else getattr(config, "shift_factor", None)
         self.shift_factor = float(shift or 0.0)
         if self.scaling_factor <= 0:
-            raise ValueError(f"scaling_factor must be > 0, got {self.scaling_factor}")
+            raise UsageError(f"scaling_factor must be > 0, got {self.scaling_factor}")
         self.checkpoint = bool(checkpoint)
         if tiling:
             if not hasattr(vae, "enable_tiling"):
-                raise ValueError(f"{type(vae).__name__} has no enable_tiling()")
+                raise UsageError(f"{type(vae).__name__} has no enable_tiling()")
             vae.enable_tiling()
 
     def encode(self, images: torch.Tensor) -> torch.Tensor:
@@ -66,6 +68,7 @@ def decoded(objective: Callable[[torch.Tensor], torch.Tensor], decoder: Callable
     def on_latents(x0: torch.Tensor) -> torch.Tensor:
         return objective(decoder(x0).float())
 
+    on_latents.__name__ = getattr(objective, "__name__", None) or type(objective).__name__  # errors name it
     return on_latents
 
 
@@ -82,12 +85,15 @@ def encode_prompts(text_encoder, tokenizer, prompts: str | Sequence[str], negati
     the text encoder (T5 must not attend to padding) and into both dicts under that key, as PixArt pipelines
     pass it to their transformer (with ``max_length=120`` for PixArt-alpha).
     """
-    prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+    positions = getattr(getattr(text_encoder, "config", None), "max_position_embeddings", None) or 1 << 30
+    length = min(tokenizer.model_max_length, positions) if max_length is None else int(max_length)
+    prompts = check_prompts("prompt", prompts, tokenizer, length)
     negative = [negative] * len(prompts) if isinstance(negative, str) else list(negative)
     if len(negative) != len(prompts):
-        raise ValueError(f"{len(negative)} negative prompts for {len(prompts)} prompts")
+        raise UsageError(f"{len(negative)} negative prompts for {len(prompts)} prompts")
+    if any(n.strip() for n in negative):  # empty ones are the default: only the length of the others is checked
+        check_prompts("negative prompt", [n for n in negative if n.strip()], tokenizer, length)
     device = next(text_encoder.parameters()).device
-    length = tokenizer.model_max_length if max_length is None else int(max_length)
 
     def encode(texts) -> dict:
         tokens = tokenizer(texts, padding="max_length", max_length=length, truncation=True, return_tensors="pt")

@@ -15,6 +15,7 @@ from importlib.resources import files
 
 import torch
 
+from ..checks import UsageError, check_device
 from .digits import IMAGE_SIZE, NULL_CLASS, NUM_CLASSES, DigitClassifier, unet_config
 
 __all__ = ["DigitsModels", "load_digit_clip", "load_digits", "load_digits_student", "weights_dir"]
@@ -41,6 +42,7 @@ def load_digits(device: str | torch.device = "cpu", dtype: torch.dtype = torch.f
     from diffusers import DDIMScheduler, UNet2DModel
     from safetensors.torch import load_model
 
+    device = check_device("device", device)
     root = weights_dir()
     paths = {name: root / f"digits_{name}" for name in ("unet.safetensors", "classifier.safetensors", "scheduler.json", "card.json")}
     missing = [str(p) for p in paths.values() if not p.is_file()]
@@ -67,6 +69,7 @@ def load_digits_student(device: str | torch.device = "cpu", folder=None) -> torc
 
     from .student import load_student_weights
 
+    device = check_device("device", device)
     student, card = load_student_weights(Path(str(weights_dir())) if folder is None else Path(folder), device)
     student.sdo_card = card
     return student
@@ -83,6 +86,7 @@ def load_digit_clip(device: str | torch.device = "cpu", folder=None):
 
     from .digit_clip import DigitCLIP, load_text_encoder
 
+    device = check_device("device", device)
     root = weights_dir() if folder is None else Path(folder)
     weights, card_path = root / "digit_clip.safetensors", root / "digit_clip_card.json"
     if not weights.is_file() or not card_path.is_file():
@@ -92,6 +96,6 @@ def load_digit_clip(device: str | torch.device = "cpu", folder=None):
     model = DigitCLIP(text_model, width=card["config"]["width"], embed_dim=card["config"]["embed_dim"])
     missing, unexpected = model.load_state_dict(load_file(str(weights)), strict=False)
     if unexpected or any(not k.startswith("text_model.") for k in missing):
-        raise ValueError(f"{weights} does not fit DigitCLIP: missing {missing}, unexpected {unexpected}")
+        raise UsageError(f"{weights} does not fit DigitCLIP: missing {missing}, unexpected {unexpected}")
     model.card = card
     return model.to(device).eval().requires_grad_(False), tokenizer

@@ -31,6 +31,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
+from ..checks import UsageError
 from .digits import IMAGE_SIZE, NUM_CLASSES, load_dataset
 
 __all__ = [
@@ -184,7 +185,7 @@ class DigitCLIP(nn.Module):
 
     def get_text_features(self, input_ids, attention_mask, token_type_ids=None) -> torch.Tensor:
         if self.text_model is None:
-            raise ValueError("this DigitCLIP has no text_model; load it with sdo.embedded.load_digit_clip()")
+            raise UsageError("this DigitCLIP has no text_model; load it with sdo.embedded.load_digit_clip()")
         return self.text_projection(sentence_embeddings(self.text_model, input_ids, attention_mask, token_type_ids))
 
     def get_image_features(self, pixel_values: torch.Tensor) -> torch.Tensor:

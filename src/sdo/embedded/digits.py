@@ -24,6 +24,8 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
+from ..checks import UsageError
+
 __all__ = [
     "IMAGE_SIZE",
     "NULL_CLASS",
@@ -51,7 +53,7 @@ def load_dataset(split: str = "train", seed: int = 0):
     from sklearn.datasets import load_digits
 
     if split not in ("train", "test", "all"):
-        raise ValueError(f"split must be 'train', 'test' or 'all', got {split!r}")
+        raise UsageError(f"split must be 'train', 'test' or 'all', got {split!r}")
     data = load_digits()
     images = torch.tensor(data.images, dtype=torch.float32)[:, None] / 16.0
     images = F.interpolate(images, size=(IMAGE_SIZE, IMAGE_SIZE), mode="bilinear", align_corners=False)

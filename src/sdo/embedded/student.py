@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from ..checks import UsageError
 from .digits import IMAGE_SIZE, NULL_CLASS, NUM_CLASSES, ema_step, unet_config
 
 __all__ = ["StudentConfig", "jump_error", "load_student_weights", "teacher_trajectories", "train_student"]
@@ -136,7 +137,7 @@ def train_student(output: str | Path, cfg: StudentConfig | None = None, progress
     ends = segment_ends(cfg.steps, cfg.segments)
     jumps = _jumps(ends)
     if not jumps:
-        raise ValueError(f"{cfg.segments} segments of {cfg.steps} steps leave no step to jump over")
+        raise UsageError(f"{cfg.segments} segments of {cfg.steps} steps leave no step to jump over")
     gen = torch.Generator().manual_seed(cfg.seed)
     shape = (1, IMAGE_SIZE, IMAGE_SIZE)
     x = torch.randn(cfg.trajectories + cfg.eval_trajectories, *shape, generator=gen)
