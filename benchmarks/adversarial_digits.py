@@ -1,4 +1,4 @@
-"""The adversarial experiment of Sec. 5.1.4 on the embedded digits (sdo.attack): SDO against Full, Truncated(1),
+"""The adversarial experiment of Sec. 5.1.4 on the embedded digits (sdo.recipes.attack): SDO against Full, Truncated(1),
 AdjointDPM (exact adjoint) and DOODL (EDICT reversible), each at its own best learning rate under two step rules.
 
 1. Tuning, on a separate subset (noise seed 1): every method x step rule x learning rate of a small grid; the best
@@ -23,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-from sdo.attack import METHODS, attack, correct_samples, success_within
+from sdo.recipes.attack import METHODS, attack, correct_samples, success_within
 from sdo.embedded import load_digits
 
 GRID = {"plain": (0.003, 0.01, 0.03, 0.1, 0.3, 1.0), "sign": (0.003, 0.01, 0.03)}

@@ -20,7 +20,8 @@ from pathlib import Path
 
 import torch
 
-from sdo import report, tasks
+from sdo import report
+from sdo.recipes import latent_tasks as tasks
 from sdo.embedded import load_digit_clip, load_digits
 from sdo.embedded.digit_clip import NUMBER_WORDS
 from sdo.embedded.digits import load_dataset

@@ -40,8 +40,8 @@ import torch
 
 from sdo import report
 from sdo.finetuning import FinetuneConfig, finetune
-from sdo.reward_tasks import digits_task
-from sdo.rewards import DigitJudge
+from sdo.recipes.finetune_tasks import digits_task
+from sdo.embedded.judge import DigitJudge
 
 METHODS = {"sdo": dict(strategy="sdo"), "alignprop-uniform": dict(strategy="random-truncated"),
            "alignprop-1": dict(strategy="truncated", k=1), "draft-5": dict(strategy="truncated", k=5),
@@ -110,9 +110,9 @@ def _config(args, method: str, folder: Path, regularizer: float, **over) -> Fine
 
 def _variance(args, judge) -> dict:
     """Each method's LoRA gradient at the initial point on ``variance_seeds`` batches (module docstring)."""
-    from sdo.finetuning import _Run
-    from sdo.lora import lora_parameters
-    from sdo.shortft import _ShortRun
+    from sdo.finetuning.trainer import TrainingRun
+    from sdo.finetuning.lora import lora_parameters
+    from sdo.finetuning.shortft import ShortRun
 
     grads, seconds = {}, {}
     methods = ["full"] + [m for m in args.methods.split(",") if m != "full"]
@@ -121,7 +121,7 @@ def _variance(args, judge) -> dict:
         shutil.rmtree(folder, ignore_errors=True)
         task = digits_task("class", target=3, judge=judge)
         cfg = _config(args, method, folder, args.regularizer, time_budget=None)
-        run = (_ShortRun if cfg.strategy == "shortft" else _Run)(task, cfg)
+        run = (ShortRun if cfg.strategy == "shortft" else TrainingRun)(task, cfg)
         first = sum(p.numel() for p in lora_parameters(task.model, "segment_1" if cfg.strategy == "shortft" else "default"))
         rows, spent = [], []
         for s in range(args.variance_seeds):

@@ -3,7 +3,7 @@
 Each run tunes the unconditional digits DDPM (N = 50 DDIM steps) with a LoRA on the classifier's log p(target | x0),
 with DRaFT+'s penalty (``--regularizer`` W: 10 for every digit 0-9, 30 for three of them), lr 3e-3, LoRA rank 4 on
 attention and conv1/conv2, batch 8, seed 0, ``--budget`` seconds of updates, the hacking guard checking every 10
-updates on 64 fixed seeds (sdo.guard; ShortFT also checks each stage's LoRA before freezing it). Then
+updates on 64 fixed seeds (sdo.finetuning.guard; ShortFT also checks each stage's LoRA before freezing it). Then
 ``--eval-count`` (256) fixed-seed samples at LoRA scale 1, other samples than the guard's 64, are read by the judge (a
 k-NN on the real digits that was not the reward): its target rate, its rejection rate ("no digit") and the samples'
 diversity (mean pairwise RMS distance, over the base model's), for the final LoRA and for the one the guard keeps.
@@ -23,9 +23,9 @@ import statistics
 import time
 from pathlib import Path
 
-from sdo.attack import wilson
+from sdo.recipes.attack import wilson
 from sdo.finetuning import FinetuneConfig, finetune
-from sdo.reward_tasks import digits_task
+from sdo.recipes.finetune_tasks import digits_task
 
 TARGETS = ("to_q", "to_k", "to_v", "to_out.0", "conv1", "conv2")
 

@@ -16,9 +16,9 @@ from pathlib import Path
 
 import torch
 
-from sdo.anchor import Anchored
+from sdo.finetuning.anchor import Anchored
 from sdo.finetuning import FinetuneConfig, finetune
-from sdo.reward_tasks import digits_task
+from sdo.recipes.finetune_tasks import digits_task
 
 
 def _variant(kind: str):

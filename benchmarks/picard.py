@@ -30,8 +30,8 @@ import torch
 
 import sdo
 from sdo import report
-from sdo.bench import latent_gradient, time_jobs
-from sdo.benchmark import BenchConfig, build
+from sdo.measure.profile import latent_gradient, time_jobs
+from sdo.cli.bench import BenchConfig, build
 
 
 def _csv(kind):

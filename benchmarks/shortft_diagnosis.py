@@ -17,8 +17,8 @@ import torch
 
 import sdo
 from sdo.embedded import load_digits
-from sdo.rewards import DigitJudge
-from sdo.shortft import load_shortft, segment_ends
+from sdo.embedded.judge import DigitJudge
+from sdo.finetuning.shortft import load_shortft, segment_ends
 
 
 def main() -> None:

@@ -1,4 +1,4 @@
-"""The benchmark of docs/benchmarks.md: ``sdo bench`` (see ``sdo.benchmark``) with its results written to
+"""The benchmark of docs/benchmarks.md: ``sdo bench`` (see ``sdo.cli.bench``) with its results written to
 benchmarks/results/strategy_cost/ unless ``--output`` is given. Every ``sdo bench`` flag applies, e.g.
 
     python benchmarks/strategy_cost.py                      # digits UNet, N=50, sweep 10..200, batch 4

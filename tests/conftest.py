@@ -62,6 +62,6 @@ def digits():
 @pytest.fixture(scope="module")
 def judge():
     """The k-NN digit judge of the fine-tuning tasks."""
-    from sdo.rewards import DigitJudge
+    from sdo.embedded.judge import DigitJudge
 
     return DigitJudge()

@@ -1,10 +1,10 @@
-"""The adversarial experiment (sdo.attack): Wilson intervals against published values, success at a wall-clock
+"""The adversarial experiment (sdo.recipes.attack): Wilson intervals against published values, success at a wall-clock
 budget, and the attack on the embedded digits for every method (the reported sample is misread exactly when some
 sample seen on the way was, since the margin loss is below 1 only for a misread sample)."""
 
 import pytest
 
-from sdo.attack import METHODS, AttackRun, attack, correct_samples, success_within, wilson
+from sdo.recipes.attack import METHODS, AttackRun, attack, correct_samples, success_within, wilson
 
 
 def test_wilson_interval_against_published_values():

@@ -11,7 +11,7 @@ from helpers import CASE_IDS, SCHEDULER_CASES, GaussianEps, GaussianFlow, TinyNe
 from test_strategies import F64, _ddim_coefficients, _grads, _objective, _weights, _x
 
 import sdo
-from sdo.adjoint import reconstruction_error
+from sdo.gradients.adjoint import reconstruction_error
 
 INVERTIBLE = [c for c in SCHEDULER_CASES if c[0] in
               ("ddim", "ddim-v-trailing", "ddim-sample-pred", "dpm1-v", "euler", "euler-v-karras", "flow-euler-shift")]
@@ -176,7 +176,7 @@ def test_continuous_adjoint_on_the_embedded_model():
     benchmarks.md: 4 latents, raise the log-probability of the next digit): cosine > 0.99. The backward ODE
     amplifies the reconstruction error of this sharp pixel model (x_T is rebuilt with ~60% relative error), so
     agreement depends on the sample; the exact adjoint is backpropagation."""
-    from sdo.benchmark import BenchConfig, build
+    from sdo.cli.bench import BenchConfig, build
 
     setup = build(BenchConfig(steps=50, batch=4, seed=0), 50)
     fid = sdo.gradient_fidelity(setup.chain, setup.x, setup.objective,
@@ -294,7 +294,8 @@ def test_reversible_gradcheck_three_steps():
     a random direction for a weight."""
     model, chain = _chain(SCHEDULER_CASES[0], steps=3)
     x = _x((1, 2, 3, 3)).requires_grad_(True)
-    assert torch.autograd.gradcheck(lambda lat: sdo.sample(chain, lat, strategy="reversible"), (x,), eps=1e-6, atol=1e-6)
+    assert torch.autograd.gradcheck(lambda lat: sdo.sample(chain, lat, strategy="reversible"), (x,), eps=1e-6,
+                                    atol=1e-6)
 
     weight = model.conv2.weight
     direction = torch.randn(weight.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(3))

@@ -3,7 +3,7 @@ from diffusers import DDIMScheduler
 from helpers import TinyNet
 
 import sdo
-from sdo import bench
+from sdo.measure import profile as bench
 
 
 def test_peak_memory_sees_a_large_temporary_allocation():

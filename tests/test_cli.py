@@ -9,7 +9,8 @@ import pytest
 
 from sdo.cli import main
 
-REPORT_FILES = ["metrics.json", "index.html", "adversarial.png", "adversarial_loss.png", "style.png", "style_loss.png", "cost.png"]
+REPORT_FILES = ["metrics.json", "index.html", "adversarial.png", "adversarial_loss.png", "style.png", "style_loss.png",
+                "cost.png"]
 
 
 @pytest.fixture(scope="module")
@@ -25,7 +26,7 @@ def test_quick_demo_writes_every_report_file(quick_demo, capsys):
     html = (quick_demo / "index.html").read_text()
     assert all(name in html for name in REPORT_FILES if name.endswith(".png"))
     metrics = json.loads((quick_demo / "metrics.json").read_text())
-    from sdo.attack import METHODS, TUNED_LR, wilson
+    from sdo.recipes.attack import METHODS, TUNED_LR, wilson
 
     adversarial = metrics["adversarial"]["strategies"]
     assert set(adversarial) == {f"{m}/plain" for m in METHODS}  # the paper's rule by default
@@ -101,7 +102,7 @@ def test_train_never_replaces_the_shipped_weights_unasked(tmp_path, capsys, monk
     import argparse
     import hashlib
 
-    from sdo.cli import _train_output
+    from sdo.cli.train import train_output as _train_output
     from sdo.embedded import weights_dir
 
     shipped = Path(str(weights_dir()))
@@ -141,12 +142,14 @@ def test_an_output_holding_files_is_refused_before_any_work(argv, tmp_path, caps
     assert main([*argv, "--output", str(out)]) == 2
     err = capsys.readouterr().err
     assert "pass --overwrite" in err and len(err.strip().splitlines()) == 1, err
-    assert (out / "metrics.json").read_text() == '{"mine": 1}' and (out / "before_after.png").read_bytes() == b"not a png"
+    assert ((out / "metrics.json").read_text() == '{"mine": 1}'
+            and (out / "before_after.png").read_bytes() == b"not a png")
     assert sorted(p.name for p in out.iterdir()) == ["before_after.png", "metrics.json"]
 
 
 def test_help_and_module_entry_point(capsys):
-    out = subprocess.run([sys.executable, "-m", "sdo", "demo", "--help"], capture_output=True, text=True, check=True).stdout
+    out = subprocess.run([sys.executable, "-m", "sdo", "demo", "--help"], capture_output=True, text=True,
+                         check=True).stdout
     assert "--quick" in out and "--tau" in out
     with pytest.raises(SystemExit) as exit_info:
         main(["train", "digits", "--help"])
@@ -168,7 +171,8 @@ def test_bench_writes_its_report_with_the_counted_costs(tmp_path):
     for row in main_rows.values():  # every ratio is the row's own time over SDO's
         assert row["time_vs_sdo"] == pytest.approx(row["seconds"] / main_rows["sdo"]["seconds"])
     assert main_rows["full"]["saved_mb"] > main_rows["sdo"]["saved_mb"] > 0
-    assert set(results["sweep"]) == {"2", "3"} and set(results["sweep"]["2"]) == {"nograd", "full", "sdo", "adjoint", "reversible"}
+    assert set(results["sweep"]) == {"2", "3"} and set(results["sweep"]["2"]) == {
+        "nograd", "full", "sdo", "adjoint", "reversible"}
     assert set(results["fidelity"]) == {"sdo", "adjoint", "reversible"}
     assert 0 < results["fidelity"]["sdo"]["cosine"] < 0.999  # an approximation that points Full's way, not Full's
     assert results["depth"]["depths"] == [1, 3] and len(results["depth"]["norms"]["full"]) == 2
@@ -236,7 +240,7 @@ def test_bench_needs_an_existing_config_and_sdo(tmp_path, capsys):
 def test_every_flag_of_every_command_has_help():
     import argparse
 
-    from sdo.cli import _build_parser
+    from sdo.cli.app import build_parser as _build_parser
 
     bare = []
 
@@ -259,7 +263,7 @@ def test_finetune_help_states_the_config_defaults():
 
     from diffusers.optimization import SchedulerType
 
-    from sdo import cli_finetune
+    from sdo.cli import finetune as cli_finetune
     from sdo.finetuning import FinetuneConfig
 
     assert cli_finetune._LR_SCHEDULERS == tuple(kind.value for kind in SchedulerType)
@@ -274,8 +278,8 @@ def test_finetune_help_states_the_config_defaults():
 
 
 def test_a_users_mistake_is_one_line_and_a_bug_keeps_its_traceback(monkeypatch, capsys):
-    from sdo import cli
     from sdo.checks import UsageError
+    from sdo.cli import app as cli
 
     def mistake(args):
         raise UsageError("--steps must be\n a whole number")

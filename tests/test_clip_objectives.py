@@ -11,9 +11,10 @@ from helpers import TinyNet
 from safetensors.torch import save_file
 
 import sdo
-from sdo.clip import AestheticScore, CLIPGramStyle, ClipPreprocess, CLIPTextSimilarity, clip_hidden_states
-from sdo.inversion import invert, round_trip_error
+from sdo.inversion import invert
 from sdo.objectives import ClassifierCrossEntropy, Fidelity
+from sdo.objectives.clip import AestheticScore, CLIPGramStyle, ClipPreprocess, CLIPTextSimilarity, clip_hidden_states
+from sdo.sampling import round_trip_error
 
 
 def _images(batch=2, channels=1, size=12, seed=0):
@@ -36,7 +37,8 @@ def test_preprocess_is_differentiable_and_matches_clip_normalization():
     x = torch.full((1, 1, 20, 24), 1.0)  # white, non-square: cropped to 20x20, resized to 16
     pixels = pre(x)
     assert pixels.shape == (1, 3, 16, 16)
-    expected = (1.0 - torch.tensor([0.48145466, 0.4578275, 0.40821073])) / torch.tensor([0.26862954, 0.26130258, 0.27577711])
+    expected = ((1.0 - torch.tensor([0.48145466, 0.4578275, 0.40821073]))
+                / torch.tensor([0.26862954, 0.26130258, 0.27577711]))
     torch.testing.assert_close(pixels[0, :, 5, 5], expected)
     _assert_useful_gradient(_grad(lambda im: pre(im).sum(dim=(1, 2, 3)), _images())[1])
     cut = ClipPreprocess(16, cutouts=3, generator=torch.Generator().manual_seed(0))
@@ -60,7 +62,8 @@ def test_clip_text_similarity_gradient_and_optimization(clip, tokenizer):
     assert objective(x).mean().item() < first
     # cutouts average over crops; per-image prompts; embeddings given directly
     with_cutouts = CLIPTextSimilarity(clip, ["a one", "a two"], tokenizer,
-                                      preprocess=ClipPreprocess(16, cutouts=4, generator=torch.Generator().manual_seed(1)))
+                                      preprocess=ClipPreprocess(16, cutouts=4,
+                                                                generator=torch.Generator().manual_seed(1)))
     _assert_useful_gradient(_grad(with_cutouts, _images())[1])
     direct = CLIPTextSimilarity(clip, text_embeds=objective.text_embeds)
     torch.testing.assert_close(direct(_images()), objective(_images()))
@@ -136,7 +139,8 @@ def test_fidelity_and_cross_entropy():
     classifier = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(144, 3))
     ce = ClassifierCrossEntropy(classifier, torch.tensor([0, 2]))
     loss, g = _grad(ce, _images())
-    torch.testing.assert_close(loss, torch.nn.functional.cross_entropy(classifier(_images()), torch.tensor([0, 2]), reduction="none"))
+    torch.testing.assert_close(loss, torch.nn.functional.cross_entropy(classifier(_images()), torch.tensor([0, 2]),
+                                                                       reduction="none"))
     _assert_useful_gradient(g)
 
 
@@ -200,7 +204,8 @@ def test_text_guided_edit_of_a_real_image_in_latent_space(clip, tokenizer, tiny_
     start = 4
     x_start = sdo.invert(chain, latents, start=start)
     objective = sdo.decoded(
-        sdo.objectives.WeightedSum([(1.0, CLIPTextSimilarity(clip, "a thick seven", tokenizer)), (0.7, Fidelity(image))]),
+        sdo.objectives.WeightedSum([(1.0, CLIPTextSimilarity(clip, "a thick seven", tokenizer)),
+                                    (0.7, Fidelity(image))]),
         decode,
     )
     result = sdo.optimize_latent(chain, x_start, objective, strategy="sdo", start=start, iterations=3, lr=0.1,
@@ -211,9 +216,10 @@ def test_text_guided_edit_of_a_real_image_in_latent_space(clip, tokenizer, tiny_
 
 @pytest.mark.parametrize("task", ["edit", "style", "aesthetic"])
 def test_tasks_on_a_pipeline_folder_lower_their_loss(pipeline_folder, clip, tokenizer, tmp_path, task):
-    from sdo import tasks
+    from sdo import backbones
+    from sdo.recipes import latent_tasks as tasks
 
-    pipe = tasks.load_pipeline(pipeline_folder)
+    pipe = backbones.load_pipeline(pipeline_folder)
     assert pipe.image_size == 16
     image = _images(batch=1, channels=3, size=16, seed=4)
     common = {"steps": 10, "iterations": 3, "lr": 0.1, "progress": False, "guidance_scale": 2.0}
@@ -226,7 +232,8 @@ def test_tasks_on_a_pipeline_folder_lower_their_loss(pipeline_folder, clip, toke
         assert out.metrics["style_loss_after"] >= 0
     else:
         head = tmp_path / "head.safetensors"
-        save_file({"weight": torch.randn(1, 8, generator=torch.Generator().manual_seed(0)), "bias": torch.tensor([5.0])},
+        save_file({"weight": torch.randn(1, 8, generator=torch.Generator().manual_seed(0)),
+                   "bias": torch.tensor([5.0])},
                   str(head))
         out = tasks.aesthetic(pipe, clip, head, "a thick seven", image=image, **common)
         assert 1 <= out.metrics["aesthetic_after"] <= 10
@@ -239,9 +246,10 @@ def test_tasks_on_a_pipeline_folder_lower_their_loss(pipeline_folder, clip, toke
 
 def test_edit_with_bfloat16_frozen_parts(pipeline_folder, clip, tokenizer):
     """--dtype: the pipeline's parts in bfloat16 (the objective and the optimizer's arithmetic stay float32)."""
-    from sdo import tasks
+    from sdo import backbones
+    from sdo.recipes import latent_tasks as tasks
 
-    pipe = tasks.load_pipeline(pipeline_folder, dtype=torch.bfloat16)
+    pipe = backbones.load_pipeline(pipeline_folder, dtype=torch.bfloat16)
     assert next(pipe.denoiser.parameters()).dtype == torch.bfloat16
     out = tasks.edit(pipe, clip, tokenizer, _images(batch=1, channels=3, size=16, seed=4), "a thick seven",
                      steps=10, iterations=3, lr=0.1, progress=False)
@@ -250,14 +258,14 @@ def test_edit_with_bfloat16_frozen_parts(pipeline_folder, clip, tokenizer):
 
 
 def test_load_pipeline_errors(tmp_path):
-    from sdo import tasks
+    from sdo import backbones
 
     with pytest.raises(FileNotFoundError, match="does not download"):
-        tasks.load_pipeline("some-org/some-model")
+        backbones.load_pipeline("some-org/some-model")
     with pytest.raises(FileNotFoundError, match="model_index.json"):
-        tasks.load_pipeline(tmp_path)
+        backbones.load_pipeline(tmp_path)
     with pytest.raises(FileNotFoundError, match="no such image"):
-        tasks.load_image(tmp_path / "missing.png", 16)
+        backbones.load_image(tmp_path / "missing.png", 16)
 
 
 @pytest.mark.parametrize("task", ["edit", "style", "aesthetic"])
@@ -270,7 +278,8 @@ def test_task_commands_write_their_outputs(pipeline_folder, clip, tokenizer, tmp
     clip.save_pretrained(clip_folder)
     tokenizer.save_pretrained(clip_folder)
     image = tmp_path / "image.png"
-    Image.fromarray((torch.rand(20, 24, 3, generator=torch.Generator().manual_seed(0)) * 255).byte().numpy()).save(image)
+    Image.fromarray(
+        (torch.rand(20, 24, 3, generator=torch.Generator().manual_seed(0)) * 255).byte().numpy()).save(image)
     out = tmp_path / "out"
     argv = [task, "a thick seven", "--model", str(pipeline_folder), "--clip", str(clip_folder), "--steps", "10",
             "--iterations", "2", "--lr", "0.1", "--output", str(out), "--no-progress"]
@@ -300,10 +309,11 @@ def test_task_commands_fail_clearly(tmp_path, capsys):
 
 
 def test_adversarial_task_on_a_pipeline_folder(pipeline_folder, classifier_folder):
-    from sdo import tasks
+    from sdo import backbones
+    from sdo.recipes import latent_tasks as tasks
 
-    pipe = tasks.load_pipeline(pipeline_folder)
-    classifier = tasks.ImageClassifier.from_folder(classifier_folder)
+    pipe = backbones.load_pipeline(pipeline_folder)
+    classifier = backbones.ImageClassifier.from_folder(classifier_folder)
     assert classifier(_images(channels=3, size=16)).shape == (2, 3)
     out = tasks.adversarial(pipe, classifier, "a thick seven", target=2, tau=0.5, steps=10, iterations=3, lr=0.2,
                             optimizer="adam", progress=False)

@@ -156,7 +156,7 @@ def test_unet2d_class_conditional_chain_matches_diffusers_loop():
     torch.testing.assert_close(out, latent, rtol=1e-5, atol=1e-5)
 
 
-# ---------------------------------------------------------------------------------------------------- 2. UNet2DConditionModel
+# ---------------------------------------------------------------------------------------------- 2. UNet2DConditionModel
 
 
 def test_unet2d_condition_cfg_equals_two_plain_calls():
@@ -183,8 +183,12 @@ def test_unet2d_condition_batch1_embedding_is_broadcast():
         plain = sdo.Denoiser(model, cond={"encoder_hidden_states": e})(x, t)
         repeated = sdo.Denoiser(model, cond={"encoder_hidden_states": e.repeat(3, 1, 1)})(x, t)
         torch.testing.assert_close(plain, repeated, rtol=1e-12, atol=1e-12)
-        torch.testing.assert_close(plain, model(x, t, encoder_hidden_states=e.repeat(3, 1, 1)).sample, rtol=1e-12, atol=1e-12)
-        guided = sdo.Denoiser(model, cond={"encoder_hidden_states": e}, uncond={"encoder_hidden_states": ue}, guidance_scale=2.5)
+        torch.testing.assert_close(
+            plain, model(x, t, encoder_hidden_states=e.repeat(3, 1, 1)).sample, rtol=1e-12, atol=1e-12
+        )
+        guided = sdo.Denoiser(
+            model, cond={"encoder_hidden_states": e}, uncond={"encoder_hidden_states": ue}, guidance_scale=2.5
+        )
         guided_rep = sdo.Denoiser(
             model,
             cond={"encoder_hidden_states": e.repeat(3, 1, 1)},
@@ -202,10 +206,18 @@ def test_guidance_scale_without_uncond_raises():
     with pytest.raises(ValueError, match="uncond"):
         sdo.Denoiser(model, cond={"encoder_hidden_states": randn(1, 5, 8, seed=0)}, guidance_scale=3.0)
     with pytest.raises(ValueError, match="guidance_scale"):
-        sdo.Denoiser(model, cond={"encoder_hidden_states": randn(1, 5, 8, seed=0)}, uncond={"encoder_hidden_states": randn(1, 5, 8, seed=1)})
+        sdo.Denoiser(
+            model,
+            cond={"encoder_hidden_states": randn(1, 5, 8, seed=0)},
+            uncond={"encoder_hidden_states": randn(1, 5, 8, seed=1)},
+        )
     with pytest.raises(ValueError, match="uncond"):
         sdo.Chain.from_diffusers(
-            model, DDIMScheduler(clip_sample=False), 2, cond={"encoder_hidden_states": randn(1, 5, 8, seed=0)}, guidance_scale=3.0
+            model,
+            DDIMScheduler(clip_sample=False),
+            2,
+            cond={"encoder_hidden_states": randn(1, 5, 8, seed=0)},
+            guidance_scale=3.0,
         )
 
 
@@ -213,7 +225,12 @@ def test_mismatched_cond_uncond_raise():
     model = tiny_unet2d_condition()
     e = randn(1, 5, 8, seed=0)
     with pytest.raises(ValueError, match="same keys"):
-        sdo.Denoiser(model, cond={"encoder_hidden_states": e}, uncond={"encoder_hidden_states": e, "class_labels": None}, guidance_scale=2.0)
+        sdo.Denoiser(
+            model,
+            cond={"encoder_hidden_states": e},
+            uncond={"encoder_hidden_states": e, "class_labels": None},
+            guidance_scale=2.0,
+        )
     with pytest.raises(ValueError, match="same keys"):
         sdo.Denoiser(model, cond={"encoder_hidden_states": e}, uncond={"encoder_attention_mask": e}, guidance_scale=2.0)
     x, t = randn(1, 4, 8, 8, seed=1), torch.tensor(10)
@@ -227,7 +244,9 @@ def test_mismatched_cond_uncond_raise():
     with pytest.raises(ValueError, match="same keys"):
         nested(x, t)
     # a tensor in cond needs a tensor in uncond
-    half = sdo.Denoiser(model, cond={"encoder_hidden_states": e}, uncond={"encoder_hidden_states": None}, guidance_scale=2.0)
+    half = sdo.Denoiser(
+        model, cond={"encoder_hidden_states": e}, uncond={"encoder_hidden_states": None}, guidance_scale=2.0
+    )
     with pytest.raises(ValueError, match="must be a tensor"):
         half(x, t)
     # non-tensor values cannot be batched, so they must be equal
@@ -262,7 +281,12 @@ def test_dit_guided_chain_matches_diffusers_loop():
     n, s, x = 3, 4.0, randn(2, 4, 8, 8, seed=2)
     labels, null = torch.tensor([1, 5]), torch.tensor([DIT_CLASSES])
     chain = sdo.Chain.from_diffusers(
-        model, DDIMScheduler(clip_sample=False), n, cond={"class_labels": labels}, uncond={"class_labels": null}, guidance_scale=s
+        model,
+        DDIMScheduler(clip_sample=False),
+        n,
+        cond={"class_labels": labels},
+        uncond={"class_labels": null},
+        guidance_scale=s,
     )
     with torch.no_grad():
         out = sdo.sample(chain, x)
@@ -271,7 +295,9 @@ def test_dit_guided_chain_matches_diffusers_loop():
     scheduler, latent = fresh(DDIMScheduler, n, clip_sample=False), x
     with torch.no_grad():  # DiTPipeline: guidance on the eps half, learned sigma dropped
         for t in scheduler.timesteps:
-            raw = model(torch.cat([latent, latent]), timestep=t.expand(4), class_labels=torch.cat([null.expand(2), labels])).sample
+            raw = model(
+                torch.cat([latent, latent]), timestep=t.expand(4), class_labels=torch.cat([null.expand(2), labels])
+            ).sample
             u, c = raw[:, :4].chunk(2)
             latent = scheduler.step(u + s * (c - u), t, latent).prev_sample
     torch.testing.assert_close(out, latent, rtol=1e-5, atol=1e-5)
@@ -286,8 +312,12 @@ def test_pixart_passes_timestep_by_keyword():
     x, t, e = randn(2, 4, 8, 8, seed=1), torch.tensor(999), randn(1, 5, 8, seed=2)
     with torch.no_grad():
         out = sdo.Denoiser(model, cond={"encoder_hidden_states": e, "added_cond_kwargs": NO_EXTRA})(x, t)
-        raw = model(x, encoder_hidden_states=e.expand(2, -1, -1), timestep=t.expand(2), added_cond_kwargs=NO_EXTRA).sample
-        other_t = model(x, encoder_hidden_states=e.expand(2, -1, -1), timestep=torch.tensor([10, 10]), added_cond_kwargs=NO_EXTRA).sample
+        raw = model(
+            x, encoder_hidden_states=e.expand(2, -1, -1), timestep=t.expand(2), added_cond_kwargs=NO_EXTRA
+        ).sample
+        other_t = model(
+            x, encoder_hidden_states=e.expand(2, -1, -1), timestep=torch.tensor([10, 10]), added_cond_kwargs=NO_EXTRA
+        ).sample
     assert out.shape == (2, 4, 8, 8)
     assert torch.equal(out, raw[:, :4])
     assert_differs(out, other_t[:, :4])
@@ -313,7 +343,12 @@ def test_pixart_guided_chain_dpmsolver_matches_diffusers_loop():
     hidden = torch.cat([ue.expand(2, -1, -1), e.expand(2, -1, -1)])
     with torch.no_grad():  # PixArtAlphaPipeline: guidance, then the learned-sigma half dropped
         for t in scheduler.timesteps:
-            raw = model(torch.cat([latent, latent]), encoder_hidden_states=hidden, timestep=t.expand(4), added_cond_kwargs=NO_EXTRA).sample
+            raw = model(
+                torch.cat([latent, latent]),
+                encoder_hidden_states=hidden,
+                timestep=t.expand(4),
+                added_cond_kwargs=NO_EXTRA,
+            ).sample
             u, c = raw.chunk(2)
             guided = (u + s * (c - u)).chunk(2, dim=1)[0]
             latent = scheduler.step(guided, t, latent).prev_sample
@@ -409,7 +444,7 @@ def test_shortcut_parameter_gradient_equals_reference_loop(k):
     assert max((a - b).abs().max().item() for a, b in zip(got, other, strict=True)) > 1e-6
 
 
-# ---------------------------------------------------------------------------------------------------- 6. plain callables
+# --------------------------------------------------------------------------------------------------- 6. plain callables
 
 
 @dataclass
@@ -533,7 +568,9 @@ def test_non_callable_and_bad_output_raise():
 
 def test_wrong_channel_count_raises():
     model = tiny_unet2d_condition()
-    chain = sdo.Chain.from_diffusers(model, DDIMScheduler(clip_sample=False), 2, cond={"encoder_hidden_states": randn(1, 5, 8, seed=0)})
+    chain = sdo.Chain.from_diffusers(
+        model, DDIMScheduler(clip_sample=False), 2, cond={"encoder_hidden_states": randn(1, 5, 8, seed=0)}
+    )
     with pytest.raises(ValueError, match="channels"):
         sdo.sample(chain, randn(1, 3, 8, 8, seed=1))
     with pytest.raises(ValueError, match="channels"):
@@ -542,7 +579,9 @@ def test_wrong_channel_count_raises():
 
 def test_dtype_mismatch_raises():
     model = tiny_unet2d().double()
-    chain = sdo.Chain.from_diffusers(model, DDIMScheduler(clip_sample=False), 2, cond={"class_labels": torch.tensor([1])})
+    chain = sdo.Chain.from_diffusers(
+        model, DDIMScheduler(clip_sample=False), 2, cond={"class_labels": torch.tensor([1])}
+    )
     with pytest.raises(ValueError, match="dtype"):
         sdo.sample(chain, randn(1, 3, 8, 8, seed=1))  # float32 latent, float64 model
     sdo.Denoiser(model).check(randn(1, 3, 8, 8, seed=1, dtype=F64))  # the matching latent passes
@@ -571,7 +610,9 @@ def test_per_sample_timesteps_with_guidance():
     with torch.no_grad():
         unguided = sdo.Denoiser(model, cond={"encoder_hidden_states": e})(x, t)
         torch.testing.assert_close(unguided, model(x, t, encoder_hidden_states=e).sample, rtol=1e-12, atol=1e-12)
-        out = sdo.Denoiser(model, cond={"encoder_hidden_states": e}, uncond={"encoder_hidden_states": ue}, guidance_scale=3.0)(x, t)
+        out = sdo.Denoiser(
+            model, cond={"encoder_hidden_states": e}, uncond={"encoder_hidden_states": ue}, guidance_scale=3.0
+        )(x, t)
         c = model(x, t, encoder_hidden_states=e).sample
         u = model(x, t, encoder_hidden_states=ue).sample
     torch.testing.assert_close(out, u + 3.0 * (c - u), rtol=1e-10, atol=1e-12)
@@ -590,8 +631,12 @@ def test_tuple_of_tensors_in_cond_is_batched_for_guidance():
     e, ue = randn(2, 5, 8, seed=2, dtype=F64), randn(2, 5, 8, seed=3, dtype=F64)
     down_c, mid_c = _controlnet_residuals(2, seed=20)
     down_u, mid_u = _controlnet_residuals(2, seed=40)
-    cond = {"encoder_hidden_states": e, "down_block_additional_residuals": down_c, "mid_block_additional_residual": mid_c}
-    uncond = {"encoder_hidden_states": ue, "down_block_additional_residuals": down_u, "mid_block_additional_residual": mid_u}
+    cond = {
+        "encoder_hidden_states": e, "down_block_additional_residuals": down_c, "mid_block_additional_residual": mid_c
+    }
+    uncond = {
+        "encoder_hidden_states": ue, "down_block_additional_residuals": down_u, "mid_block_additional_residual": mid_u
+    }
     with torch.no_grad():
         c = model(x, t, **cond).sample
         u = model(x, t, **uncond).sample

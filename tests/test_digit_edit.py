@@ -7,8 +7,6 @@ import json
 import pytest
 import torch
 
-from sdo import tasks
-from sdo.clip import ClipPreprocess, CLIPTextSimilarity
 from sdo.embedded import load_digit_clip
 from sdo.embedded.digit_clip import (
     DigitCLIP,
@@ -21,6 +19,8 @@ from sdo.embedded.digit_clip import (
     train_digit_clip,
 )
 from sdo.embedded.digits import load_dataset
+from sdo.objectives.clip import ClipPreprocess, CLIPTextSimilarity
+from sdo.recipes import latent_tasks as tasks
 
 
 @pytest.fixture(scope="module")

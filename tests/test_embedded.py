@@ -31,7 +31,8 @@ def test_loader_returns_frozen_models(models):
 def test_shipped_files_are_small_safetensors():
     root = weights_dir()
     sizes = {p.name: p.stat().st_size for p in root.iterdir() if p.is_file()}
-    assert {"digits_unet.safetensors", "digits_classifier.safetensors", "digits_scheduler.json", "digits_card.json"} <= set(sizes)
+    assert {"digits_unet.safetensors", "digits_classifier.safetensors", "digits_scheduler.json",
+            "digits_card.json"} <= set(sizes)
     assert sum(sizes.values()) <= 20 * 2**20
     assert len(load_file(str(root / "digits_unet.safetensors"))) > 50
 

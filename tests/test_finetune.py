@@ -1,5 +1,5 @@
-"""LoRA reward fine-tuning (sdo.finetune, sdo.finetuning): the gradient of one update against hand-written loops, skipped
-non-finite updates, kill-and-resume equality, 2-process Accelerate equality, DRaFT+'s penalty, the judge,
+"""LoRA reward fine-tuning (sdo.finetune, sdo.finetuning): the gradient of one update against hand-written loops,
+skipped non-finite updates, kill-and-resume equality, 2-process Accelerate equality, DRaFT+'s penalty, the judge,
 the command line, and a text-to-image pipeline task."""
 
 import json
@@ -18,11 +18,12 @@ from safetensors.torch import load_file
 
 import sdo
 from sdo.finetuning import FinetuneConfig, NonFiniteError, finetune
-from sdo.lora import lora_parameters, read_lora
-from sdo.reward_tasks import digits_task, pipeline_task
-from sdo.rewards import ClassLogProb, InkReward, WeightedReward
+from sdo.finetuning.lora import lora_parameters, read_lora
+from sdo.objectives.rewards import ClassLogProb, InkReward, WeightedReward
+from sdo.recipes.finetune_tasks import digits_task, pipeline_task
 
-SMALL = {"steps": 8, "batch_size": 2, "sample_every": 0, "eval_count": 4, "eval_scales": (1.0,), "progress": False, "cpu": True}
+SMALL = {"steps": 8, "batch_size": 2, "sample_every": 0, "eval_count": 4, "eval_scales": (1.0,), "progress": False,
+         "cpu": True}
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -52,8 +53,8 @@ def test_updates_equal_hand_written_loop(digits, judge, tmp_path, strategy, kw):
     hand-written loop that keeps the graphs of the same denoiser calls (SDO: the one step its generator draws) and
     adds w * mean((tuned - base)^2) / alpha_bar_t over those calls (DRaFT+'s eps penalty plus the same change in
     x0_hat, for this epsilon model)."""
-    from sdo.finetuning import _strategy
-    from sdo.lora import add_lora, lora_disabled
+    from sdo.finetuning.lora import add_lora, lora_disabled
+    from sdo.finetuning.trainer import _strategy
 
     task = _task(digits, judge)
     cfg = FinetuneConfig(output=tmp_path, strategy=strategy, updates=3, max_grad_norm=None, lr=1e-2, regularizer=5.0,
@@ -70,7 +71,8 @@ def test_updates_equal_hand_written_loop(digits, judge, tmp_path, strategy, kw):
         x = torch.randn(2, 1, 16, 16, generator=data)
         labels = [ref.conditions[int(i)] for i in index]
         keep = chooser.select(range(cfg.steps))
-        chain = sdo.Chain.from_diffusers(ref.model, ref.scheduler, cfg.steps, cond={"class_labels": torch.tensor(labels)})
+        chain = sdo.Chain.from_diffusers(ref.model, ref.scheduler, cfg.steps,
+                                         cond={"class_labels": torch.tensor(labels)})
         state, penalties = chain.init_state(x), []
         for i in range(cfg.steps):
             with torch.set_grad_enabled(i in keep):
@@ -95,7 +97,7 @@ def test_updates_equal_hand_written_loop(digits, judge, tmp_path, strategy, kw):
 
 
 def test_strategies_keep_the_right_calls():
-    from sdo.finetuning import _strategy
+    from sdo.finetuning.trainer import _strategy
 
     g = torch.Generator().manual_seed(0)
     cfg = lambda **kw: FinetuneConfig(output="unused", steps=50, **kw)
@@ -187,7 +189,8 @@ def test_killed_run_resumes_to_the_same_weights(digits, judge, tmp_path):
     killed.wait()
     step = json.loads(pointer.read_text())["step"]
     assert 8 <= step < updates
-    resumed = _cli("finetune", "--output", str(tmp_path / "killed"), "--resume", "--no-progress")  # options from the run
+    # options from the run
+    resumed = _cli("finetune", "--output", str(tmp_path / "killed"), "--resume", "--no-progress")
     out, _ = resumed.communicate(timeout=300)
     assert resumed.returncode == 0, out
     cfg = FinetuneConfig(output=tmp_path / "whole", updates=updates, checkpoint_every=4, lr=0.01,
@@ -208,8 +211,8 @@ def test_two_processes_equal_one(command, steps, tmp_path):
               "--max-grad-norm", "none"]
     env = {"OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT / "src")}
     launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-              "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "29581",
-              "-m", "sdo", *common, "--output", str(tmp_path / "two")]
+              "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+              "--main_process_port", "29581", "-m", "sdo", *common, "--output", str(tmp_path / "two")]
     two = subprocess.run(launch, env={**os.environ, **env}, capture_output=True, text=True, check=False,
                          timeout=300)
     assert two.returncode == 0, two.stdout[-3000:] + two.stderr[-3000:]
@@ -280,7 +283,7 @@ def test_cli_config_file_and_flags(tmp_path):
 def test_cli_fields_match_the_config():
     from dataclasses import fields
 
-    from sdo import cli_finetune as c
+    from sdo.cli import finetune as c
 
     parsed = set(c._INT) | set(c._FLOAT) | set(c._OPTIONAL_FLOAT) | set(c._TUPLE) | set(c._CHOICES) | set(c._FLAGS)
     assert parsed | {"output", "lr_scheduler", "progress", "progressive"} == {f.name for f in fields(FinetuneConfig)}
@@ -331,10 +334,10 @@ def test_time_budget_stops_early(digits, judge, tmp_path):
 def test_pipeline_task_on_tiny_stable_diffusion(pipeline_folder, clip, tokenizer, tmp_path):
     """A text-to-image pipeline folder: LoRA on the UNet2DConditionModel, VAE decoding in the graph, a CLIP reward
     per prompt, classifier-free guidance; the LoRA reloads into the pipeline's UNet with diffusers' own loader."""
-    from sdo import tasks
-    from sdo.clip import CLIPTextSimilarity
+    from sdo import backbones
+    from sdo.objectives.clip import CLIPTextSimilarity
 
-    pipe = tasks.load_pipeline(pipeline_folder)
+    pipe = backbones.load_pipeline(pipeline_folder)
 
     def reward(images, prompts):
         return 1 - CLIPTextSimilarity(clip, list(prompts), tokenizer)(images)
@@ -343,12 +346,13 @@ def test_pipeline_task_on_tiny_stable_diffusion(pipeline_folder, clip, tokenizer
     cfg = FinetuneConfig(output=tmp_path, updates=2, guidance_scale=3.0, lr=0.05, **{**SMALL, "steps": 3})
     result = finetune(task, cfg)
     assert result.skipped == 0 and all(m["grad_norm"] > 0 for m in result.metrics)
-    fresh = tasks.load_pipeline(pipeline_folder).denoiser
+    fresh = backbones.load_pipeline(pipeline_folder).denoiser
     fresh.load_lora_adapter(str(tmp_path / "lora"), prefix=None, use_safetensors=True, adapter_name="tuned")
     x = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(0))
     cond = task.encode(["a red square"])[0]
     with torch.no_grad():
-        torch.testing.assert_close(fresh(x, 500, **cond).sample, task.model(x, 500, **cond).sample, rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(fresh(x, 500, **cond).sample, task.model(x, 500, **cond).sample,
+                                   rtol=1e-4, atol=1e-5)
 
 
 def test_cli_pipeline_clip_reward(pipeline_folder, clip, tokenizer, tmp_path):

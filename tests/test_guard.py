@@ -1,5 +1,5 @@
-"""The reward-hacking guard (sdo.guard) on real digits, noise and a collapse; in a fine-tuning run: the warning, the
-LoRA it keeps, stop_on_hacking, resume; and the error for a LoRA that gets no gradient."""
+"""The reward-hacking guard (sdo.finetuning.guard) on real digits, noise and a collapse; in a fine-tuning run: the
+warning, the LoRA it keeps, stop_on_hacking, resume; and the error for a LoRA that gets no gradient."""
 
 import json
 
@@ -10,8 +10,8 @@ from test_finetune import SMALL, _task
 from sdo.checks import UsageError
 from sdo.embedded.digits import load_dataset
 from sdo.finetuning import FinetuneConfig, finetune
-from sdo.guard import Guard, GuardLimits, diversity, drift
-from sdo.lora import read_lora
+from sdo.finetuning.guard import Guard, GuardLimits, diversity, drift
+from sdo.finetuning.lora import read_lora
 
 
 @pytest.fixture(scope="module")
@@ -70,7 +70,8 @@ def test_guard_keeps_the_last_passing_lora_and_stops(digits, judge, tmp_path, ca
     # stop_on_hacking, patience 2: the same run (the guard does not touch its random streams) stops at the second
     # failed check in a row, keeping the last LoRA that passed before it
     second = next(u for u in failed if u - 1 in failed)
-    stop = finetune(_task(digits, judge), FinetuneConfig(output=tmp_path / "stop", updates=6, stop_on_hacking=True, **kw))
+    stop = finetune(_task(digits, judge),
+                    FinetuneConfig(output=tmp_path / "stop", updates=6, stop_on_hacking=True, **kw))
     assert stop.stopped_on_hacking and stop.updates == second
     assert stop.kept_update == max([0] + [u for u in passed if u < second])
     assert stop.keep == tmp_path / "stop" / "kept" / "lora"

@@ -94,7 +94,8 @@ def test_stochastic_solver_uses_one_noise_and_is_reproducible():
     model = _tiny_unet()
     chain = sdo.Chain.from_diffusers(model, LCMScheduler(), 4)
     runs = [
-        sdo.optimize_latent(chain, _x(), _objective, iterations=4, progress=False, generator=torch.Generator().manual_seed(3))
+        sdo.optimize_latent(chain, _x(), _objective, iterations=4, progress=False,
+                            generator=torch.Generator().manual_seed(3))
         for _ in range(2)
     ]
     assert torch.equal(runs[0].latent, runs[1].latent) and runs[0].losses == runs[1].losses

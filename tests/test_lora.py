@@ -1,4 +1,4 @@
-"""sdo.lora: injection, the file format (and diffusers' own loader reading it), exact scale/merge arithmetic
+"""sdo.finetuning.lora: injection, the file format (and diffusers' own loader reading it), exact scale/merge arithmetic
 (float64), and the base/scale context managers."""
 
 import copy
@@ -10,7 +10,7 @@ import torch
 from diffusers import UNet2DConditionModel
 from safetensors import safe_open
 
-from sdo.lora import (
+from sdo.finetuning.lora import (
     DEFAULT_TARGETS,
     add_lora,
     delta_weights,
@@ -19,15 +19,12 @@ from sdo.lora import (
     lora_parameters,
     lora_scale,
     lora_state_dict,
-    merge_lora_files,
-    merge_loras,
     read_lora,
     save_lora,
-    scale_lora,
-    scale_lora_files,
     set_lora_scale,
     write_lora,
 )
+from sdo.finetuning.lora_arithmetic import merge_lora_files, merge_loras, scale_lora, scale_lora_files
 
 FILES = {"pytorch_lora_weights.safetensors", "adapter_config.json"}
 
@@ -397,7 +394,7 @@ def test_lora_command_never_overwrites_a_source_and_asks_before_replacing(tmp_pa
 def test_atomic_writes_get_the_permissions_of_a_plain_open(tmp_path):
     import os
 
-    from sdo.checkpoints import write_json
+    from sdo.finetuning.checkpoints import write_json
 
     old = os.umask(0o022)
     try:

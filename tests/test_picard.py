@@ -14,8 +14,9 @@ import sdo
 def _unet_chain(eta=0.0, steps=10, guided=False):
     torch.manual_seed(0)
     unet = UNet2DModel(sample_size=8, in_channels=1, out_channels=1, block_out_channels=(8, 16), layers_per_block=1,
-                       down_block_types=("DownBlock2D", "AttnDownBlock2D"), up_block_types=("AttnUpBlock2D", "UpBlock2D"),
-                       norm_num_groups=4, attention_head_dim=4, num_class_embeds=3).double().eval().requires_grad_(False)
+                       down_block_types=("DownBlock2D", "AttnDownBlock2D"),
+                       up_block_types=("AttnUpBlock2D", "UpBlock2D"), norm_num_groups=4, attention_head_dim=4,
+                       num_class_embeds=3).double().eval().requires_grad_(False)
     scheduler = DDIMScheduler(beta_schedule="squaredcos_cap_v2", clip_sample=False)
     cond = {"class_labels": torch.tensor([0, 1, 2])}
     extra = {"uncond": {"class_labels": torch.tensor([2])}, "guidance_scale": 2.0} if guided else {}
@@ -23,7 +24,8 @@ def _unet_chain(eta=0.0, steps=10, guided=False):
 
 
 def _x(chain, seed=1, shape=(3, 1, 8, 8)):
-    return torch.randn(*shape, dtype=torch.float64, generator=torch.Generator().manual_seed(seed)) * chain.init_noise_sigma
+    return (torch.randn(*shape, dtype=torch.float64, generator=torch.Generator().manual_seed(seed))
+            * chain.init_noise_sigma)
 
 
 def _seed(s=2):
@@ -163,7 +165,8 @@ def test_optimize_latent_with_picard_follows_sequential_sdo_and_warm_starts():
     for run in (warm, cold):
         assert max(abs(a - b) for a, b in zip(run.losses, sequential.losses, strict=True)) < 1e-6
         torch.testing.assert_close(run.latent, sequential.latent, rtol=1e-5, atol=1e-5)
-    loose = [sdo.optimize_latent(chain, x, objective, picard=sdo.Picard(tol=1e-2, warm_start=w), **kw) for w in (True, False)]
+    loose = [sdo.optimize_latent(chain, x, objective, picard=sdo.Picard(tol=1e-2, warm_start=w), **kw)
+             for w in (True, False)]
     for with_warm_start, without in ((warm, cold), loose):
         w, c = ([s for s, _ in r.picard_runs] for r in (with_warm_start, without))
         assert w[0] == c[0] and max(w[1:]) < min(c[1:])  # the first run is cold in both

@@ -12,9 +12,10 @@ import torch
 from safetensors.torch import save_file
 from test_finetune import SMALL, _assert_same, _lora, _task
 
-from sdo.checkpoints import load_checkpoint, load_latest, save_checkpoint
 from sdo.checks import NonFiniteError, UsageError
-from sdo.finetuning import FinetuneConfig, _read_metrics, finetune
+from sdo.finetuning import FinetuneConfig, finetune
+from sdo.finetuning.checkpoints import load_checkpoint, load_latest, save_checkpoint
+from sdo.finetuning.results import read_metrics as _read_metrics
 
 
 class _Killed(Exception):

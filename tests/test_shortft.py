@@ -1,5 +1,5 @@
-"""ShortFT (sdo.shortft): the short chain against the base chain (exact for an exact shortcut, bounded for the
-shipped student), its gradient against a hand-written loop, gradients reaching exactly the trainable LoRAs,
+"""ShortFT (sdo.finetuning.shortft): the short chain against the base chain (exact for an exact shortcut, bounded for
+the shipped student), its gradient against a hand-written loop, gradients reaching exactly the trainable LoRAs,
 progressive stages, resume, inference on the original chain with per-timestep LoRAs, and the command line."""
 
 import copy
@@ -16,15 +16,15 @@ from diffusers import DDIMScheduler, DPMSolverMultistepScheduler, UNet2DModel
 from safetensors.torch import load_file
 
 import sdo
-from sdo.checkpoints import load_checkpoint
-from sdo.lora import add_lora, lora_parameters, set_lora_scale
-from sdo.reward_tasks import digits_task
-from sdo.shortft import TimestepLoRA, adapter_names, load_shortft, segment_ends, short_chain
+from sdo.finetuning.checkpoints import load_checkpoint
+from sdo.finetuning.lora import add_lora, lora_parameters, set_lora_scale
+from sdo.finetuning.shortft import TimestepLoRA, adapter_names, load_shortft, segment_ends, short_chain
+from sdo.recipes.finetune_tasks import digits_task
 from sdo.solvers import solver_from_scheduler
 
 ROOT = Path(__file__).resolve().parents[1]
-SMALL = {"steps": 8, "segments": 4, "batch_size": 2, "sample_every": 0, "eval_count": 2, "sample_count": 2, "eval_scales": (1.0,),
-             "progress": False, "cpu": True, "lr": 1e-2, "guard_every": 0}
+SMALL = {"steps": 8, "segments": 4, "batch_size": 2, "sample_every": 0, "eval_count": 2, "sample_count": 2,
+         "eval_scales": (1.0,), "progress": False, "cpu": True, "lr": 1e-2, "guard_every": 0}
 
 
 def _task(digits, judge, **kwargs):
@@ -39,8 +39,8 @@ def _task(digits, judge, **kwargs):
 def _tiny_unet(seed=0, dtype=torch.float64):
     torch.manual_seed(seed)
     unet = UNet2DModel(sample_size=8, in_channels=1, out_channels=1, block_out_channels=(8, 16), layers_per_block=1,
-                       down_block_types=("DownBlock2D", "AttnDownBlock2D"), up_block_types=("AttnUpBlock2D", "UpBlock2D"),
-                       norm_num_groups=4, attention_head_dim=4)
+                       down_block_types=("DownBlock2D", "AttnDownBlock2D"),
+                       up_block_types=("AttnUpBlock2D", "UpBlock2D"), norm_num_groups=4, attention_head_dim=4)
     return unet.to(dtype).eval().requires_grad_(False)
 
 
@@ -102,7 +102,8 @@ def test_short_chain_with_the_shipped_student_stays_near_the_base_chain(digits):
 
     student = load_digits_student()
     card = student.sdo_card
-    assert (card["config"]["steps"], card["config"]["segments"]) == (50, 4) and card["lora_timesteps"] == [760, 500, 260, 0]
+    assert ((card["config"]["steps"], card["config"]["segments"]) == (50, 4)
+            and card["lora_timesteps"] == [760, 500, 260, 0])
     labels = torch.tensor([10] * 16 + list(range(10)) * 2)
     cond = {"class_labels": labels}
     chain = sdo.Chain.from_diffusers(digits.unet, digits.scheduler, 50, cond=cond)
@@ -205,7 +206,7 @@ def test_timestep_lora_switches_stacked_adapters_by_timestep():
 
 
 def _plain(unet, x, t):
-    from sdo.lora import lora_disabled
+    from sdo.finetuning.lora import lora_disabled
 
     with lora_disabled(unet):
         return unet(x, t).sample
@@ -214,15 +215,15 @@ def _plain(unet, x, t):
 def test_shortft_trains_the_right_loras_in_progressive_stages(digits, judge, tmp_path):
     cfg = sdo.FinetuneConfig(output=tmp_path / "run", strategy="shortft", updates=4, checkpoint_every=1,
                              keep_checkpoints=10, regularizer=1.0, **SMALL)
-    result = sdo.shortft(_task(digits, judge), cfg)
+    result = sdo.finetuning.shortft(_task(digits, judge), cfg)
     assert [r["stage"] for r in result.metrics] == [1, 2, 3, 4]
     states = [load_checkpoint(p)[0] for p in sorted((tmp_path / "run" / "checkpoints").glob("step-*"))]
     assert len(states) == 4
     names = adapter_names(4)
     init = _task(digits, judge)
-    from sdo.shortft import _ShortRun  # the LoRAs as initialized (same seeds), before any update
+    from sdo.finetuning.shortft import ShortRun  # the LoRAs as initialized (same seeds), before any update
 
-    before = _ShortRun(init, cfg.__class__(**{**cfg.__dict__, "output": tmp_path / "init"})).lora_tensors()
+    before = ShortRun(init, cfg.__class__(**{**cfg.__dict__, "output": tmp_path / "init"})).lora_tensors()
     for u, after in enumerate(states):  # update u+1 runs stage u+1: LoRAs u+1..4 move, earlier ones stay
         for j, name in enumerate(names):
             moved = any(not torch.equal(before[f"lora_{name}"][k], v) for k, v in after[f"lora_{name}"].items())
@@ -248,7 +249,7 @@ def test_a_stage_does_not_end_while_the_guard_fails_its_lora(digits, judge, tmp_
     cfg = sdo.FinetuneConfig(output=tmp_path / "run", strategy="shortft", updates=8, checkpoint_every=1,
                              keep_checkpoints=10, regularizer=1.0, **{**SMALL, "segments": 2, "guard_every": 3,
                                                                       "guard_count": 4})
-    result = sdo.shortft(task, cfg)
+    result = sdo.finetuning.shortft(task, cfg)
     stages = [r["stage"] for r in result.metrics]
     checked = [r["update"] for r in result.metrics if "stage_check" in r]
     if verdicts[0]:  # passing: stage 1 ends on time, after its check
@@ -310,7 +311,7 @@ def test_shortft_resumes_to_the_same_loras(digits, judge, tmp_path, guard):
 
 def test_inference_is_the_base_chain_with_per_timestep_loras(digits, judge, tmp_path):
     cfg = sdo.FinetuneConfig(output=tmp_path / "run", strategy="shortft", updates=2, progressive=False, **SMALL)
-    sdo.shortft(_task(digits, judge), cfg)
+    sdo.finetuning.shortft(_task(digits, judge), cfg)
     unet = copy.deepcopy(digits.unet)
     model = load_shortft(unet, tmp_path / "run" / "lora")
     calls = []
@@ -324,7 +325,7 @@ def test_inference_is_the_base_chain_with_per_timestep_loras(digits, judge, tmp_
     ref = copy.deepcopy(digits.unet)
     names = adapter_names(4)
     for name in names:
-        sdo.lora.load_lora(ref, tmp_path / "run" / "lora" / name, adapter_name=name)
+        sdo.finetuning.lora.load_lora(ref, tmp_path / "run" / "lora" / name, adapter_name=name)
     bounds = [int(t) for t in _timesteps(digits, 8, 4)]
     solver = solver_from_scheduler(digits.scheduler, 20)
     z = x
@@ -343,13 +344,13 @@ def test_errors(digits, judge, tmp_path):
     task = _task(digits, judge)
     task.few_step = None
     with pytest.raises(ValueError, match="few-step model"):
-        sdo.shortft(task, sdo.FinetuneConfig(output=tmp_path / "a", **SMALL))
+        sdo.finetuning.shortft(task, sdo.FinetuneConfig(output=tmp_path / "a", **SMALL))
     task = _task(digits, judge)
     from sdo.embedded import load_digits_student
 
     task.few_step = load_digits_student()
     with pytest.raises(ValueError, match="distilled for steps=50, segments=4"):
-        sdo.shortft(task, sdo.FinetuneConfig(output=tmp_path / "b", **SMALL))
+        sdo.finetuning.shortft(task, sdo.FinetuneConfig(output=tmp_path / "b", **SMALL))
     with pytest.raises(ValueError, match="eta must be 0"):
         sdo.FinetuneConfig(output=tmp_path / "c", strategy="shortft", eta=0.5)
     scheduler = DPMSolverMultistepScheduler(beta_schedule="squaredcos_cap_v2")
@@ -357,7 +358,8 @@ def test_errors(digits, judge, tmp_path):
     x = torch.randn(1, 1, 8, 8, dtype=torch.float64)
     with pytest.raises(ValueError, match="deterministic first-order"):
         short_chain(chain, _tiny_unet(), x, (3, 7))
-    chain = sdo.Chain.from_diffusers(_tiny_unet(), DDIMScheduler(beta_schedule="squaredcos_cap_v2", clip_sample=False), 8)
+    chain = sdo.Chain.from_diffusers(_tiny_unet(), DDIMScheduler(beta_schedule="squaredcos_cap_v2", clip_sample=False),
+                                     8)
     with pytest.raises(ValueError, match="end at the last step"):
         short_chain(chain, _tiny_unet(), x, (3, 6))
     with pytest.raises(ValueError, match="stage must be"):

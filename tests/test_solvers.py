@@ -57,7 +57,8 @@ def test_runs_and_reruns_are_bit_identical(case):
         assert torch.equal(xi, first)
 
 
-@pytest.mark.parametrize("case", [c for c in SCHEDULER_CASES if c[0] in ("ddim-eta", "ddpm", "lcm", "flow-euler-stochastic")], ids=lambda c: c[0])
+@pytest.mark.parametrize("case", [c for c in SCHEDULER_CASES
+                                  if c[0] in ("ddim-eta", "ddpm", "lcm", "flow-euler-stochastic")], ids=lambda c: c[0])
 def test_stochastic_solvers_follow_the_seed(case):
     _, make, chain_kw, _ = case
     chain = sdo.Chain.from_diffusers(TinyNet().double(), make(), 5, **chain_kw)

@@ -9,7 +9,8 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from sdo import backbones, tasks
+from sdo import backbones
+from sdo.recipes import latent_tasks as tasks
 from sdo.sampling import sample
 
 PROMPT = "a thick seven"
@@ -106,7 +107,7 @@ def _run(task, pipe, clip, tokenizer, classifier_folder, head, **common):
         return tasks.style(pipe, clip, _image(), PROMPT, **common)
     if task == "aesthetic":
         return tasks.aesthetic(pipe, clip, head, PROMPT, **common)
-    classifier = tasks.ImageClassifier.from_folder(classifier_folder)
+    classifier = backbones.ImageClassifier.from_folder(classifier_folder)
     return tasks.adversarial(pipe, classifier, PROMPT, target=2, tau=0.5, **common)
 
 
@@ -125,7 +126,7 @@ def test_pixart_folder_loads_and_its_chain_is_the_diffusers_pipeline(pixart_fold
     same latents, both give the same sample."""
     from diffusers import DiffusionPipeline
 
-    pipe = tasks.load_pipeline(pixart_folder)
+    pipe = backbones.load_pipeline(pixart_folder)
     assert pipe.name == "PixArtAlphaPipeline" and pipe.image_size == 16
     kwargs = backbones.text_conditioning(pipe, PROMPT, 2.0)
     cond, uncond = kwargs["cond"], kwargs["uncond"]
@@ -151,7 +152,7 @@ def test_pixart_micro_conditions_where_the_transformer_uses_them(pixart_folder):
 
     from diffusers import PixArtTransformer2DModel
 
-    pipe = tasks.load_pipeline(pixart_folder)
+    pipe = backbones.load_pipeline(pixart_folder)
     # 12 channels: the size and aspect-ratio embeddings take a third of them each
     config = dict(pipe.denoiser.config, use_additional_conditions=True, attention_head_dim=6,
                   cross_attention_dim=12)
@@ -171,7 +172,7 @@ def test_pixart_micro_conditions_where_the_transformer_uses_them(pixart_folder):
 def test_tasks_on_a_pixart_folder_lower_their_loss(pixart_folder, clip, tokenizer, classifier_folder, head, task):
     """Every task on PixArt-alpha with classifier-free guidance; PixArt's own DPM-Solver++ samples, except for the
     edit, whose inversion needs DDIM."""
-    pipe = tasks.load_pipeline(pixart_folder)
+    pipe = backbones.load_pipeline(pixart_folder)
     scheduler = "ddim" if task == "edit" else None
     out = _run(task, pipe, clip, tokenizer, classifier_folder, head, steps=6, iterations=3, lr=0.1,
                guidance_scale=2.0, scheduler=scheduler, progress=False)
@@ -186,7 +187,7 @@ def test_tasks_with_a_chosen_scheduler_lower_their_loss(pipeline_folder, clip, t
                                                         task, scheduler):
     """SD's PNDM folder sampled with DPM-Solver++ or LCM (stochastic: the same seeded noise in every iteration and
     in the 'before' sample), under CFG; two runs give the same losses."""
-    pipe = tasks.load_pipeline(pipeline_folder)
+    pipe = backbones.load_pipeline(pipeline_folder)
     common = {"steps": 6, "iterations": 3, "lr": 0.1, "guidance_scale": 2.0, "scheduler": scheduler, "progress": False}
     out = _run(task, pipe, clip, tokenizer, classifier_folder, head, **common)
     _assert_lowered(out)
@@ -196,7 +197,7 @@ def test_tasks_with_a_chosen_scheduler_lower_their_loss(pipeline_folder, clip, t
 
 
 def test_task_scheduler_builds_from_the_pipeline_config(pipeline_folder):
-    pipe = tasks.load_pipeline(pipeline_folder)
+    pipe = backbones.load_pipeline(pipeline_folder)
     assert type(backbones.task_scheduler(pipe.scheduler)).__name__ == "DDIMScheduler"  # PNDM is not supported
     for name, cls in [("ddim", "DDIMScheduler"), ("dpm-solver++", "DPMSolverMultistepScheduler"),
                       ("lcm", "LCMScheduler"), ("euler", "EulerDiscreteScheduler")]:
@@ -209,7 +210,7 @@ def test_task_scheduler_builds_from_the_pipeline_config(pipeline_folder):
 
 @pytest.mark.parametrize("scheduler, reason", [("lcm", "adds noise"), ("dpm-solver++", "cannot be inverted")])
 def test_edit_refuses_a_scheduler_it_cannot_invert(pipeline_folder, clip, tokenizer, scheduler, reason):
-    pipe = tasks.load_pipeline(pipeline_folder)
+    pipe = backbones.load_pipeline(pipeline_folder)
     with pytest.raises(ValueError, match=reason) as err:
         tasks.edit(pipe, clip, tokenizer, _image(), PROMPT, steps=6, iterations=1, scheduler=scheduler, progress=False)
     assert "scheduler='ddim'" in str(err.value) and "--scheduler ddim" in str(err.value)
@@ -232,7 +233,7 @@ def test_lcm_distilled_unet_embeds_guidance_instead_of_running_it(lcm_folder, cl
     (same latents and noise seed, same sample)."""
     from diffusers import DiffusionPipeline
 
-    pipe = tasks.load_pipeline(lcm_folder)
+    pipe = backbones.load_pipeline(lcm_folder)
     calls = []
     hook = pipe.denoiser.register_forward_pre_hook(
         lambda module, args, kwargs: calls.append((args[0].shape[0], kwargs.get("timestep_cond"))), with_kwargs=True)
@@ -265,9 +266,10 @@ def test_lcm_distilled_unet_embeds_guidance_instead_of_running_it(lcm_folder, cl
 def test_scheduler_option_of_the_task_commands(pipeline_folder, pixart_folder, clip, tokenizer, tmp_path, capsys):
     from PIL import Image
 
-    from sdo import cli
+    from sdo.cli import app as cli
+    from sdo.cli import options
 
-    assert cli._TASK_SCHEDULERS == backbones.SCHEDULERS
+    assert options.TASK_SCHEDULERS == backbones.SCHEDULERS
     clip_folder = tmp_path / "clip"
     clip.save_pretrained(clip_folder)
     tokenizer.save_pretrained(clip_folder)

@@ -45,11 +45,13 @@ def stable_diffusion(tok: CLIPTokenizer):
     unet = UNet2DConditionModel(
         sample_size=8, in_channels=4, out_channels=4, block_out_channels=(8, 16), layers_per_block=1,
         norm_num_groups=4, cross_attention_dim=12, attention_head_dim=2,
-        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
     ).eval().requires_grad_(False)
     vae = AutoencoderKL(
         in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(8, 16), norm_num_groups=4,
-        down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"), up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
+        down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
+        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
         scaling_factor=0.18215,
     ).eval().requires_grad_(False)
     text_encoder = CLIPTextModel(CLIPTextConfig(
@@ -65,7 +67,8 @@ def save_pipeline(parts, tok: CLIPTokenizer, folder: Path) -> Path:
 
     unet, vae, text_encoder = parts
     StableDiffusionPipeline(
-        unet=unet, vae=vae, text_encoder=text_encoder, tokenizer=tok, scheduler=PNDMScheduler(skip_prk_steps=True, steps_offset=1),
+        unet=unet, vae=vae, text_encoder=text_encoder, tokenizer=tok,
+        scheduler=PNDMScheduler(skip_prk_steps=True, steps_offset=1),
         safety_checker=None, feature_extractor=None, requires_safety_checker=False,
     ).save_pretrained(folder)
     return folder
@@ -77,6 +80,7 @@ def save_classifier(folder: Path) -> Path:
 
     torch.manual_seed(0)
     ViTForImageClassification(ViTConfig(image_size=16, patch_size=4, hidden_size=16, num_hidden_layers=2,
-                                        num_attention_heads=2, intermediate_size=32, num_labels=3)).save_pretrained(folder)
+                                        num_attention_heads=2, intermediate_size=32,
+                                        num_labels=3)).save_pretrained(folder)
     ViTImageProcessor(size={"height": 16, "width": 16}).save_pretrained(folder)
     return folder

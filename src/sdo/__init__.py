@@ -8,33 +8,38 @@
     sdo.shortft(task, sdo.FinetuneConfig(output="run"))  # ShortFT: through a chain shortened by a few-step model
 """
 
-from .adjoint import Adjoint
+from . import _moved
+from .backbones.vae import VAEDecoder, decoded, encode_prompts
 from .chain import Chain
 from .checks import NonFiniteError, UsageError
 from .denoiser import Denoiser
-from .diagnostics import GradientFidelity, gradient_fidelity, gradient_norm_by_depth
 from .finetuning import FinetuneConfig, FinetuneResult, FinetuneTask, finetune
-from .guidance import Guidance
-from .inversion import invert, round_trip_error
-from .latent import LatentResult, LinfBall, optimize_latent
-from .picard import Picard, PicardResult, picard_sample
-from .reversible import Reversible, edict_step
-from .sampling import sample
-from .shortft import TimestepLoRA, load_shortft, segment_ends, short_chain, shortft
-from .solvers import SUPPORTED_SCHEDULERS, Solver, SolverState, solver_from_scheduler
-from .strategies import (
+from .finetuning.shortft import TimestepLoRA, load_shortft, segment_ends, short_chain, shortft
+from .gradients import (
+    Adjoint,
     Checkpoint,
     ConstantMemory,
     Full,
     RandomTruncated,
+    Reversible,
     Shortcut,
     Strategy,
     Truncated,
     available_strategies,
+    edict_step,
     get_strategy,
     register_strategy,
 )
-from .vae import VAEDecoder, decoded, encode_prompts
+from .guidance import Guidance
+from .inversion import invert
+from .latent import LatentResult, LinfBall, optimize_latent
+from .measure import GradientFidelity, gradient_fidelity, gradient_norm_by_depth
+from .picard import Picard, PicardResult, picard_sample
+from .sampling import round_trip_error, sample
+from .solvers import SUPPORTED_SCHEDULERS, Solver, SolverState, solver_from_scheduler
+
+# the module names sdo had before 2026-12 (sdo.strategies, sdo.tasks, ...) still import, with a warning
+_moved.install()
 
 __version__ = "0.1.0"
 

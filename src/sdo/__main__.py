@@ -1,5 +1,5 @@
 """``python -m sdo``: the same as the ``sdo`` command."""
 
-from .cli import main
+from .cli.app import main
 
 raise SystemExit(main())

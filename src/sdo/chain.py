@@ -11,10 +11,11 @@ from typing import Any
 
 import torch
 
+from .checks import UsageError
 from .denoiser import Denoiser
 from .solvers import Solver, SolverState, solver_from_scheduler
 
-__all__ = ["Chain"]
+__all__ = ["Chain", "step_range"]
 
 
 class Chain:
@@ -82,3 +83,17 @@ class Chain:
     def step(self, i: int, x: torch.Tensor, state: SolverState):
         """One full step: ``(x_i, state_i) -> (x_{i+1}, state_{i+1})``."""
         return self.update(i, x, self.denoise(i, x), state)
+
+
+def step_range(chain: Chain, start: int = 0, stop: int | None = None) -> range:
+    """The steps ``start..stop-1`` of ``chain``, checked: a clear error instead of an empty or short run."""
+    n = len(chain)
+    stop = n if stop is None else stop
+    for name, value in (("start", start), ("stop", stop)):
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise TypeError(f"{name} must be an int step index, got {value!r}")
+    if not 0 <= start < n:
+        raise UsageError(f"start={start} is out of range: the chain has {n} steps (valid: 0..{n - 1})")
+    if not start < stop <= n:
+        raise UsageError(f"stop={stop} is out of range: need start < stop <= {n} (start={start})")
+    return range(start, stop)

@@ -15,17 +15,17 @@ import torch
 
 from .checks import UsageError, check_finite, check_number
 
-__all__ = ["Denoiser"]
+__all__ = ["Denoiser", "map_tensors"]
 
 
-def _map(fn, value):
+def map_tensors(fn, value):
     """Apply ``fn`` to every tensor of a (nested: dicts, tuples, lists) conditioning value."""
     if torch.is_tensor(value):
         return fn(value)
     if isinstance(value, Mapping):
-        return {k: _map(fn, v) for k, v in value.items()}
+        return {k: map_tensors(fn, v) for k, v in value.items()}
     if isinstance(value, (tuple, list)):
-        return type(value)(_map(fn, v) for v in value)
+        return type(value)(map_tensors(fn, v) for v in value)
     return value
 
 
@@ -76,7 +76,8 @@ class Denoiser:
         if self.uncond is not None and self.guidance_scale is None:
             raise UsageError("uncond was given without guidance_scale")
         if self.uncond is not None and set(self.uncond) != set(self.cond):
-            raise UsageError(f"cond and uncond must have the same keys, got {sorted(self.cond)} and {sorted(self.uncond)}")
+            raise UsageError(f"cond and uncond must have the same keys, got {sorted(self.cond)} and "
+                             f"{sorted(self.uncond)}")
         forward = getattr(model, "forward", model)
         try:
             params = inspect.signature(forward).parameters
@@ -151,7 +152,7 @@ class Denoiser:
                 return v.expand(batch, *v.shape[1:])
             return v
 
-        return {k: _map(expand, v) for k, v in kwargs.items()}
+        return {k: map_tensors(expand, v) for k, v in kwargs.items()}
 
     def __call__(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         batch = x.shape[0]

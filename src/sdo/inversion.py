@@ -1,7 +1,7 @@
 """DDIM inversion (Song et al., 2021, Sec. 4.3; as used for real-image editing by Mokady et al., 2023): the
 latent at an intermediate step whose deterministic sampling gives back a given image, found by running the
 chain's probability-flow ODE backwards with its own solver. The continuous adjoint rebuilds its states the
-same way (:mod:`sdo.adjoint`)."""
+same way (:mod:`sdo.gradients.adjoint`)."""
 
 from __future__ import annotations
 
@@ -10,11 +10,10 @@ from collections.abc import Iterator
 
 import torch
 
-from .chain import Chain
+from .chain import Chain, step_range
 from .checks import UsageError
-from .sampling import sample, step_range
 
-__all__ = ["check_ode", "invert", "rebuild", "rebuilt_states", "round_trip_error"]
+__all__ = ["check_ode", "invert", "rebuild", "rebuilt_states"]
 
 
 def check_ode(chain: Chain, steps: range, who: str) -> None:
@@ -56,18 +55,10 @@ def rebuilt_states(chain: Chain, x_end: torch.Tensor, steps: range, state) -> It
 
 def invert(chain: Chain, x0: torch.Tensor, start: int = 0) -> torch.Tensor:
     """The latent at step ``start`` from which ``sample(chain, latent, start=start)`` gives back ``x0``
-    (approximately: see :func:`round_trip_error`). ``start`` is the step to edit from: the paper starts style
-    and aesthetic tasks at t ~ 600 of 1000."""
+    (approximately: see :func:`sdo.sampling.round_trip_error`). ``start`` is the step to edit from: the paper starts
+    style and aesthetic tasks at t ~ 600 of 1000."""
     steps = step_range(chain, start)
     chain.check(x0)
     check_ode(chain, steps, "invert()")
     (_, latent), = deque(rebuilt_states(chain, x0, steps, chain.init_state(x0)), maxlen=1)
     return latent
-
-
-def round_trip_error(chain: Chain, x0: torch.Tensor, start: int = 0) -> torch.Tensor:
-    """Per item, ``|sample(invert(x0)) - x0| / |x0|``: how much of the image inversion loses."""
-    latent = invert(chain, x0, start)
-    with torch.no_grad():
-        back = sample(chain, latent, start=start)
-    return (back - x0).flatten(1).norm(dim=1) / x0.flatten(1).norm(dim=1)

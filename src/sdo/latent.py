@@ -10,11 +10,11 @@ from dataclasses import dataclass, field
 import torch
 from tqdm.auto import tqdm
 
-from .chain import Chain
+from .chain import Chain, step_range
 from .checks import UsageError, check_int, check_number
+from .gradients.base import Shortcut, Strategy, get_strategy
 from .picard import Picard
-from .sampling import sample, step_range
-from .strategies import Shortcut, Strategy, get_strategy
+from .sampling import sample
 
 __all__ = ["LatentResult", "LinfBall", "optimize_latent"]
 
@@ -63,7 +63,8 @@ def _item_losses(loss: torch.Tensor, batch: int, iteration: int) -> torch.Tensor
     if not torch.is_tensor(loss):
         raise TypeError(f"objective must return a tensor, got {type(loss).__name__}")
     if loss.ndim > 0 and tuple(loss.shape) != (batch,):
-        raise UsageError(f"objective returned shape {tuple(loss.shape)}: expected a scalar or one loss per item, shape ({batch},)")
+        raise UsageError(f"objective returned shape {tuple(loss.shape)}: "
+                         f"expected a scalar or one loss per item, shape ({batch},)")
     if not torch.isfinite(loss).all():
         raise UsageError(f"non-finite loss at iteration {iteration}: {loss.detach().flatten().tolist()}")
     return loss.reshape(-1)
@@ -165,7 +166,8 @@ def optimize_latent(
             best_sample = torch.where(better.view(-1, *([1] * (x0.ndim - 1))), x0, best_sample)
 
     began = time.perf_counter()
-    bar = tqdm(range(iterations), desc=f"optimize_latent[{strategy.name or type(strategy).__name__}]", disable=not progress)
+    bar = tqdm(range(iterations), desc=f"optimize_latent[{strategy.name or type(strategy).__name__}]",
+               disable=not progress)
     for it in bar:
         opt.zero_grad(set_to_none=True)
         x0 = run(latent)

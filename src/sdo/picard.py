@@ -33,9 +33,9 @@ from dataclasses import dataclass
 
 import torch
 
-from .chain import Chain
+from .chain import Chain, step_range
 from .checks import UsageError, check_int, check_number
-from .denoiser import Denoiser, _map
+from .denoiser import Denoiser, map_tensors
 from .solvers import SolverState
 
 __all__ = ["Picard", "PicardResult", "picard_sample"]
@@ -56,8 +56,8 @@ def _tiled(denoiser: Denoiser, n: int) -> Denoiser:
     def tile(v):
         return v if v.ndim == 0 or v.shape[0] == 1 else v.repeat(n, *[1] * (v.ndim - 1))
 
-    return Denoiser(denoiser.model, _map(tile, denoiser.cond), _map(tile, denoiser.uncond) if denoiser.uncond else None,
-                    denoiser.guidance_scale)
+    return Denoiser(denoiser.model, map_tensors(tile, denoiser.cond),
+                    map_tensors(tile, denoiser.uncond) if denoiser.uncond else None, denoiser.guidance_scale)
 
 
 def _check_options(window, tol, max_sweeps) -> tuple:
@@ -125,11 +125,10 @@ def picard_sample(chain: Chain, x: torch.Tensor, *, window: int | None = None, t
     ``window``: steps evaluated per sweep, in one batched denoiser call (default: all). ``tol``: ParaDiGMS's
     tolerance, relative to the noise a DDPM step adds at each latent (0: iterate to the exact sequential result).
     ``max_sweeps``: default the number of steps, enough for that. ``init``: a trajectory to start from (a
-    previous run's ``trajectory``: a warm start); default: a cold start, each latent from the last computed. ``generator`` draws the noise
-    of stochastic solvers, all of it before the first sweep, as :func:`sdo.sample` does. No gradient is taken
-    here: this is a forward pass (for SDO's gradient on top of it, ``Shortcut(picard=Picard(...))``)."""
-    from .sampling import step_range
-
+    previous run's ``trajectory``: a warm start); default: a cold start, each latent from the last computed.
+    ``generator`` draws the noise of stochastic solvers, all of it before the first sweep, as :func:`sdo.sample` does.
+    No gradient is taken here: this is a forward pass (for SDO's gradient on top of it,
+    ``Shortcut(picard=Picard(...))``)."""
     window, tol, max_sweeps = _check_options(window, tol, max_sweeps)
     steps = step_range(chain, start, stop)
     chain.check(x)

@@ -66,7 +66,8 @@ def plot_curves(
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(5.5, 3.5))
     for name, values in curves.items():
-        ax.plot(range(len(values)) if x is None else list(x), list(values), label=name, marker="o" if x and len(values) <= 30 else None)
+        ax.plot(range(len(values)) if x is None else list(x), list(values), label=name,
+                marker="o" if x and len(values) <= 30 else None)
     if "x" in log:
         ax.set_xscale("log")
         if x is not None:  # label the measured points, not powers of ten
@@ -86,7 +87,8 @@ def plot_curves(
     return Path(path)
 
 
-def plot_bars(groups: dict[str, dict[str, float]], path: str | Path, title: str, reference: float | None = None) -> Path:
+def plot_bars(groups: dict[str, dict[str, float]], path: str | Path, title: str,
+              reference: float | None = None) -> Path:
     """Side-by-side bar charts: ``groups`` maps a panel title to ``{bar label: value}``."""
     plt = _pyplot()
     fig, axes = plt.subplots(1, len(groups), figsize=(4.2 * len(groups), 3.4), squeeze=False)

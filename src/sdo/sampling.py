@@ -4,26 +4,13 @@ from __future__ import annotations
 
 import torch
 
-from .chain import Chain
+from .chain import Chain, step_range
 from .checks import UsageError
+from .gradients.base import Strategy, get_strategy
 from .guidance import Guidance, guided_run
-from .strategies import Strategy, get_strategy
+from .inversion import invert
 
-__all__ = ["sample", "step_range"]
-
-
-def step_range(chain: Chain, start: int = 0, stop: int | None = None) -> range:
-    """The steps ``start..stop-1`` of ``chain``, checked: a clear error instead of an empty or short run."""
-    n = len(chain)
-    stop = n if stop is None else stop
-    for name, value in (("start", start), ("stop", stop)):
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise TypeError(f"{name} must be an int step index, got {value!r}")
-    if not 0 <= start < n:
-        raise UsageError(f"start={start} is out of range: the chain has {n} steps (valid: 0..{n - 1})")
-    if not start < stop <= n:
-        raise UsageError(f"stop={stop} is out of range: need start < stop <= {n} (start={start})")
-    return range(start, stop)
+__all__ = ["round_trip_error", "sample"]
 
 
 def sample(
@@ -59,3 +46,11 @@ def sample(
     strategy = get_strategy("full" if strategy is None else strategy)
     state = chain.init_state(x, generator)
     return strategy.run(chain, x, state, steps)
+
+
+def round_trip_error(chain: Chain, x0: torch.Tensor, start: int = 0) -> torch.Tensor:
+    """Per item, ``|sample(invert(x0)) - x0| / |x0|``: how much of the image inversion loses."""
+    latent = invert(chain, x0, start)
+    with torch.no_grad():
+        back = sample(chain, latent, start=start)
+    return (back - x0).flatten(1).norm(dim=1) / x0.flatten(1).norm(dim=1)

@@ -44,7 +44,8 @@ def load_digits(device: str | torch.device = "cpu", dtype: torch.dtype = torch.f
 
     device = check_device("device", device)
     root = weights_dir()
-    paths = {name: root / f"digits_{name}" for name in ("unet.safetensors", "classifier.safetensors", "scheduler.json", "card.json")}
+    paths = {name: root / f"digits_{name}"
+             for name in ("unet.safetensors", "classifier.safetensors", "scheduler.json", "card.json")}
     missing = [str(p) for p in paths.values() if not p.is_file()]
     if missing:
         raise FileNotFoundError(f"embedded weights missing ({', '.join(missing)}); retrain with `sdo train digits`")

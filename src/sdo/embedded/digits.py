@@ -190,7 +190,8 @@ def train_unet(cfg: TrainConfig, progress: bool = True):
     noise_schedule = DDPMScheduler(**scheduler_config())
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.unet_lr, weight_decay=1e-4)
     warmup = 200
-    lr_at = lambda step: min(1.0, (step + 1) / warmup) * 0.5 * (1 + torch.cos(torch.tensor(step / cfg.unet_steps * torch.pi)).item())
+    lr_at = lambda step: (min(1.0, (step + 1) / warmup) * 0.5
+                          * (1 + torch.cos(torch.tensor(step / cfg.unet_steps * torch.pi)).item()))
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_at)
     losses = []
     bar = tqdm(range(cfg.unet_steps), desc="ddpm", disable=not progress)
@@ -207,7 +208,8 @@ def train_unet(cfg: TrainConfig, progress: bool = True):
     return model, {"final_loss_mean_last_500": sum(losses[-500:]) / len(losses[-500:])}
 
 
-def evaluate_samples(unet, scheduler, classifier, n: int = 1000, steps: int = 50, seed: int = 0, batch: int = 250, progress: bool = True):
+def evaluate_samples(unet, scheduler, classifier, n: int = 1000, steps: int = 50, seed: int = 0, batch: int = 250,
+                     progress: bool = True):
     """Class-conditional samples (DDIM, ``steps``), n/10 per class: the fraction the classifier assigns to their
     class with probability > 0.9, and its plain accuracy on them."""
     from ..chain import Chain
@@ -242,7 +244,8 @@ def train_digits(output: str | Path, cfg: TrainConfig | None = None, progress: b
     unet, unet_metrics = train_unet(cfg, progress)
     unet_seconds = time.perf_counter() - began - cls_seconds
     scheduler = DDIMScheduler(**scheduler_config())
-    quality = evaluate_samples(unet, scheduler, classifier, cfg.eval_samples, cfg.eval_steps, cfg.seed, progress=progress)
+    quality = evaluate_samples(unet, scheduler, classifier, cfg.eval_samples, cfg.eval_steps, cfg.seed,
+                               progress=progress)
     save_file({k: v.contiguous() for k, v in unet.state_dict().items()}, output / "digits_unet.safetensors")
     save_file(classifier.state_dict(), output / "digits_classifier.safetensors")
     (output / "digits_scheduler.json").write_text(json.dumps(scheduler_config(), indent=2) + "\n")

@@ -3,8 +3,8 @@
 ShortFT crosses most of each segment of the N-step DDIM chain with a trajectory-preserving few-step model. For
 the digits DDPM the project distills one itself, segment by segment as Hyper-SD's trajectory-segmented
 consistency distillation and PCM do: the N = 50 step chain is split into k = 4 segments ending at the LoRA steps
-(:func:`sdo.shortft.segment_ends`: steps 11, 24, 36, 49, timesteps 760, 500, 260, 0); from the latent before any
-step i of a later segment the student lands, in one DDIM move (:meth:`sdo.solvers.Solver.jump`), on the
+(:func:`sdo.finetuning.shortft.segment_ends`: steps 11, 24, 36, 49, timesteps 760, 500, 260, 0); from the latent before
+any step i of a later segment the student lands, in one DDIM move (:meth:`sdo.solvers.Solver.jump`), on the
 teacher's latent before the segment's last step. Training regresses that landing point on the teacher's own
 deterministic trajectory (the 50-step DDIM sample of the same noise), starting from the teacher's weights.
 
@@ -55,7 +55,8 @@ def teacher_trajectories(unet, solver, x: torch.Tensor, labels: torch.Tensor, ba
     """The deterministic chain's latents before every step and the sample: shape ``(n, N + 1, *x.shape[1:])``."""
     out = []
     with torch.no_grad():
-        for xs, ys in tqdm(list(zip(x.split(batch), labels.split(batch), strict=True)), desc="teacher", disable=not progress):
+        for xs, ys in tqdm(list(zip(x.split(batch), labels.split(batch), strict=True)), desc="teacher",
+                           disable=not progress):
             path = [xs]
             for i in range(len(solver)):
                 eps = unet(solver.model_input(i, xs), solver.timesteps[i], class_labels=ys).sample
@@ -122,7 +123,7 @@ def train_student(output: str | Path, cfg: StudentConfig | None = None, progress
     from diffusers.training_utils import EMAModel
     from safetensors.torch import save_file
 
-    from ..shortft import segment_ends
+    from ..finetuning.shortft import segment_ends
     from ..solvers import solver_from_scheduler
     from . import load_digits
 
@@ -151,7 +152,8 @@ def train_student(output: str | Path, cfg: StudentConfig | None = None, progress
     student.train().requires_grad_(True)
     ema = EMAModel(student.parameters(), decay=cfg.ema_decay, use_ema_warmup=True, power=2 / 3)
     opt = torch.optim.AdamW(student.parameters(), lr=cfg.lr, weight_decay=1e-4)
-    lr_at = lambda s: min(1.0, (s + 1) / 100) * 0.5 * (1 + torch.cos(torch.tensor(s / cfg.train_steps * torch.pi)).item())
+    lr_at = lambda s: (min(1.0, (s + 1) / 100) * 0.5
+                       * (1 + torch.cos(torch.tensor(s / cfg.train_steps * torch.pi)).item()))
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_at)
     starts, lasts = torch.tensor([a for a, _ in jumps]), torch.tensor([b for _, b in jumps])
     losses = []

@@ -1,0 +1,137 @@
+"""Local diffusers pipelines and the other folders and files the paper's tasks read: a text-to-image pipeline
+(:class:`Pipeline`), a CLIP model and its tokenizer, an image, a transformers image classifier. Offline: a hub id is
+loaded only when the caller says so. Every error from a user's folder or file names it (:func:`sdo.checks.reading`).
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..checks import UsageError, check_device, reading
+
+__all__ = ["ImageClassifier", "Pipeline", "load_clip", "load_image", "load_pipeline"]
+
+
+@dataclass
+class Pipeline:
+    """The parts of a text-to-image latent diffusion pipeline the tasks use."""
+
+    denoiser: torch.nn.Module  # UNet2DConditionModel or a transformer (PixArt)
+    vae: torch.nn.Module
+    text_encoder: torch.nn.Module
+    tokenizer: object
+    scheduler: object
+    image_size: int  # pixels
+    name: str = ""  # the diffusers pipeline class (PixArt-alpha and -sigma differ in prompt length)
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.denoiser.parameters()).device
+
+
+def load_pipeline(path: str | Path, device="cpu", dtype: torch.dtype = torch.float32,
+                  allow_hub: bool = False) -> Pipeline:
+    """A local diffusers pipeline folder (``model_index.json`` with unet or transformer, vae, text_encoder,
+    tokenizer, scheduler), offline; a hub id only with ``allow_hub=True``. The frozen parts are cast to
+    ``dtype``; everything is frozen (the tasks optimize latents)."""
+    from diffusers import DiffusionPipeline
+
+    device = check_device("device", device)
+    if dtype == torch.float16 and device.type == "cpu":
+        raise UsageError("float16 needs a GPU: on a CPU half-precision layers are slow or missing and overflow to inf; "
+                         "use float32 or bfloat16", "dtype")
+    local = Path(path).is_dir()
+    if not local and not allow_hub:
+        raise FileNotFoundError(
+            f"{path}: no such pipeline folder (a folder with model_index.json); sdo does not download models unless "
+            "you pass a hub id with allow_hub=True"
+        )
+    if local and not (Path(path) / "model_index.json").is_file():
+        raise FileNotFoundError(f"{path} has no model_index.json: not a diffusers pipeline folder")
+    with warnings.catch_warnings():  # newer diffusers call it `dtype`; `torch_dtype` works in every version >= 0.30
+        warnings.filterwarnings("ignore", message=".*torch_dtype.*", category=FutureWarning)
+        with reading(path, "the diffusers pipeline"):
+            pipe = DiffusionPipeline.from_pretrained(str(path), torch_dtype=dtype, local_files_only=not allow_hub)
+    denoiser = getattr(pipe, "unet", None) or getattr(pipe, "transformer", None)
+    missing = [name for name, part in (("unet/transformer", denoiser), ("vae", getattr(pipe, "vae", None)),
+                                       ("text_encoder", getattr(pipe, "text_encoder", None)),
+                                       ("tokenizer", getattr(pipe, "tokenizer", None))) if part is None]
+    if missing:
+        raise UsageError(f"{path}: the pipeline lacks {', '.join(missing)}")
+    for module in (denoiser, pipe.vae, pipe.text_encoder):
+        module.to(device).eval().requires_grad_(False)
+    factor = 2 ** (len(pipe.vae.config.block_out_channels) - 1)
+    size = denoiser.config.sample_size
+    size = size if isinstance(size, int) else size[0]
+    return Pipeline(denoiser, pipe.vae, pipe.text_encoder, pipe.tokenizer, pipe.scheduler, size * factor,
+                    type(pipe).__name__)
+
+
+def load_clip(path: str | Path, device="cpu", tokenizer: bool = True) -> tuple:
+    """``(model, tokenizer or None)``: a local transformers CLIPModel folder (and its tokenizer), frozen, offline."""
+    from transformers import CLIPModel, CLIPTokenizer
+
+    if not Path(path).is_dir():
+        raise FileNotFoundError(f"{path}: no such CLIP model folder")
+    with reading(path, "the CLIP model"):
+        model = CLIPModel.from_pretrained(str(path), local_files_only=True)
+        tok = CLIPTokenizer.from_pretrained(str(path), local_files_only=True) if tokenizer else None
+    return model.to(check_device("device", device)).eval().requires_grad_(False), tok
+
+
+def load_image(path: str | Path, size: int) -> torch.Tensor:
+    """An image file as a (1, 3, size, size) tensor in [-1, 1] (center-cropped to a square, resized)."""
+    from PIL import Image
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such image")
+    with reading(path, "the image"):
+        img = Image.open(path).convert("RGB")
+    side = min(img.size)
+    left, top = (img.width - side) // 2, (img.height - side) // 2
+    img = img.crop((left, top, left + side, top + side)).resize((size, size), Image.BICUBIC)
+    x = torch.from_numpy(np.asarray(img, dtype=np.float32).copy()).permute(2, 0, 1)
+    return (x / 127.5 - 1)[None]
+
+
+class ImageClassifier:
+    """A transformers image classifier (``AutoModelForImageClassification``) on images in [-1, 1]: bilinear
+    resize to its input size and its own mean/std, differentiably; ``classifier(images) -> logits``."""
+
+    def __init__(self, model, size: int, mean: Sequence[float], std: Sequence[float]):
+        self.model, self.size = model.eval().requires_grad_(False), int(size)
+        self.mean, self.std = torch.tensor(mean).view(1, -1, 1, 1), torch.tensor(std).view(1, -1, 1, 1)
+
+    @classmethod
+    def from_folder(cls, path: str | Path, device="cpu") -> ImageClassifier:
+        from transformers import AutoImageProcessor, AutoModelForImageClassification
+
+        if not Path(path).is_dir():
+            raise FileNotFoundError(f"{path}: no such image classifier folder")
+        with reading(path, "the image classifier"):
+            model = AutoModelForImageClassification.from_pretrained(str(path), local_files_only=True).to(device)
+            processor = AutoImageProcessor.from_pretrained(str(path), local_files_only=True)
+        size = processor.size  # an int, a dict or (transformers >= 5) a SizeDict
+        if not isinstance(size, int):
+            get = size.get if hasattr(size, "get") else lambda key: getattr(size, key, None)
+            size = get("height") or get("shortest_edge")
+        if not size:
+            raise UsageError(f"{path}: cannot read the classifier's input size from {processor.size!r}")
+        return cls(model, size, processor.image_mean, processor.image_std)
+
+    @property
+    def num_labels(self) -> int:
+        return int(self.model.config.num_labels)
+
+    def __call__(self, images: torch.Tensor) -> torch.Tensor:
+        x = torch.nn.functional.interpolate((images + 1) / 2, size=(self.size, self.size), mode="bilinear",
+                                            align_corners=False)
+        x = (x - self.mean.to(x)) / self.std.to(x)
+        return self.model(pixel_values=x.to(next(self.model.parameters()).dtype)).logits.float()

@@ -1,0 +1,108 @@
+"""Latent-space chains: the VAE decoder inside the graph, so an objective on images reaches a latent
+diffusion model's latents (Stable Diffusion, PixArt, LCM), and prompt conditioning for text-to-image denoisers.
+
+    decode = sdo.VAEDecoder(vae, checkpoint=True)
+    objective = sdo.decoded(clip_objective, decode)        # latent x0 -> image -> loss
+    cond, uncond = sdo.encode_prompts(text_encoder, tokenizer, ["a red car"])
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import torch
+from torch.utils.checkpoint import checkpoint as torch_checkpoint
+
+from ..checks import UsageError, check_prompts
+
+__all__ = ["VAEDecoder", "decoded", "encode_prompts"]
+
+
+class VAEDecoder:
+    """``decoder(latents) -> images`` in [-1, 1], differentiable: ``vae.decode(latents / scaling_factor +
+    shift_factor)``, with the scaling (and, where the config has one, shift) factor of the VAE's config (SD's
+    0.18215), or the ones given.
+
+    ``checkpoint=True`` recomputes the decoder's activations in backward (torch's non-reentrant checkpoint)
+    instead of storing them: at 512x512 the decoder's graph is several GB. ``tiling=True`` decodes in
+    overlapping tiles (diffusers' ``enable_tiling``) for images larger than memory allows. The VAE is used
+    as it is: freeze it (``requires_grad_(False)``) when only the latent's gradient is wanted.
+    """
+
+    def __init__(self, vae, scaling_factor: float | None = None, shift_factor: float | None = None,
+                 checkpoint: bool = False, tiling: bool = False):
+        config = getattr(vae, "config", None)
+        self.vae = vae
+        self.scaling_factor = float(scaling_factor if scaling_factor is not None
+                                    else getattr(config, "scaling_factor", 1.0))
+        shift = shift_factor if shift_factor is not None else getattr(config, "shift_factor", None)
+        self.shift_factor = float(shift or 0.0)
+        if self.scaling_factor <= 0:
+            raise UsageError(f"scaling_factor must be > 0, got {self.scaling_factor}")
+        self.checkpoint = bool(checkpoint)
+        if tiling:
+            if not hasattr(vae, "enable_tiling"):
+                raise UsageError(f"{type(vae).__name__} has no enable_tiling()")
+            vae.enable_tiling()
+
+    def encode(self, images: torch.Tensor) -> torch.Tensor:
+        """Images in [-1, 1] -> the diffusion model's latents (the posterior mean, shifted and scaled), without a
+        graph: the starting point of DDIM inversion."""
+        with torch.no_grad():
+            posterior = self.vae.encode(images.to(next(self.vae.parameters()).dtype)).latent_dist
+        return (posterior.mean - self.shift_factor) * self.scaling_factor
+
+    def _decode(self, latents: torch.Tensor) -> torch.Tensor:
+        out = self.vae.decode(latents / self.scaling_factor + self.shift_factor)
+        return getattr(out, "sample", out[0] if isinstance(out, (tuple, list)) else out)
+
+    def __call__(self, latents: torch.Tensor) -> torch.Tensor:
+        latents = latents.to(next(self.vae.parameters()).dtype)
+        if self.checkpoint and torch.is_grad_enabled():
+            return torch_checkpoint(self._decode, latents, use_reentrant=False)
+        return self._decode(latents)
+
+
+def decoded(objective: Callable[[torch.Tensor], torch.Tensor], decoder: Callable[[torch.Tensor], torch.Tensor]):
+    """``objective`` on decoded images, as an objective on latents: ``x0 -> objective(decoder(x0))``."""
+
+    def on_latents(x0: torch.Tensor) -> torch.Tensor:
+        return objective(decoder(x0).float())
+
+    on_latents.__name__ = getattr(objective, "__name__", None) or type(objective).__name__  # errors name it
+    return on_latents
+
+
+def encode_prompts(text_encoder, tokenizer, prompts: str | Sequence[str], negative: str | Sequence[str] = "",
+                   key: str = "encoder_hidden_states", *, max_length: int | None = None,
+                   attention_mask_key: str | None = None) -> tuple[dict, dict]:
+    """``(cond, uncond)`` keyword arguments for a text-conditioned denoiser: the text encoder's last hidden state
+    of the prompts and of the negative prompts (the empty prompt by default) under ``key``, each padded to
+    ``max_length`` tokens (default: the tokenizer's ``model_max_length``) as diffusers pipelines do. Pass them to
+    ``Chain.from_diffusers(..., cond=cond, uncond=uncond, guidance_scale=7.5)``.
+
+    By default this is Stable Diffusion's conditioning: CLIP sees the padded tokens without an attention mask.
+    With ``attention_mask_key`` (PixArt's ``"encoder_attention_mask"``) the tokenizer's attention mask goes to
+    the text encoder (T5 must not attend to padding) and into both dicts under that key, as PixArt pipelines
+    pass it to their transformer (with ``max_length=120`` for PixArt-alpha).
+    """
+    positions = getattr(getattr(text_encoder, "config", None), "max_position_embeddings", None) or 1 << 30
+    length = min(tokenizer.model_max_length, positions) if max_length is None else int(max_length)
+    prompts = check_prompts("prompt", prompts, tokenizer, length)
+    negative = [negative] * len(prompts) if isinstance(negative, str) else list(negative)
+    if len(negative) != len(prompts):
+        raise UsageError(f"{len(negative)} negative prompts for {len(prompts)} prompts")
+    if any(n.strip() for n in negative):  # empty ones are the default: only the length of the others is checked
+        check_prompts("negative prompt", [n for n in negative if n.strip()], tokenizer, length)
+    device = next(text_encoder.parameters()).device
+
+    def encode(texts) -> dict:
+        tokens = tokenizer(texts, padding="max_length", max_length=length, truncation=True, return_tensors="pt")
+        ids = tokens.input_ids.to(device)
+        with torch.no_grad():
+            if attention_mask_key is None:
+                return {key: text_encoder(ids)[0]}
+            mask = tokens.attention_mask.to(device)
+            return {key: text_encoder(ids, attention_mask=mask)[0], attention_mask_key: mask}
+
+    return encode(prompts), encode(negative)

@@ -1,0 +1,290 @@
+"""Gradient strategies: which denoiser evaluations of a chain keep their autograd graph, and how.
+
+Every strategy runs the same forward computation. Solver updates always keep their (cheap) graph, so the
+gradient can flow along the skip path x_{i+1} <- x_i; strategies differ only in which *denoiser* calls
+keep theirs:
+
+===================  ===========================================  =========================================
+name                 denoiser calls with a graph                  reference
+===================  ===========================================  =========================================
+``full``             all                                          backpropagation through time
+``checkpoint``       all, recomputed step by step in backward     Chen et al., 2016
+``truncated``        the last k                                   DRaFT-K (Clark et al., 2024); k=1 is
+                                                                  AlignProp-1 / DRaFT-1
+``random-truncated`` the last k, k ~ U{low..high} per trajectory  AlignProp (Prabhudesai et al., 2023)
+``sdo``              one: the first step run, a random one, or a  SDO (Dou et al., 2025), Eqs. 18-20
+                     given one
+``adjoint``          none in forward; one step at a time in       AdjointDPM (Pan et al., 2024); see
+                     backward, at states rebuilt (or stored)      :mod:`sdo.gradients.adjoint`
+``reversible``       none in forward; one EDICT step at a time    DOODL (Wallace et al., 2023); see
+                     in backward, at states rebuilt exactly       :mod:`sdo.gradients.reversible`
+===================  ===========================================  =========================================
+
+The last two subclass :class:`ConstantMemory`: a forward pass without a graph and a hand-written backward.
+
+For the latent of the first step, ``Shortcut`` gives Eq. 19: dJ/dx0 * (prod of the later solver updates'
+Jacobians with model outputs held fixed) * dx_{i+1}/dx_i; for parameters at step i', Eq. 20.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any, ClassVar
+
+import torch
+from torch.utils.checkpoint import checkpoint
+
+from ..checks import UsageError
+from ..denoiser import map_tensors
+from ..picard import Picard
+
+__all__ = [
+    "Checkpoint",
+    "ConstantMemory",
+    "Full",
+    "RandomTruncated",
+    "Shortcut",
+    "Strategy",
+    "Truncated",
+    "available_strategies",
+    "get_strategy",
+    "register_strategy",
+]
+
+_REGISTRY: dict[str, type[Strategy]] = {}
+
+
+def register_strategy(name: str) -> Callable[[type], type]:
+    """Class decorator: make a :class:`Strategy` subclass available to :func:`get_strategy` as ``name``."""
+
+    def decorate(cls):
+        if name in _REGISTRY and _REGISTRY[name] is not cls:
+            raise UsageError(f"strategy name {name!r} is already registered to {_REGISTRY[name].__name__}")
+        if not (isinstance(cls, type) and issubclass(cls, Strategy)):
+            raise TypeError("register_strategy decorates Strategy subclasses")
+        cls.name = name
+        _REGISTRY[name] = cls
+        return cls
+
+    return decorate
+
+
+def available_strategies() -> list[str]:
+    return sorted(_REGISTRY)
+
+
+def get_strategy(name: str | Strategy, **kwargs) -> Strategy:
+    """``get_strategy("sdo", at="random")`` -> ``Shortcut(at="random")``; a Strategy instance passes through."""
+    if isinstance(name, Strategy):
+        if kwargs:
+            raise UsageError("keyword arguments are only accepted with a strategy name")
+        return name
+    if name not in _REGISTRY:
+        raise UsageError(f"unknown strategy {name!r}; available: {', '.join(available_strategies())}")
+    return _REGISTRY[name](**kwargs)
+
+
+def _randint(low: int, high: int, generator: torch.Generator | None) -> int:
+    """Uniform integer in [low, high], from ``generator`` (or torch's global RNG)."""
+    return int(torch.randint(low, high + 1, (), generator=generator))
+
+
+class Strategy:
+    """Base class. Subclasses choose the graph-keeping steps in :meth:`select` or override :meth:`run`."""
+
+    name: ClassVar[str] = ""
+    checkpoint: bool = False  # recompute the kept denoiser calls in backward instead of storing their activations
+
+    def select(self, steps: range) -> range | set[int]:
+        """Indices (within ``steps``) whose denoiser call keeps its graph; random choices are drawn here."""
+        raise NotImplementedError
+
+    def run(self, chain, x: torch.Tensor, state, steps: range) -> torch.Tensor:
+        """Run ``chain`` over ``steps`` from ``x`` and return the last latent."""
+        keep = self.select(steps)
+        grad = torch.is_grad_enabled()
+        for i in steps:
+            if grad and i in keep and self.checkpoint:
+                out = checkpoint(chain.denoise, i, x, use_reentrant=False)
+            else:
+                with torch.set_grad_enabled(grad and i in keep):
+                    out = chain.denoise(i, x)
+            x, state = chain.update(i, x, out, state)
+        return x
+
+    def __repr__(self) -> str:
+        args = ", ".join(f"{k}={v!r}" for k, v in vars(self).items() if k != "generator")
+        return f"{type(self).__name__}({args})"
+
+
+@register_strategy("full")
+class Full(Strategy):
+    """Backpropagation through every step (BPTT): exact, memory grows with the number of steps."""
+
+    def select(self, steps):
+        return steps
+
+
+@register_strategy("checkpoint")
+class Checkpoint(Strategy):
+    """The exact gradient of :class:`Full`; each step is recomputed in backward, so only states are kept."""
+
+    def select(self, steps):
+        return steps
+
+    def run(self, chain, x, state, steps):
+        if not torch.is_grad_enabled():
+            return super().run(chain, x, state, steps)
+        for i in steps:
+            x, state = checkpoint(chain.step, i, x, state, use_reentrant=False)
+        return x
+
+
+@register_strategy("truncated")
+class Truncated(Strategy):
+    """Only the last ``k`` denoiser calls keep a graph (DRaFT-K; ``k=1`` is AlignProp-1 / DRaFT-1).
+    ``checkpoint=True`` recomputes those calls in backward (the same gradient, less memory)."""
+
+    def __init__(self, k: int = 1, checkpoint: bool = False):
+        if int(k) < 1:
+            raise UsageError(f"k must be >= 1, got {k}")
+        self.k, self.checkpoint = int(k), bool(checkpoint)
+
+    def select(self, steps):
+        return range(max(steps.start, steps.stop - self.k), steps.stop)
+
+
+@register_strategy("random-truncated")
+class RandomTruncated(Strategy):
+    """The last k denoiser calls keep a graph, k ~ Uniform{low, ..., high} drawn once per trajectory
+    (AlignProp's randomized truncation; k is capped at the number of steps that run). ``checkpoint=True``
+    recomputes the kept calls in backward, as AlignProp's authors run it."""
+
+    def __init__(self, low: int = 1, high: int = 50, generator: torch.Generator | None = None,
+                 checkpoint: bool = False):
+        if not 1 <= int(low) <= int(high):
+            raise UsageError(f"need 1 <= low <= high, got low={low}, high={high}")
+        self.low, self.high, self.generator, self.checkpoint = int(low), int(high), generator, bool(checkpoint)
+
+    def select(self, steps):
+        k = _randint(self.low, self.high, self.generator)
+        return range(max(steps.start, steps.stop - k), steps.stop)
+
+
+@register_strategy("sdo")
+class Shortcut(Strategy):
+    """Shortcut Diffusion Optimization: one denoiser call keeps its graph; the gradient reaches everything
+    else through the solver updates (Eqs. 18-20 of Dou et al., 2025).
+
+    ``at="first"``: the first step that runs (the gradient for the latent being optimized, Eq. 19);
+    ``"random"``: a step drawn uniformly on every run (for parameters, Eqs. 17 and 20); an int: that absolute
+    step index (0 is the first, noisiest step of the chain).
+
+    ``picard``: run the forward pass by Picard sweeps (:class:`~sdo.Picard`, ParaDiGMS; ``True`` for the default
+    options), batched over a window of steps instead of one step after another. The solver updates are then
+    replayed one by one with the sweeps' model outputs held fixed, and only the kept step's denoiser call is
+    re-run with its graph: the graph of the sequential run, so at convergence (tol -> 0) the gradient is the
+    sequential one. It costs the sweeps plus that one call.
+    """
+
+    def __init__(self, at: str | int = "first", generator: torch.Generator | None = None,
+                 picard: Picard | bool | None = None):
+        if at not in ("first", "random") and not (isinstance(at, int) and not isinstance(at, bool) and at >= 0):
+            raise UsageError(f"at must be 'first', 'random' or a step index >= 0, got {at!r}")
+        if picard is True:
+            picard = Picard()
+        if not (picard in (None, False) or isinstance(picard, Picard)):
+            raise TypeError(f"picard must be an sdo.Picard, True or None, got {type(picard).__name__}")
+        self.at, self.generator, self.picard = at, generator, picard or None
+
+    def select(self, steps):
+        if self.at == "first":
+            return {steps.start}
+        if self.at == "random":
+            return {_randint(steps.start, steps.stop - 1, self.generator)}
+        if self.at not in steps:
+            raise UsageError(f"Shortcut(at={self.at}) is outside the steps that run ({steps.start}..{steps.stop - 1})")
+        return {self.at}
+
+    def run(self, chain, x, state, steps):
+        if self.picard is None:
+            return super().run(chain, x, state, steps)
+        (keep,) = self.select(steps)
+        outputs = self.picard(chain, x, state, steps).outputs
+        for i, out in zip(steps, outputs, strict=True):
+            if i == keep and torch.is_grad_enabled():
+                out = chain.denoise(i, x)
+            x, state = chain.update(i, x, out, state)
+        return x
+
+
+class _Backprop(torch.autograd.Function):
+    """Attach a strategy's own forward (run without a graph) and backward to autograd."""
+
+    @staticmethod
+    def forward(ctx, strategy, chain, state, steps, x, *params):
+        ctx.strategy, ctx.chain, ctx.state, ctx.steps, ctx.params = strategy, chain, state, steps, params
+        out, ctx.saved = strategy.forward(chain, x, state, steps)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        want_params = [ctx.needs_input_grad[5 + j] for j in range(len(ctx.params))]
+        params = [p for p, w in zip(ctx.params, want_params, strict=True) if w]
+        grad_x, grad_params = ctx.strategy.backward(ctx.chain, ctx.state, ctx.steps, ctx.saved, grad_out, params)
+        it = iter(grad_params)
+        return (None, None, None, None, grad_x, *(next(it) if w else None for w in want_params))
+
+
+class ConstantMemory(Strategy):
+    """Base of strategies with a hand-written backward pass (:class:`~sdo.Adjoint`, :class:`~sdo.Reversible`):
+    the forward pass runs without a graph and :meth:`backward` recomputes what it needs.
+
+    Gradients reach the latent and ``params``: by default every parameter of the chain's model and every
+    conditioning tensor (``cond``, ``uncond``) that requires grad, as with :class:`Full`; pass an explicit list
+    (like torchdiffeq's ``adjoint_params``) to restrict it, or ``()`` for the latent only.
+    """
+
+    def __init__(self, params: Sequence[torch.Tensor] | None = None):
+        self.params = None if params is None else tuple(params)
+
+    def _params(self, chain) -> tuple[torch.Tensor, ...]:
+        if self.params is not None:
+            return self.params
+        denoiser = chain.denoiser
+        parameters = getattr(denoiser.model, "parameters", None)
+        found = [p for p in parameters() if p.requires_grad] if parameters is not None else []
+        for value in (denoiser.cond, denoiser.uncond or {}):  # e.g. a prompt embedding being optimized
+            map_tensors(lambda t: found.append(t) if t.requires_grad else None, value)
+        unique = {id(t): t for t in found}
+        return tuple(unique.values())
+
+    def run(self, chain, x, state, steps):
+        params = self._params(chain) if torch.is_grad_enabled() else ()
+        if not (torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in params))):
+            with torch.no_grad():
+                return self.forward(chain, x, state, steps)[0]
+        return _Backprop.apply(self, chain, state, steps, x, *params)
+
+    def forward(self, chain, x: torch.Tensor, state, steps: range) -> tuple[torch.Tensor, Any]:
+        """Run without a graph; return the result and what :meth:`backward` needs."""
+        raise NotImplementedError
+
+    def backward(self, chain, state, steps, saved, grad_out, params) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """Gradients of the loss for the latent and for each of ``params``, given the result's gradient."""
+        raise NotImplementedError
+
+    def __repr__(self) -> str:
+        args = [f"{k}={v!r}" for k, v in vars(self).items() if k != "params"]
+        if self.params is not None:
+            args.append(f"params=<{len(self.params)} tensors>")
+        return f"{type(self).__name__}({', '.join(args)})"
+
+
+def vjp(outputs, inputs, grad_outputs) -> list[torch.Tensor]:
+    """``autograd.grad`` with zeros (not None) for inputs the outputs do not depend on."""
+    pairs = [(o, g) for o, g in zip(outputs, grad_outputs, strict=True) if g is not None and o.requires_grad]
+    if not pairs:
+        return [torch.zeros_like(t) for t in inputs]
+    grads = torch.autograd.grad([o for o, _ in pairs], inputs, [g for _, g in pairs], allow_unused=True)
+    return [torch.zeros_like(t) if g is None else g for t, g in zip(inputs, grads, strict=True)]

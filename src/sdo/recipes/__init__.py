@@ -1,0 +1,3 @@
+"""The paper's applications, ready to run: latent tasks on a local pipeline or the embedded digits
+(:mod:`~sdo.recipes.latent_tasks`: edit, style, aesthetic, adversarial), the adversarial comparison
+(:mod:`~sdo.recipes.attack`), and ready fine-tuning tasks (:mod:`~sdo.recipes.finetune_tasks`)."""
