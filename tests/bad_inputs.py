@@ -499,7 +499,7 @@ CASES: list[Case] = [
     _cli("finetune-seed-negative", *_FT, "--seed", "-1", names=["seed"]),
     _cli("finetune-guard-count-1", *_FT, "--guard-count", "1", names=["guard_count"]),
     _cli("finetune-warmup-with-constant-lr", *_FT, "--warmup", "5", names=["warmup"]),
-    _cli("finetune-strategy-unknown", *_FT, "--strategy", "bogus", names=["--strategy"]),
+    _cli("finetune-strategy-unknown", *_FT, "--strategy", "bogus", names=["strategy", "bogus"]),
     _cli("finetune-float16-on-cpu", *_FT, "--base-dtype", "float16", names=["float16"]),
     _cli("finetune-shortft-more-segments-than-steps", *_FT, "--strategy", "shortft", "--segments", "9",
          names=["segments"]),

@@ -107,7 +107,7 @@ def test_strategies_keep_the_right_calls():
     assert uniform.checkpoint and uniform.high == 50
     sizes = {len(uniform.select(range(50))) for _ in range(200)}
     assert min(sizes) < 10 and max(sizes) > 40  # k ~ U{1..N}, one k per trajectory
-    with pytest.raises(ValueError, match="strategy must be one of sdo, .*alignprop"):
+    with pytest.raises(ValueError, match="strategy must be one of .*sdo.*alignprop"):
         cfg(strategy="alignprop")
 
 
@@ -286,8 +286,32 @@ def test_cli_fields_match_the_config():
     from sdo.cli import finetune as c
 
     parsed = set(c._INT) | set(c._FLOAT) | set(c._OPTIONAL_FLOAT) | set(c._TUPLE) | set(c._CHOICES) | set(c._FLAGS)
-    assert parsed | {"output", "lr_scheduler", "progress", "progressive"} == {f.name for f in fields(FinetuneConfig)}
-    assert c._CHOICES["strategy"] == sdo.finetuning.STRATEGIES
+    fixed = {"output", "strategy", "lr_scheduler", "progress", "progressive"}
+    assert parsed | fixed == {f.name for f in fields(FinetuneConfig)}
+
+
+def test_one_name_table_serves_sampling_finetuning_and_the_benchmark(tmp_path):
+    """A gradient method registered once is known by name to sample/optimize_latent, finetune and sdo bench, each
+    set up as the table says (SDO: the first step for a latent, a random one for weights); a method that does
+    not train weights here is refused by finetune with the list of those that do."""
+    from sdo.cli.bench import bench_rows
+    from sdo.finetuning.trainer import _strategy
+    from sdo.gradients import base, strategy_for
+
+    @sdo.register_strategy("test-full-copy")
+    class FullCopy(sdo.Full):
+        pass
+
+    try:
+        cfg = FinetuneConfig(output=tmp_path, strategy="test-full-copy")
+        assert isinstance(_strategy(cfg, torch.Generator()), FullCopy)
+        assert "test-full-copy" in bench_rows() and isinstance(sdo.get_strategy("test-full-copy"), FullCopy)
+    finally:
+        base._REGISTRY.pop("test-full-copy")
+    assert strategy_for("sdo", steps=5).at == "first" and strategy_for("sdo", weights=True, steps=5).at == "random"
+    assert strategy_for("random-truncated", weights=True, steps=7).high == 7
+    with pytest.raises(sdo.UsageError, match="strategy must be one of .*sdo.*; got 'adjoint'"):
+        FinetuneConfig(output=tmp_path, strategy="adjoint")
 
 
 def test_judge_reads_real_digits_and_rejects_textures(judge):

@@ -29,9 +29,8 @@ import torch
 from .. import report
 from ..chain import Chain
 from ..checks import UsageError, reading
+from ..gradients import Strategy, strategy_classes, strategy_for
 from ..gradients.adjoint import Adjoint, reconstruction_error
-from ..gradients.base import Checkpoint, Full, RandomTruncated, Shortcut, Strategy, Truncated
-from ..gradients.reversible import Reversible
 from ..guidance import Guidance
 from ..latent import optimize_latent
 from ..measure import profile as bench
@@ -39,21 +38,29 @@ from ..measure.fidelity import gradient_fidelity, gradient_norm_by_depth
 from ..sampling import sample
 from .bench_report import write_report
 
-__all__ = ["STRATEGIES", "BenchConfig", "build", "run_bench"]
+__all__ = ["BenchConfig", "bench_rows", "build", "row_strategy", "run_bench"]
 
 MB = 2**20
 
-#: label -> factory(N, seed): the strategies the benchmark compares, each at its best for latent gradients
-STRATEGIES: dict[str, Callable[[int, int], Strategy]] = {
-    "full": lambda n, seed: Full(),
-    "checkpoint": lambda n, seed: Checkpoint(),
-    "truncated": lambda n, seed: Truncated(1),
-    "random-truncated": lambda n, seed: RandomTruncated(1, n, generator=torch.Generator().manual_seed(seed)),
-    "sdo": lambda n, seed: Shortcut(),
-    "adjoint": lambda n, seed: Adjoint(),
-    "adjoint-exact": lambda n, seed: Adjoint(exact=True),
-    "reversible": lambda n, seed: Reversible(),
-}
+# the benchmark's rows: every registered gradient method at its best for a latent gradient (Strategy.for_latents, the
+# name table of sdo.gradients), and these variants of one beside it
+_VARIANTS = {"adjoint-exact": ("adjoint", lambda n, generator: Adjoint(exact=True))}
+
+
+def bench_rows() -> tuple[str, ...]:
+    """The labels of the benchmark's rows, in the name table's order, each variant after its method."""
+    rows = []
+    for name in strategy_classes():
+        rows += [name, *(label for label, (base, _) in _VARIANTS.items() if base == name)]
+    return tuple(rows)
+
+
+def row_strategy(label: str, n: int, seed: int) -> Strategy:
+    """A fresh strategy for the row ``label`` over ``n`` steps (a random one draws the same choices every run)."""
+    generator = torch.Generator().manual_seed(seed)
+    if label in _VARIANTS:
+        return _VARIANTS[label][1](n, generator)
+    return strategy_for(label, steps=n, generator=generator)
 
 
 @dataclass
@@ -62,7 +69,7 @@ class BenchConfig:
     steps: int = 50  # N of the main table
     batch: int = 4
     sweep: tuple[int, ...] = (10, 25, 50, 100, 200)  # N values of the sweep (empty: no sweep)
-    strategies: tuple[str, ...] = tuple(STRATEGIES)
+    strategies: tuple[str, ...] = field(default_factory=bench_rows)
     params: bool = True  # also the gradient for every weight (what a fine-tuning step pays), at `steps`
     repeats: int = 3  # timed rounds at `steps`
     sweep_repeats: int = 1  # timed rounds at the other N of the sweep
@@ -78,9 +85,9 @@ class BenchConfig:
     progress: bool = True
 
     def __post_init__(self):
-        unknown = [s for s in self.strategies if s not in STRATEGIES]
+        unknown = [s for s in self.strategies if s not in bench_rows()]
         if unknown:
-            raise UsageError(f"unknown strategies {unknown}; available: {', '.join(STRATEGIES)}")
+            raise UsageError(f"unknown strategies {unknown}; available: {', '.join(bench_rows())}")
         if "sdo" not in self.strategies:
             raise UsageError("the benchmark reports ratios to SDO: keep 'sdo' among the strategies")
         if self.dtype not in ("float32", "float64", "float16", "bfloat16"):
@@ -158,7 +165,7 @@ def _job(setup: Setup, label: str, n: int, cfg: BenchConfig) -> Callable:
     params = tuple(setup.model.parameters()) if with_params else ()
 
     def run():
-        strategy = STRATEGIES[name](n, cfg.seed)  # fresh, so a random strategy draws the same k every run
+        strategy = row_strategy(name, n, cfg.seed)
         setup.model.requires_grad_(with_params)
         try:
             return bench.latent_gradient(setup.chain, setup.x, strategy, setup.objective, params=params)()
@@ -254,7 +261,7 @@ def run_bench(cfg: BenchConfig) -> dict:
     _ratios({k.removesuffix("+params"): v for k, v in results["main"].items() if k.endswith("+params")})
     save()
 
-    named = {s: STRATEGIES[s](n, cfg.seed) for s in cfg.strategies if s != "full"}
+    named = {s: row_strategy(s, n, cfg.seed) for s in cfg.strategies if s != "full"}
     fidelity = gradient_fidelity(setup.chain, setup.x, setup.objective, named, seed=cfg.seed)
     results["fidelity"] = {k: dataclasses.asdict(v) for k, v in fidelity.items()}
     depths = [d for d in cfg.depths if d <= n]
@@ -319,7 +326,7 @@ def _quality(cfg: BenchConfig, setup: Setup) -> dict:
 def _sweep_fidelity(setup: Setup, cfg: BenchConfig, n: int, known: dict | None = None) -> dict:
     """How SDO's and the continuous adjoint's gradients, and the adjoint's rebuilt x_T, depend on N (``known``:
     the main table's fidelity rows, when N is the main table's)."""
-    named = {s: STRATEGIES[s](n, cfg.seed) for s in ("sdo", "adjoint") if s in cfg.strategies}
+    named = {s: row_strategy(s, n, cfg.seed) for s in ("sdo", "adjoint") if s in cfg.strategies}
     if known is not None:
         out = {k: dict(known[k]) for k in named}
     else:

@@ -28,8 +28,7 @@ _INT = ("k", "segments", "steps", "updates", "batch_size", "accumulation", "rank
 _FLOAT = ("eta", "lr", "weight_decay", "regularizer")
 _OPTIONAL_FLOAT = ("guidance_scale", "max_grad_norm", "alpha", "time_budget")
 _TUPLE = {"betas": float, "target_modules": str, "eval_scales": float}
-_CHOICES = {"strategy": ("sdo", "random-truncated", "truncated", "checkpoint", "full", "shortft"),
-            "base_dtype": ("float32", "bfloat16", "float16")}
+_CHOICES = {"base_dtype": ("float32", "bfloat16", "float16")}
 _FLAGS = ("resume", "tensorboard", "cpu", "stop_on_hacking")
 _TASK_KEYS = ("task", "reward", "target", "labels", "ink_weight", "model", "prompts", "clip", "head", "few_step")
 # diffusers.optimization.SchedulerType's names, spelled out so that parsing imports no torch (a test keeps them equal)
@@ -69,7 +68,8 @@ _HELP = {
     "target_modules": "module names (or name suffixes) that get a LoRA, comma-separated "
                       "(default to_q,to_k,to_v,to_out.0)",
     "eval_scales": "LoRA scales of the final evaluation, comma-separated; 0 is the base model (default 0,0.5,1)",
-    "strategy": "gradient strategy (default sdo)",
+    "strategy": "gradient method: a registered one that trains weights (sdo.finetuning.methods(); an unknown name "
+                "is refused with the list) or shortft (default sdo)",
     "base_dtype": "dtype of the frozen base weights; the LoRA stays float32; float16 needs a GPU (default float32)",
     "lr_scheduler": "diffusers learning-rate schedule: " + ", ".join(_LR_SCHEDULERS) + " (default constant)",
     "resume": "continue the run in --output from its last checkpoint, with the options it was started with",
@@ -147,6 +147,7 @@ def _finetune_arguments(ft) -> None:
         ft.add_argument("--" + name.replace("_", "-"), dest=name, type=_tuple(kind), help=_HELP[name])
     for name, choices in _CHOICES.items():
         ft.add_argument("--" + name.replace("_", "-"), dest=name, choices=choices, help=_HELP[name])
+    ft.add_argument("--strategy", dest="strategy", help=_HELP["strategy"])
     ft.add_argument("--lr-scheduler", dest="lr_scheduler", choices=_LR_SCHEDULERS, help=_HELP["lr_scheduler"])
     for name in _FLAGS:
         ft.add_argument("--" + name.replace("_", "-"), dest=name, action="store_true", help=_HELP[name])

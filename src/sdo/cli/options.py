@@ -151,9 +151,9 @@ def float_list(text: str) -> tuple[float, ...]:
 
 
 def bench_strategies() -> list[str]:
-    from .bench import STRATEGIES
+    from .bench import bench_rows
 
-    return list(STRATEGIES)
+    return list(bench_rows())
 
 
 def name_list(text: str) -> tuple[str, ...]:

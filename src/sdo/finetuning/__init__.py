@@ -4,10 +4,10 @@ loop (:mod:`~sdo.finetuning.trainer`), ShortFT (:mod:`~sdo.finetuning.shortft`),
 penalty (:mod:`~sdo.finetuning.anchor`) and the reward-hacking guard (:mod:`~sdo.finetuning.guard`)."""
 
 from ..checks import NonFiniteError
-from .config import STRATEGIES, FinetuneConfig, FinetuneResult, FinetuneTask
+from .config import FinetuneConfig, FinetuneResult, FinetuneTask, methods
 from .results import run_files
 from .run import finetune
 from .shortft import shortft
 
-__all__ = ["STRATEGIES", "FinetuneConfig", "FinetuneResult", "FinetuneTask", "NonFiniteError", "finetune",
-           "run_files", "shortft"]
+__all__ = ["FinetuneConfig", "FinetuneResult", "FinetuneTask", "NonFiniteError", "finetune", "methods", "run_files",
+           "shortft"]

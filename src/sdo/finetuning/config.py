@@ -11,14 +11,20 @@ from typing import Any
 import torch
 
 from ..checks import UsageError, check_choice, check_int, check_number, check_text
+from ..gradients import available_strategies
 from .lora import DEFAULT_TARGETS
 
-__all__ = ["STRATEGIES", "FinetuneConfig", "FinetuneResult", "FinetuneTask"]
+__all__ = ["BASE_DTYPES", "FinetuneConfig", "FinetuneResult", "FinetuneTask", "methods"]
 
-STRATEGIES = ("sdo", "random-truncated", "truncated", "checkpoint", "full", "shortft")
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+BASE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 _POSITIVE_INTS = ("k", "segments", "steps", "updates", "batch_size", "accumulation", "rank", "checkpoint_every",
                   "keep_checkpoints", "sample_count", "eval_count", "max_nonfinite", "guard_patience")
+
+
+def methods() -> tuple[str, ...]:
+    """What :attr:`FinetuneConfig.strategy` accepts: every registered gradient method that trains weights
+    (:func:`sdo.gradients.available_strategies`), and ``"shortft"`` (:mod:`sdo.finetuning.shortft`)."""
+    return (*available_strategies(for_weights=True), "shortft")
 
 
 def _lr_schedulers() -> tuple[str, ...]:
@@ -39,7 +45,7 @@ def _sequence(name: str, value) -> tuple:
 @dataclass
 class FinetuneConfig:
     output: Path  # run folder: lora/, checkpoints/, metrics.jsonl, samples/, reward.png, summary.json
-    strategy: str = "sdo"  # one of STRATEGIES
+    strategy: str = "sdo"  # one of methods(): a gradient method that trains weights, or "shortft"
     k: int = 1  # truncated: the denoiser calls kept (DRaFT-K; 1 is AlignProp-1)
     segments: int = 4  # shortft: the chain's segments, one stacked LoRA each (the paper's k = 4)
     progressive: bool = True  # shortft: train in `segments` stages (stage i trains LoRAs i..k), else stage 1 only
@@ -83,8 +89,8 @@ class FinetuneConfig:
         if not isinstance(self.output, (str, os.PathLike)) or not str(self.output).strip():
             raise UsageError(f"output must be a folder path, got {self.output!r}", "output")
         self.output = Path(self.output)
-        check_choice("strategy", self.strategy, STRATEGIES)
-        check_choice("base_dtype", self.base_dtype, _DTYPES)
+        check_choice("strategy", self.strategy, methods())
+        check_choice("base_dtype", self.base_dtype, BASE_DTYPES)
         check_choice("lr_scheduler", self.lr_scheduler, _lr_schedulers())
         for name in _POSITIVE_INTS:
             setattr(self, name, check_int(name, getattr(self, name), minimum=1))

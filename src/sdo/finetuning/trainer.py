@@ -35,7 +35,7 @@ from .. import report
 from ..chain import Chain
 from ..checks import NonFiniteError, UsageError
 from ..denoiser import Denoiser
-from ..gradients.base import Checkpoint, Full, RandomTruncated, Shortcut, Truncated
+from ..gradients import strategy_for
 from ..sampling import sample
 from ..solvers import solver_from_scheduler
 from .anchor import Anchored
@@ -48,7 +48,7 @@ from .checkpoints import (
     save_checkpoint,
     set_rng_state,
 )
-from .config import _DTYPES, FinetuneConfig, FinetuneResult, FinetuneTask
+from .config import BASE_DTYPES, FinetuneConfig, FinetuneResult, FinetuneTask
 from .guard import Guard, GuardCheck
 from .lora import add_lora, lora_parameters, lora_scale, lora_state_dict, save_lora
 from .results import finish, keep_folder, plot_rewards, read_metrics, run_files, warn_hacking, write_metrics
@@ -59,11 +59,10 @@ GUARD_SEEDS = 30_000  # the base of the hacking guard's fixed seeds (TrainingRun
 
 
 def _strategy(cfg: FinetuneConfig, generator: torch.Generator):
-    return {"sdo": lambda: Shortcut(at="random", generator=generator),
-            "random-truncated": lambda: RandomTruncated(1, cfg.steps, generator=generator, checkpoint=True),
-            "truncated": lambda: Truncated(cfg.k),
-            "checkpoint": Checkpoint, "full": Full,
-            "shortft": lambda: None}[cfg.strategy]()  # ShortFT samples its own chain (sdo.finetuning.shortft)
+    """The gradient method as the name table sets it up for weights; ShortFT samples its own chain (None here)."""
+    if cfg.strategy == "shortft":
+        return None
+    return strategy_for(cfg.strategy, weights=True, steps=cfg.steps, generator=generator, k=cfg.k)
 
 
 def _accelerator(cfg: FinetuneConfig):
@@ -91,7 +90,7 @@ class TrainingRun:
         self.local = cfg.batch_size // acc.num_processes
         model = task.model
         if cfg.base_dtype != "float32":
-            model.to(dtype=_DTYPES[cfg.base_dtype])
+            model.to(dtype=BASE_DTYPES[cfg.base_dtype])
         model.to(acc.device)
         self.wrapped = Anchored(self.add_loras(model), cfg.regularizer)
         self.optimizer = torch.optim.AdamW(self.params, lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
@@ -103,7 +102,7 @@ class TrainingRun:
         self.generators["noise"].manual_seed(cfg.seed * 1000 + 2 + 100 * acc.process_index)
         self.strategy = _strategy(cfg, self.generators["strategy"])
         self.solver = self.wrapped.solver = solver_from_scheduler(task.scheduler, cfg.steps, eta=cfg.eta)
-        self.dtype = _DTYPES[cfg.base_dtype]
+        self.dtype = BASE_DTYPES[cfg.base_dtype]
         self.step, self.skipped, self.in_a_row, self.seconds = 0, 0, 0, 0.0
         self.guard, self.kept = None, None  # the hacking guard; (update, LoRA tensors) of the last passing check
 

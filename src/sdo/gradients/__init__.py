@@ -14,6 +14,8 @@ from .base import (
     available_strategies,
     get_strategy,
     register_strategy,
+    strategy_classes,
+    strategy_for,
 )
 from .reversible import Reversible, edict_step
 
@@ -31,4 +33,6 @@ __all__ = [
     "edict_step",
     "get_strategy",
     "register_strategy",
+    "strategy_classes",
+    "strategy_for",
 ]

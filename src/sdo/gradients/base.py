@@ -49,6 +49,8 @@ __all__ = [
     "available_strategies",
     "get_strategy",
     "register_strategy",
+    "strategy_classes",
+    "strategy_for",
 ]
 
 _REGISTRY: dict[str, type[Strategy]] = {}
@@ -69,8 +71,15 @@ def register_strategy(name: str) -> Callable[[type], type]:
     return decorate
 
 
-def available_strategies() -> list[str]:
-    return sorted(_REGISTRY)
+def available_strategies(for_weights: bool = False) -> list[str]:
+    """The registered names, sorted; ``for_weights``: only those that reward fine-tuning can train weights with
+    (:meth:`Strategy.for_weights` is not None)."""
+    return sorted(n for n, cls in _REGISTRY.items() if not for_weights or cls.trains_weights)
+
+
+def strategy_classes() -> dict[str, type[Strategy]]:
+    """The name table itself: name -> class, in the order of registration."""
+    return dict(_REGISTRY)
 
 
 def get_strategy(name: str | Strategy, **kwargs) -> Strategy:
@@ -79,9 +88,27 @@ def get_strategy(name: str | Strategy, **kwargs) -> Strategy:
         if kwargs:
             raise UsageError("keyword arguments are only accepted with a strategy name")
         return name
+    return _class(name)(**kwargs)
+
+
+def strategy_for(name: str, *, weights: bool = False, steps: int, generator: torch.Generator | None = None,
+                 k: int = 1) -> Strategy:
+    """The method ``name`` as the table sets it up for a latent's gradient (``weights=False``:
+    :meth:`Strategy.for_latents`) or for weights (:meth:`Strategy.for_weights`), over ``steps`` steps; ``k``: the
+    truncation of the weights' DRaFT-K."""
+    cls = _class(name)
+    if not weights:
+        return cls.for_latents(steps=steps, generator=generator)
+    if not cls.trains_weights:
+        raise UsageError(f"{name!r} does not train weights in fine-tuning here; use one of "
+                         f"{', '.join(available_strategies(for_weights=True))}", "strategy")
+    return cls.for_weights(steps=steps, generator=generator, k=k)
+
+
+def _class(name: str) -> type[Strategy]:
     if name not in _REGISTRY:
-        raise UsageError(f"unknown strategy {name!r}; available: {', '.join(available_strategies())}")
-    return _REGISTRY[name](**kwargs)
+        raise UsageError(f"unknown strategy {name!r}; available: {', '.join(available_strategies())}", "strategy")
+    return _REGISTRY[name]
 
 
 def _randint(low: int, high: int, generator: torch.Generator | None) -> int:
@@ -94,6 +121,19 @@ class Strategy:
 
     name: ClassVar[str] = ""
     checkpoint: bool = False  # recompute the kept denoiser calls in backward instead of storing their activations
+    trains_weights: ClassVar[bool] = True  # reward fine-tuning may train weights with it (see for_weights)
+
+    @classmethod
+    def for_latents(cls, *, steps: int, generator: torch.Generator | None = None) -> Strategy:
+        """The method at its best for the gradient of a latent over ``steps`` steps (what ``sdo bench`` times);
+        by default the class's defaults, what ``get_strategy(name)`` gives ``sample`` and ``optimize_latent``."""
+        return cls()
+
+    @classmethod
+    def for_weights(cls, *, steps: int, generator: torch.Generator | None = None, k: int = 1) -> Strategy:
+        """The method as reward fine-tuning runs it for weights (``k``: DRaFT-K's truncation); only where
+        ``trains_weights``."""
+        return cls()
 
     def select(self, steps: range) -> range | set[int]:
         """Indices (within ``steps``) whose denoiser call keeps its graph; random choices are drawn here."""
@@ -150,6 +190,10 @@ class Truncated(Strategy):
             raise UsageError(f"k must be >= 1, got {k}")
         self.k, self.checkpoint = int(k), bool(checkpoint)
 
+    @classmethod
+    def for_weights(cls, *, steps, generator=None, k=1):
+        return cls(k)
+
     def select(self, steps):
         return range(max(steps.start, steps.stop - self.k), steps.stop)
 
@@ -165,6 +209,14 @@ class RandomTruncated(Strategy):
         if not 1 <= int(low) <= int(high):
             raise UsageError(f"need 1 <= low <= high, got low={low}, high={high}")
         self.low, self.high, self.generator, self.checkpoint = int(low), int(high), generator, bool(checkpoint)
+
+    @classmethod
+    def for_latents(cls, *, steps, generator=None):
+        return cls(1, steps, generator=generator)
+
+    @classmethod
+    def for_weights(cls, *, steps, generator=None, k=1):  # k ~ U{1..N}, the kept calls recomputed, as AlignProp
+        return cls(1, steps, generator=generator, checkpoint=True)
 
     def select(self, steps):
         k = _randint(self.low, self.high, self.generator)
@@ -196,6 +248,10 @@ class Shortcut(Strategy):
         if not (picard in (None, False) or isinstance(picard, Picard)):
             raise TypeError(f"picard must be an sdo.Picard, True or None, got {type(picard).__name__}")
         self.at, self.generator, self.picard = at, generator, picard or None
+
+    @classmethod
+    def for_weights(cls, *, steps, generator=None, k=1):  # a random step per trajectory (Eq. 20); a latent: the first
+        return cls(at="random", generator=generator)
 
     def select(self, steps):
         if self.at == "first":
@@ -244,6 +300,10 @@ class ConstantMemory(Strategy):
     conditioning tensor (``cond``, ``uncond``) that requires grad, as with :class:`Full`; pass an explicit list
     (like torchdiffeq's ``adjoint_params``) to restrict it, or ``()`` for the latent only.
     """
+
+    # Their backward re-runs the denoiser outside the recorded forward pass, which fine-tuning's DRaFT+ penalty
+    # (sdo.finetuning.anchor) does not see: they give gradients to weights (``params``) but do not train them here.
+    trains_weights: ClassVar[bool] = False
 
     def __init__(self, params: Sequence[torch.Tensor] | None = None):
         self.params = None if params is None else tuple(params)
