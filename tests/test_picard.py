@@ -139,7 +139,8 @@ def test_picard_sdo_gradient_on_a_guided_unet_from_a_later_step():
     value, reference = _gradients(chain, x, sdo.Shortcut(at=5), params, start=2)
     picard = sdo.Picard(window=4, tol=0.0)
     got_value, got = _gradients(chain, x, sdo.Shortcut(at=5, picard=picard), params, start=2)
-    assert picard.last.converged and picard.runs[-1][1] >= 8
+    sweeps = picard(chain, x, chain.init_state(x, _seed()), range(2, len(chain)))  # what the Shortcut ran
+    assert sweeps.converged and sweeps.calls >= 8
     torch.testing.assert_close(got_value, value, rtol=1e-10, atol=1e-10)
     for a, b in zip(got, reference, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-8, atol=1e-9)
@@ -174,6 +175,20 @@ def test_optimize_latent_with_picard_follows_sequential_sdo_and_warm_starts():
     assert default.losses[-1] < default.losses[0] and len(default.picard_runs) == 6
     with torch.no_grad():  # the final sample is the sequential one, whatever the tolerance
         torch.testing.assert_close(default.sample, sdo.sample(chain, default.latent), rtol=0, atol=0)
+
+
+def test_picard_options_never_change_while_runs_warm_start():
+    """The options are frozen; optimize_latent carries the warm start (the last trajectory) in its own loop."""
+    import dataclasses
+
+    picard = sdo.Picard(tol=1e-6, warm_start=True)
+    chain = _unet_chain(steps=12)
+    before = dataclasses.asdict(picard)
+    sdo.optimize_latent(chain, _x(chain), lambda x0: (x0**2).flatten(1).mean(1), picard=picard, iterations=3,
+                        lr=0.02, progress=False)
+    assert dataclasses.asdict(picard) == before and picard.init is None
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        picard.init = []
 
 
 def test_errors():

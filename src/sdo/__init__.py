@@ -9,6 +9,8 @@
 """
 
 from . import _moved
+from . import backbones as backbones  # sdo.backbones.X and sdo.objectives.X work after `import sdo`
+from . import objectives as objectives
 from .backbones.vae import VAEDecoder, decoded, encode_prompts
 from .chain import Chain
 from .checks import NonFiniteError, UsageError

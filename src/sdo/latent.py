@@ -133,8 +133,8 @@ def optimize_latent(
         if not isinstance(picard, Picard):
             raise TypeError(f"picard must be True or an sdo.Picard, got {type(picard).__name__}")
         strategy = Shortcut(at=strategy.at, generator=strategy.generator, picard=picard)
-    tracker = strategy.picard if isinstance(strategy, Shortcut) else None
-    first_run = len(tracker.runs) if tracker else 0
+    picard = strategy.picard if isinstance(strategy, Shortcut) else None
+    sweeps = []  # with picard: each iteration's PicardResult (the last one's trajectory warm-starts the next run)
     iterations = check_int("iterations", iterations, minimum=1)
     lr = check_number("lr", lr, above=0)
     chain.check(x)
@@ -144,7 +144,14 @@ def optimize_latent(
 
     def run(latent, strategy=strategy):
         generator.set_state(noise_seed)
-        return sample(chain, latent, strategy=strategy, start=steps.start, generator=generator)
+        if picard is None or strategy is not picard_strategy:
+            return sample(chain, latent, strategy=strategy, start=steps.start, generator=generator)
+        init = sweeps[-1].trajectory if picard.warm_start and sweeps else None
+        x0, result = strategy.run_sweeps(chain, latent, chain.init_state(latent, generator), steps, init)
+        sweeps.append(result)
+        return x0
+
+    picard_strategy = strategy
 
     origin = x.detach().clone()
     latent = origin.clone().requires_grad_(True)
@@ -191,7 +198,7 @@ def optimize_latent(
         items = items.detach()
         history.append(items)
         track(x0, items)
-        bar.set_postfix(loss=f"{items.mean().item():.4g}", **({"sweeps": tracker.last.sweeps} if tracker else {}))
+        bar.set_postfix(loss=f"{items.mean().item():.4g}", **({"sweeps": sweeps[-1].sweeps} if sweeps else {}))
         latent.grad = grad.sign() if step_rule == "sign" else grad
         opt.step()
         if constraint is not None:
@@ -200,7 +207,7 @@ def optimize_latent(
         if callback is not None and callback(it, x0.detach(), items):
             break
     with torch.no_grad():
-        final = run(latent, "full" if tracker else strategy)  # with picard: the exact, sequential sample
+        final = run(latent, "full" if picard else strategy)  # with picard: the exact, sequential sample
         final_loss = _item_losses(objective(final), batch, len(history))
     track(final, final_loss)
     stacked = torch.stack(history)
@@ -213,5 +220,5 @@ def optimize_latent(
         losses=stacked.mean(dim=1).tolist(),
         item_losses=stacked,
         seconds=time.perf_counter() - began,
-        picard_runs=tracker.runs[first_run:] if tracker else [],
+        picard_runs=[(r.sweeps, r.calls) for r in sweeps],
     )

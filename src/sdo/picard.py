@@ -135,30 +135,34 @@ def picard_sample(chain: Chain, x: torch.Tensor, *, window: int | None = None, t
     return _sweeps(chain, x, chain.init_state(x, generator), steps, window, tol, max_sweeps, init)
 
 
+@dataclass(frozen=True, eq=False)
 class Picard:
-    """Options of a Picard forward pass for :class:`~sdo.Shortcut` (``Shortcut(picard=Picard(window=10))``).
+    """Options of a Picard forward pass for :class:`~sdo.Shortcut` (``Shortcut(picard=Picard(window=10))``); they
+    never change. ``window``, ``tol``, ``max_sweeps``: as in :func:`picard_sample`. ``init``: a trajectory every
+    run starts from (None: a cold start). ``warm_start``: for :func:`~sdo.optimize_latent`, which then starts each
+    iteration's run from the previous iteration's trajectory (its latent moved by one optimizer step), a warm start
+    its loop carries, not this object."""
 
-    ``window``, ``tol``, ``max_sweeps``: as in :func:`picard_sample`. ``init``: the trajectory the next run starts
-    from (None: a cold start); ``warm_start=True`` sets it to each run's trajectory, so the next
-    run, for a nearby latent (an optimizer step later), starts close to its fixed point. ``runs`` records
-    (sweeps, denoiser calls) per run; ``last`` is the last run's :class:`PicardResult`.
-    """
+    window: int | None = None
+    tol: float = 1e-3
+    max_sweeps: int | None = None
+    warm_start: bool = False
+    init: list[torch.Tensor] | None = None
 
-    def __init__(self, window: int | None = None, tol: float = 1e-3, max_sweeps: int | None = None,
-                 warm_start: bool = False, init: list[torch.Tensor] | None = None):
-        self.window, self.tol, self.max_sweeps = _check_options(window, tol, max_sweeps)
-        self.warm_start = bool(warm_start)
-        self.init, self.last, self.runs = init, None, []
+    def __post_init__(self):
+        window, tol, max_sweeps = _check_options(self.window, self.tol, self.max_sweeps)
+        for name, value in (("window", window), ("tol", tol), ("max_sweeps", max_sweeps),
+                            ("warm_start", bool(self.warm_start))):
+            object.__setattr__(self, name, value)
 
-    def __call__(self, chain: Chain, x: torch.Tensor, state: SolverState, steps: range) -> PicardResult:
-        result = _sweeps(chain, x, state, steps, self.window, self.tol, self.max_sweeps, self.init)
+    def __call__(self, chain: Chain, x: torch.Tensor, state: SolverState, steps: range,
+                 init: list[torch.Tensor] | None = None) -> PicardResult:
+        """The sweeps over ``steps`` from ``x``, started from ``init`` (default: the options' ``init``)."""
+        result = _sweeps(chain, x, state, steps, self.window, self.tol, self.max_sweeps,
+                         self.init if init is None else init)
         if not result.converged:
             warnings.warn(f"Picard sweeps stopped at max_sweeps={result.sweeps} before converging to tol={self.tol}: "
                           "the sample is not the sequential one; raise max_sweeps", RuntimeWarning, stacklevel=3)
-        self.last = result
-        self.runs.append((result.sweeps, result.calls))
-        if self.warm_start:
-            self.init = result.trajectory
         return result
 
     def __repr__(self) -> str:

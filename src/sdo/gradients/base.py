@@ -265,13 +265,18 @@ class Shortcut(Strategy):
     def run(self, chain, x, state, steps):
         if self.picard is None:
             return super().run(chain, x, state, steps)
+        return self.run_sweeps(chain, x, state, steps)[0]
+
+    def run_sweeps(self, chain, x, state, steps, init: list[torch.Tensor] | None = None):
+        """``(x_last, the sweeps' PicardResult)`` of a run with ``picard`` set, its sweeps started from ``init``
+        (default: the options' own): what a caller that carries a warm start from run to run needs."""
         (keep,) = self.select(steps)
-        outputs = self.picard(chain, x, state, steps).outputs
-        for i, out in zip(steps, outputs, strict=True):
+        sweeps = self.picard(chain, x, state, steps, init)
+        for i, out in zip(steps, sweeps.outputs, strict=True):
             if i == keep and torch.is_grad_enabled():
                 out = chain.denoise(i, x)
             x, state = chain.update(i, x, out, state)
-        return x
+        return x, sweeps
 
 
 class _Backprop(torch.autograd.Function):
