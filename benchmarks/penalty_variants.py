@@ -22,10 +22,10 @@ from sdo.recipes.finetune_tasks import digits_task
 
 
 def _variant(kind: str):
-    def penalty(self):
-        if not self.penalties:
+    def penalty(self, record):
+        if not record:
             return None
-        return torch.stack([{"eps": out, "x0": x0, "both": out + x0}[kind] for out, x0 in self.terms()]).mean()
+        return torch.stack([{"eps": out, "x0": x0, "both": out + x0}[kind] for out, x0 in self.terms(record)]).mean()
 
     return penalty
 

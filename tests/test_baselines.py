@@ -334,9 +334,9 @@ def test_guidance_lowers_the_objective_on_an_analytic_model(flow):
     x = _x((8, 2, 4, 4))
     with torch.no_grad():
         plain = _target_objective(sdo.sample(chain, x)).mean()
-    guided = sdo.sample(chain, x, guidance=sdo.Guidance(_target_objective, scale=0.5))
-    travelled = sdo.sample(
-        chain, x, guidance=sdo.Guidance(_target_objective, scale=0.5, time_travel=3),
+    guided = sdo.guided_sample(chain, x, sdo.Guidance(_target_objective, scale=0.5))
+    travelled = sdo.guided_sample(
+        chain, x, sdo.Guidance(_target_objective, scale=0.5, time_travel=3),
         generator=torch.Generator().manual_seed(0),
     )
     loss_guided, loss_travel = _target_objective(guided).mean(), _target_objective(travelled).mean()
@@ -350,21 +350,24 @@ def test_guidance_scale_zero_is_plain_sampling_and_steps_are_selectable():
     x = _x()
     with torch.no_grad():
         plain = sdo.sample(chain, x)
-    torch.testing.assert_close(sdo.sample(chain, x, guidance=sdo.Guidance(_target_objective, scale=0.0)), plain, **F64)
-    late = sdo.sample(chain, x, guidance=sdo.Guidance(_target_objective, scale=0.5, steps=range(4, 6)))
-    early = sdo.sample(chain, x, guidance=sdo.Guidance(_target_objective, scale=0.5, steps=range(2)))
+    torch.testing.assert_close(sdo.guided_sample(chain, x, sdo.Guidance(_target_objective, scale=0.0)), plain, **F64)
+    late = sdo.guided_sample(chain, x, sdo.Guidance(_target_objective, scale=0.5, steps=range(4, 6)))
+    early = sdo.guided_sample(chain, x, sdo.Guidance(_target_objective, scale=0.5, steps=range(2)))
     assert not torch.allclose(late, early)
-    by_step = sdo.sample(chain, x, guidance=sdo.Guidance(_target_objective, scale=lambda i: 0.5 if i >= 4 else 0.0))
+    by_step = sdo.guided_sample(chain, x, sdo.Guidance(_target_objective, scale=lambda i: 0.5 if i >= 4 else 0.0))
     torch.testing.assert_close(by_step, late, **F64)
 
 
 def test_guidance_errors():
     _, chain = _chain(SCHEDULER_CASES[0])
     x = _x()
-    with pytest.raises(ValueError, match="takes no strategy"):
+    with pytest.raises(ValueError, match="takes no strategy"), pytest.warns(DeprecationWarning):
         sdo.sample(chain, x, strategy="sdo", guidance=sdo.Guidance(_target_objective))
+    with pytest.warns(DeprecationWarning, match="guided_sample"):  # the old spelling, for one release
+        old = sdo.sample(chain, x, guidance=sdo.Guidance(_target_objective, scale=0.5))
+    torch.testing.assert_close(old, sdo.guided_sample(chain, x, sdo.Guidance(_target_objective, scale=0.5)), **F64)
     with pytest.raises(ValueError, match="does not depend"):
-        sdo.sample(chain, x, guidance=sdo.Guidance(lambda x0: torch.ones(x0.shape[0])))
+        sdo.guided_sample(chain, x, sdo.Guidance(lambda x0: torch.ones(x0.shape[0])))
     with pytest.raises(ValueError, match="time_travel"):
         sdo.Guidance(_target_objective, time_travel=0)
 

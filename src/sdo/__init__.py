@@ -32,7 +32,7 @@ from .gradients import (
     get_strategy,
     register_strategy,
 )
-from .guidance import Guidance
+from .guidance import Guidance, guided_sample
 from .inversion import invert
 from .latent import LatentResult, LinfBall, optimize_latent
 from .measure import GradientFidelity, gradient_fidelity, gradient_norm_by_depth
@@ -81,6 +81,7 @@ __all__ = [
     "get_strategy",
     "gradient_fidelity",
     "gradient_norm_by_depth",
+    "guided_sample",
     "invert",
     "load_shortft",
     "optimize_latent",

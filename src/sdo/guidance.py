@@ -23,14 +23,15 @@ import torch
 from diffusers.utils.torch_utils import randn_tensor
 from tqdm.auto import tqdm
 
+from .chain import Chain, step_range
 from .checks import UsageError
 
-__all__ = ["Guidance", "guided_run"]
+__all__ = ["Guidance", "guided_run", "guided_sample"]
 
 
 @dataclass
 class Guidance:
-    """Settings of one-step guidance; pass as ``sdo.sample(chain, x, guidance=Guidance(objective, ...))``."""
+    """Settings of one-step guidance; pass as ``sdo.guided_sample(chain, x, Guidance(objective, ...))``."""
 
     objective: Callable[[torch.Tensor], torch.Tensor]  # x0_hat -> loss per sample (or a scalar)
     scale: float | Callable[[int], float] = 1.0  # rho_i: a constant, or a function of the step index i
@@ -89,3 +90,15 @@ def guided_run(chain, x: torch.Tensor, state, steps: range, guidance: Guidance, 
                 x = _renoise(chain, i, x_next, generator)
         x, state = x_next, state_next
     return x
+
+
+def guided_sample(chain: Chain, x: torch.Tensor, guidance: Guidance, *, start: int = 0, stop: int | None = None,
+                  generator: torch.Generator | None = None) -> torch.Tensor:
+    """Run steps ``start..stop-1`` of ``chain`` from ``x`` with one-step guidance (FreeDoM / UGD, :class:`Guidance`):
+    a forward sampler whose result carries no graph (for a differentiable run, :func:`sdo.sample`). ``generator``
+    draws the solver's noise, then the time-travel noise."""
+    if not isinstance(guidance, Guidance):
+        raise TypeError(f"guidance must be an sdo.Guidance, got {type(guidance).__name__}")
+    steps = step_range(chain, start, stop)
+    chain.check(x)
+    return guided_run(chain, x, chain.init_state(x, generator), steps, guidance, generator)

@@ -21,7 +21,7 @@ def check_ode(chain: Chain, steps: range, who: str) -> None:
     solver = chain.solver
     if not solver.invertible:
         raise UsageError(f"{who} inverts solver steps, but {type(solver).__name__}'s cannot be inverted "
-                         f"({solver._not_invertible_reason()})")
+                         f"({solver.not_invertible_reason()})")
     stochastic = solver.noise_steps()
     noisy = [i for i in steps if stochastic[i]]
     if noisy:

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 
 from .chain import Chain, step_range
 from .checks import UsageError
 from .gradients.base import Strategy, get_strategy
-from .guidance import Guidance, guided_run
+from .guidance import Guidance, guided_sample
 from .inversion import invert
 
 __all__ = ["round_trip_error", "sample"]
@@ -32,17 +34,17 @@ def sample(
     solvers, once per call and for all steps in order, so one seed gives one trajectory. This function never
     disables gradients itself: wrap it in ``torch.no_grad()`` for plain sampling.
 
-    ``guidance``: one-step guidance (FreeDoM / UGD, :class:`~sdo.Guidance`) instead of a differentiable run;
-    the sample it returns carries no graph, and time-travel noise comes from ``generator`` after the solver's.
+    ``guidance``: deprecated, use :func:`sdo.guided_sample` (one-step guidance is a different sampler, whose
+    result carries no graph); kept for one release.
     """
-    steps = step_range(chain, start, stop)
-    chain.check(x)
     if guidance is not None:
+        warnings.warn("sdo.sample(..., guidance=) is now sdo.guided_sample(chain, x, guidance); the keyword goes "
+                      "away in the next release", DeprecationWarning, stacklevel=2)
         if strategy is not None:
             raise UsageError("guidance sampling takes no strategy: its sample is not differentiable")
-        if not isinstance(guidance, Guidance):
-            raise TypeError(f"guidance must be an sdo.Guidance, got {type(guidance).__name__}")
-        return guided_run(chain, x, chain.init_state(x, generator), steps, guidance, generator)
+        return guided_sample(chain, x, guidance, start=start, stop=stop, generator=generator)
+    steps = step_range(chain, start, stop)
+    chain.check(x)
     strategy = get_strategy("full" if strategy is None else strategy)
     state = chain.init_state(x, generator)
     return strategy.run(chain, x, state, steps)

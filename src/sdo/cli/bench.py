@@ -31,7 +31,7 @@ from ..chain import Chain
 from ..checks import UsageError, reading
 from ..gradients import Strategy, strategy_classes, strategy_for
 from ..gradients.adjoint import Adjoint, reconstruction_error
-from ..guidance import Guidance
+from ..guidance import Guidance, guided_sample
 from ..latent import optimize_latent
 from ..measure import profile as bench
 from ..measure.fidelity import gradient_fidelity, gradient_norm_by_depth
@@ -300,8 +300,8 @@ def _quality(cfg: BenchConfig, setup: Setup) -> dict:
                                                                          time_travel=cfg.time_travel)))
     for label, guidance in runs:
         began = time.perf_counter()
-        samples[label] = sample(setup.chain, setup.x, guidance=guidance,
-                                generator=torch.Generator().manual_seed(cfg.seed))
+        noise = torch.Generator().manual_seed(cfg.seed)
+        samples[label] = guided_sample(setup.chain, setup.x, guidance, generator=noise)
         seconds[label] = time.perf_counter() - began
     if cfg.quality_iterations:
         label = f"sdo, {cfg.quality_iterations} Adam steps lr 0.05"

@@ -196,15 +196,13 @@ class TrainingRun:
         for _ in range(cfg.accumulation):
             conditions, x = self.draw(cfg.batch_size, self.generators["data"])
             conditions, x = conditions[rank], x[rank]
-            self.wrapped.penalties, self.wrapped.recording = [], True
-            x0 = self.forward(conditions, x)
-            self.wrapped.recording = False
+            with self.wrapped.record() as record:
+                x0 = self.forward(conditions, x)
             reward = self.task.reward(self.images(x0), conditions)
             if tuple(reward.shape) != (len(conditions),):
                 raise UsageError(f"the reward returned shape {tuple(reward.shape)}; expected ({len(conditions)},)")
-            penalty = self.wrapped.penalty()
+            penalty = self.wrapped.penalty(record)
             penalty = reward.new_zeros(()) if penalty is None else penalty
-            self.wrapped.penalties = []
             loss = -reward.float().mean() + cfg.regularizer * penalty
             (loss / cfg.accumulation).backward()
             rewards.append(reward.detach().float())

@@ -47,12 +47,13 @@ class Adjoint(ConstantMemory):
         super().__init__(params)
         self.exact = bool(exact)
 
-    def _check(self, chain, steps) -> None:
+    def check_solver(self, chain, steps) -> None:
+        """Raise unless this adjoint can run over ``steps`` of ``chain`` (the continuous one needs an ODE solver)."""
         if not self.exact:
             check_ode(chain, steps, "Adjoint() (use Adjoint(exact=True) for any solver)")
 
     def forward(self, chain, x, state, steps):
-        self._check(chain, steps)
+        self.check_solver(chain, steps)
         stored = []
         for i in steps:
             if self.exact:
@@ -107,7 +108,7 @@ def reconstruction_error(chain, x: torch.Tensor, *, start: int = 0, generator=No
     steps = step_range(chain, start)
     with torch.no_grad():
         state = chain.init_state(x, generator)
-        Adjoint()._check(chain, steps)
+        Adjoint().check_solver(chain, steps)
         sampled = [x]
         for i in steps:
             sampled.append(chain.step(i, sampled[-1], state)[0])

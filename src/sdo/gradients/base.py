@@ -28,6 +28,7 @@ Jacobians with model outputs held fixed) * dx_{i+1}/dx_i; for parameters at step
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Sequence
 from typing import Any, ClassVar
 
@@ -279,20 +280,60 @@ class Shortcut(Strategy):
         return x, sweeps
 
 
+def _flatten(value, tensors: list) -> Any:
+    """``value`` (tensors in lists, tuples, dicts and dataclasses such as SolverState) with each tensor replaced by
+    its index in ``tensors``, where it is appended; :func:`_unflatten` puts them back."""
+    if torch.is_tensor(value):
+        tensors.append(value)
+        return _Slot(len(tensors) - 1)
+    if isinstance(value, (list, tuple)):
+        return type(value)(_flatten(v, tensors) for v in value)
+    if isinstance(value, dict):
+        return {k: _flatten(v, tensors) for k, v in value.items()}
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return dataclasses.replace(value, **{f.name: _flatten(getattr(value, f.name), tensors)
+                                             for f in dataclasses.fields(value) if f.init})
+    return value
+
+
+def _unflatten(value, tensors: Sequence[torch.Tensor]) -> Any:
+    if isinstance(value, _Slot):
+        return tensors[value.index]
+    if isinstance(value, (list, tuple)):
+        return type(value)(_unflatten(v, tensors) for v in value)
+    if isinstance(value, dict):
+        return {k: _unflatten(v, tensors) for k, v in value.items()}
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return dataclasses.replace(value, **{f.name: _unflatten(getattr(value, f.name), tensors)
+                                             for f in dataclasses.fields(value) if f.init})
+    return value
+
+
+@dataclasses.dataclass(frozen=True)
+class _Slot:
+    index: int
+
+
 class _Backprop(torch.autograd.Function):
-    """Attach a strategy's own forward (run without a graph) and backward to autograd."""
+    """Attach a strategy's own forward (run without a graph) and backward to autograd. What the forward keeps for
+    backward (stored states, the solver state's tensors) goes through ``save_for_backward``, so saved-tensor hooks
+    (memory accounting, offloading) see it."""
 
     @staticmethod
     def forward(ctx, strategy, chain, state, steps, x, *params):
-        ctx.strategy, ctx.chain, ctx.state, ctx.steps, ctx.params = strategy, chain, state, steps, params
-        out, ctx.saved = strategy.forward(chain, x, state, steps)
+        ctx.strategy, ctx.chain, ctx.steps, ctx.params = strategy, chain, steps, params
+        out, saved = strategy.forward(chain, x, state, steps)
+        tensors = []
+        ctx.layout = _flatten((state, saved), tensors)
+        ctx.save_for_backward(*tensors)
         return out
 
     @staticmethod
     def backward(ctx, grad_out):
         want_params = [ctx.needs_input_grad[5 + j] for j in range(len(ctx.params))]
         params = [p for p, w in zip(ctx.params, want_params, strict=True) if w]
-        grad_x, grad_params = ctx.strategy.backward(ctx.chain, ctx.state, ctx.steps, ctx.saved, grad_out, params)
+        state, saved = _unflatten(ctx.layout, ctx.saved_tensors)
+        grad_x, grad_params = ctx.strategy.backward(ctx.chain, state, ctx.steps, saved, grad_out, params)
         it = iter(grad_params)
         return (None, None, None, None, grad_x, *(next(it) if w else None for w in want_params))
 

@@ -89,7 +89,7 @@ class Solver:
         """
         if not self.invertible:
             raise UsageError(
-                f"{type(self).__name__} steps cannot be inverted here: {self._not_invertible_reason()}"
+                f"{type(self).__name__} steps cannot be inverted here: {self.not_invertible_reason()}"
             )
         b = self.step(i, torch.zeros_like(x_next), model_out, state)[0]
         a = self.step(i, torch.ones_like(x_next), model_out, state)[0] - b
@@ -98,7 +98,8 @@ class Solver:
                              "it cannot be inverted")
         return (x_next - b) / a
 
-    def _not_invertible_reason(self) -> str:
+    def not_invertible_reason(self) -> str:
+        """Why :meth:`invert` does not apply, for the error that says so (when ``invertible`` is False)."""
         return "its update is not affine in x"
 
     def check_index(self, i: int) -> None:

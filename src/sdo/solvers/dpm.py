@@ -57,7 +57,7 @@ class DPMSolverPP(Solver):
     def invertible(self) -> bool:
         return self.order == 1
 
-    def _not_invertible_reason(self) -> str:
+    def not_invertible_reason(self) -> str:
         return "second-order steps read the previous step's prediction; use solver_order=1"
 
     def levels(self, i):

@@ -38,7 +38,7 @@ class _DiscreteVP(Solver):
     def invertible(self) -> bool:
         return self.clip is None
 
-    def _not_invertible_reason(self) -> str:
+    def not_invertible_reason(self) -> str:
         return "clip_sample clamps the x0 prediction, so the update is not affine in x"
 
     def denoised(self, i, x, model_out):
