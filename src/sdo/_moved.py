@@ -12,7 +12,7 @@ import warnings
 
 # old module -> the modules its names now live in (searched in order)
 MOVED = {
-    "sdo.strategies": ("sdo.gradients.base",),
+    "sdo.strategies": ("sdo.gradients",),
     "sdo.adjoint": ("sdo.gradients.adjoint",),
     "sdo.reversible": ("sdo.gradients.reversible",),
     "sdo.clip": ("sdo.objectives.clip",),

@@ -12,7 +12,7 @@ from tqdm.auto import tqdm
 
 from .chain import Chain, step_range
 from .checks import UsageError, check_int, check_number
-from .gradients.base import Shortcut, Strategy, get_strategy
+from .gradients import Shortcut, Strategy, get_strategy
 from .picard import Picard
 from .sampling import sample
 

@@ -8,7 +8,7 @@ import torch
 
 from .chain import Chain, step_range
 from .checks import UsageError
-from .gradients.base import Strategy, get_strategy
+from .gradients import Strategy, get_strategy
 from .guidance import Guidance, guided_sample
 from .inversion import invert
 

@@ -29,7 +29,7 @@ from .. import report
 from ..chain import Chain
 from ..checks import UsageError
 from ..embedded import load_digits
-from ..gradients.base import RandomTruncated, get_strategy
+from ..gradients import RandomTruncated, get_strategy
 from ..latent import optimize_latent
 from ..measure import profile as bench
 from ..objectives.image import Clamped, ClassifierMargin, FeatureMatch, GramStyle, WeightedSum

@@ -2,22 +2,23 @@
 steps)``). A new method is one file here: a :class:`~sdo.gradients.base.Strategy` subclass registered under its
 name with ``@register_strategy``, imported below so that the name table knows it."""
 
-from .adjoint import Adjoint
+# isort: off
+# the order of registration is the name table's order (sdo bench's rows): BPTT and its truncations, SDO, then the
+# methods with their own backward
 from .base import (
-    Checkpoint,
     ConstantMemory,
-    Full,
-    RandomTruncated,
-    Shortcut,
     Strategy,
-    Truncated,
     available_strategies,
     get_strategy,
     register_strategy,
     strategy_classes,
     strategy_for,
 )
+from .bptt import Checkpoint, Full, RandomTruncated, Truncated
+from .shortcut import Shortcut
+from .adjoint import Adjoint
 from .reversible import Reversible, edict_step
+# isort: on
 
 __all__ = [
     "Adjoint",

@@ -37,18 +37,13 @@ from torch.utils.checkpoint import checkpoint
 
 from ..checks import UsageError
 from ..denoiser import map_tensors
-from ..picard import Picard
 
 __all__ = [
-    "Checkpoint",
     "ConstantMemory",
-    "Full",
-    "RandomTruncated",
-    "Shortcut",
     "Strategy",
-    "Truncated",
     "available_strategies",
     "get_strategy",
+    "randint",
     "register_strategy",
     "strategy_classes",
     "strategy_for",
@@ -112,7 +107,7 @@ def _class(name: str) -> type[Strategy]:
     return _REGISTRY[name]
 
 
-def _randint(low: int, high: int, generator: torch.Generator | None) -> int:
+def randint(low: int, high: int, generator: torch.Generator | None) -> int:
     """Uniform integer in [low, high], from ``generator`` (or torch's global RNG)."""
     return int(torch.randint(low, high + 1, (), generator=generator))
 
@@ -156,128 +151,6 @@ class Strategy:
     def __repr__(self) -> str:
         args = ", ".join(f"{k}={v!r}" for k, v in vars(self).items() if k != "generator")
         return f"{type(self).__name__}({args})"
-
-
-@register_strategy("full")
-class Full(Strategy):
-    """Backpropagation through every step (BPTT): exact, memory grows with the number of steps."""
-
-    def select(self, steps):
-        return steps
-
-
-@register_strategy("checkpoint")
-class Checkpoint(Strategy):
-    """The exact gradient of :class:`Full`; each step is recomputed in backward, so only states are kept."""
-
-    def select(self, steps):
-        return steps
-
-    def run(self, chain, x, state, steps):
-        if not torch.is_grad_enabled():
-            return super().run(chain, x, state, steps)
-        for i in steps:
-            x, state = checkpoint(chain.step, i, x, state, use_reentrant=False)
-        return x
-
-
-@register_strategy("truncated")
-class Truncated(Strategy):
-    """Only the last ``k`` denoiser calls keep a graph (DRaFT-K; ``k=1`` is AlignProp-1 / DRaFT-1).
-    ``checkpoint=True`` recomputes those calls in backward (the same gradient, less memory)."""
-
-    def __init__(self, k: int = 1, checkpoint: bool = False):
-        if int(k) < 1:
-            raise UsageError(f"k must be >= 1, got {k}")
-        self.k, self.checkpoint = int(k), bool(checkpoint)
-
-    @classmethod
-    def for_weights(cls, *, steps, generator=None, k=1):
-        return cls(k)
-
-    def select(self, steps):
-        return range(max(steps.start, steps.stop - self.k), steps.stop)
-
-
-@register_strategy("random-truncated")
-class RandomTruncated(Strategy):
-    """The last k denoiser calls keep a graph, k ~ Uniform{low, ..., high} drawn once per trajectory
-    (AlignProp's randomized truncation; k is capped at the number of steps that run). ``checkpoint=True``
-    recomputes the kept calls in backward, as AlignProp's authors run it."""
-
-    def __init__(self, low: int = 1, high: int = 50, generator: torch.Generator | None = None,
-                 checkpoint: bool = False):
-        if not 1 <= int(low) <= int(high):
-            raise UsageError(f"need 1 <= low <= high, got low={low}, high={high}")
-        self.low, self.high, self.generator, self.checkpoint = int(low), int(high), generator, bool(checkpoint)
-
-    @classmethod
-    def for_latents(cls, *, steps, generator=None):
-        return cls(1, steps, generator=generator)
-
-    @classmethod
-    def for_weights(cls, *, steps, generator=None, k=1):  # k ~ U{1..N}, the kept calls recomputed, as AlignProp
-        return cls(1, steps, generator=generator, checkpoint=True)
-
-    def select(self, steps):
-        k = _randint(self.low, self.high, self.generator)
-        return range(max(steps.start, steps.stop - k), steps.stop)
-
-
-@register_strategy("sdo")
-class Shortcut(Strategy):
-    """Shortcut Diffusion Optimization: one denoiser call keeps its graph; the gradient reaches everything
-    else through the solver updates (Eqs. 18-20 of Dou et al., 2025).
-
-    ``at="first"``: the first step that runs (the gradient for the latent being optimized, Eq. 19);
-    ``"random"``: a step drawn uniformly on every run (for parameters, Eqs. 17 and 20); an int: that absolute
-    step index (0 is the first, noisiest step of the chain).
-
-    ``picard``: run the forward pass by Picard sweeps (:class:`~sdo.Picard`, ParaDiGMS; ``True`` for the default
-    options), batched over a window of steps instead of one step after another. The solver updates are then
-    replayed one by one with the sweeps' model outputs held fixed, and only the kept step's denoiser call is
-    re-run with its graph: the graph of the sequential run, so at convergence (tol -> 0) the gradient is the
-    sequential one. It costs the sweeps plus that one call.
-    """
-
-    def __init__(self, at: str | int = "first", generator: torch.Generator | None = None,
-                 picard: Picard | bool | None = None):
-        if at not in ("first", "random") and not (isinstance(at, int) and not isinstance(at, bool) and at >= 0):
-            raise UsageError(f"at must be 'first', 'random' or a step index >= 0, got {at!r}")
-        if picard is True:
-            picard = Picard()
-        if not (picard in (None, False) or isinstance(picard, Picard)):
-            raise TypeError(f"picard must be an sdo.Picard, True or None, got {type(picard).__name__}")
-        self.at, self.generator, self.picard = at, generator, picard or None
-
-    @classmethod
-    def for_weights(cls, *, steps, generator=None, k=1):  # a random step per trajectory (Eq. 20); a latent: the first
-        return cls(at="random", generator=generator)
-
-    def select(self, steps):
-        if self.at == "first":
-            return {steps.start}
-        if self.at == "random":
-            return {_randint(steps.start, steps.stop - 1, self.generator)}
-        if self.at not in steps:
-            raise UsageError(f"Shortcut(at={self.at}) is outside the steps that run ({steps.start}..{steps.stop - 1})")
-        return {self.at}
-
-    def run(self, chain, x, state, steps):
-        if self.picard is None:
-            return super().run(chain, x, state, steps)
-        return self.run_sweeps(chain, x, state, steps)[0]
-
-    def run_sweeps(self, chain, x, state, steps, init: list[torch.Tensor] | None = None):
-        """``(x_last, the sweeps' PicardResult)`` of a run with ``picard`` set, its sweeps started from ``init``
-        (default: the options' own): what a caller that carries a warm start from run to run needs."""
-        (keep,) = self.select(steps)
-        sweeps = self.picard(chain, x, state, steps, init)
-        for i, out in zip(steps, sweeps.outputs, strict=True):
-            if i == keep and torch.is_grad_enabled():
-                out = chain.denoise(i, x)
-            x, state = chain.update(i, x, out, state)
-        return x, sweeps
 
 
 def _flatten(value, tensors: list) -> Any:

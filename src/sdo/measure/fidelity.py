@@ -10,7 +10,7 @@ import torch
 
 from ..chain import Chain, step_range
 from ..checks import UsageError
-from ..gradients.base import Strategy, get_strategy
+from ..gradients import Strategy, get_strategy
 from ..sampling import sample
 
 __all__ = ["GradientFidelity", "gradient_fidelity", "gradient_norm_by_depth", "strategy_gradient"]

@@ -24,7 +24,7 @@ import torch
 
 from ..chain import Chain
 from ..checks import UsageError
-from ..gradients.base import get_strategy
+from ..gradients import get_strategy
 from ..latent import LinfBall, optimize_latent
 from ..objectives.image import Clamped, ClassifierMargin
 from ..sampling import sample
