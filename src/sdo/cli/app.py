@@ -8,7 +8,7 @@ import argparse
 import sys
 
 from ..checks import NonFiniteError, UsageError
-from .finetune import add_parsers, run_finetune, run_lora
+from .finetune import add_finetune_parsers, run_finetune, run_lora
 from .options import (
     Parser,
     bench_strategies,
@@ -98,7 +98,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_task_parsers(sub)
     add_train_parsers(sub)
-    add_parsers(sub)
+    add_finetune_parsers(sub)
     return parser
 
 

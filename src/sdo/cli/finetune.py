@@ -19,7 +19,7 @@ from pathlib import Path
 
 from ..checks import UsageError, check_choice, check_int, check_number, check_text
 
-__all__ = ["add_parsers", "load_config", "run_finetune", "run_lora"]
+__all__ = ["add_finetune_parsers", "load_config", "run_finetune", "run_lora"]
 
 # FinetuneConfig's fields by how the command line parses them (a test keeps this list equal to the dataclass)
 _INT = ("k", "segments", "steps", "updates", "batch_size", "accumulation", "rank", "warmup", "seed", "checkpoint_every",
@@ -117,7 +117,7 @@ def _tuple(kind):
 _KINDS = {int: "integers", float: "numbers", str: "names"}
 
 
-def add_parsers(sub) -> None:
+def add_finetune_parsers(sub) -> None:
     """Add ``finetune``, ``shortft`` and ``lora`` to the ``sdo`` command's subparsers."""
     _finetune_arguments(sub.add_parser(
         "finetune", help="LoRA reward fine-tuning through the sampler (SDO, AlignProp, DRaFT, ShortFT)",
