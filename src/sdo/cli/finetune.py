@@ -339,7 +339,8 @@ def run_finetune(args) -> None:
     main_process = os.environ.get("RANK", "0") == "0"  # under `accelerate launch` only rank 0 writes command.json
     found = run_files(cfg.output) + (["command.json"] if main_process and saved.is_file() else [])
     if cfg.resume and not any((cfg.output / "checkpoints").glob("step-*")):
-        raise UsageError(f"--resume: {cfg.output} holds no checkpoint to resume from", "resume")
+        raise UsageError(f"--resume: {cfg.output} holds no checkpoint to resume from (a run stopped before its first "
+                         "checkpoint starts again in a new --output)", "resume")
     if not cfg.resume and found:  # refused before command.json is touched, so the earlier run stays resumable
         raise FileExistsError(f"{cfg.output} already holds a run ({', '.join(found)}); pass --resume to continue it, "
                               "or choose a new --output")
