@@ -575,7 +575,7 @@ def _config(**kwargs):
 def _text(world, prompt, which="similarity"):
     from transformers import CLIPTokenizer
 
-    from sdo.backbones.vae import encode_prompts
+    from sdo.backbones.conditioning import encode_prompts
     from sdo.objectives.clip import CLIPTextSimilarity
 
     tokenizer = CLIPTokenizer.from_pretrained(world.paths["clip"])

@@ -11,7 +11,8 @@
 from . import _moved
 from . import backbones as backbones  # sdo.backbones.X and sdo.objectives.X work after `import sdo`
 from . import objectives as objectives
-from .backbones.vae import VAEDecoder, decoded, encode_prompts
+from .backbones.conditioning import encode_prompts
+from .backbones.vae import VAEDecoder, decoded
 from .chain import Chain
 from .checks import NonFiniteError, UsageError
 from .denoiser import Denoiser

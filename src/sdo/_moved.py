@@ -25,7 +25,7 @@ MOVED = {
     "sdo.checkpoints": ("sdo.finetuning.checkpoints",),
     "sdo.anchor": ("sdo.finetuning.anchor",),
     "sdo.guard": ("sdo.finetuning.guard",),
-    "sdo.vae": ("sdo.backbones.vae",),
+    "sdo.vae": ("sdo.backbones.vae", "sdo.backbones.conditioning"),
     "sdo.tasks": ("sdo.recipes.latent_tasks", "sdo.backbones.pipeline"),
     "sdo.reward_tasks": ("sdo.recipes.finetune_tasks",),
     "sdo.attack": ("sdo.recipes.attack",),

@@ -5,6 +5,7 @@ and the VAE and text encoders (:mod:`~sdo.backbones.vae`). A new backbone family
 
 from .conditioning import (
     SCHEDULERS,
+    encode_prompts,
     guidance_scale_embedding,
     is_lcm_distilled,
     is_pixart,
@@ -12,7 +13,7 @@ from .conditioning import (
     text_conditioning,
 )
 from .pipeline import ImageClassifier, Pipeline, load_clip, load_image, load_pipeline
-from .vae import VAEDecoder, decoded, encode_prompts
+from .vae import VAEDecoder, decoded
 
 __all__ = [
     "SCHEDULERS",

@@ -1,21 +1,21 @@
 """Latent-space chains: the VAE decoder inside the graph, so an objective on images reaches a latent
-diffusion model's latents (Stable Diffusion, PixArt, LCM), and prompt conditioning for text-to-image denoisers.
+diffusion model's latents (Stable Diffusion, PixArt, LCM). Prompt encoding is conditioning
+(:func:`sdo.backbones.conditioning.encode_prompts`).
 
     decode = sdo.VAEDecoder(vae, checkpoint=True)
     objective = sdo.decoded(clip_objective, decode)        # latent x0 -> image -> loss
-    cond, uncond = sdo.encode_prompts(text_encoder, tokenizer, ["a red car"])
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 
 import torch
 from torch.utils.checkpoint import checkpoint as torch_checkpoint
 
-from ..checks import UsageError, check_prompts
+from ..checks import UsageError
 
-__all__ = ["VAEDecoder", "decoded", "encode_prompts"]
+__all__ = ["VAEDecoder", "decoded"]
 
 
 class VAEDecoder:
@@ -71,38 +71,3 @@ def decoded(objective: Callable[[torch.Tensor], torch.Tensor], decoder: Callable
 
     on_latents.__name__ = getattr(objective, "__name__", None) or type(objective).__name__  # errors name it
     return on_latents
-
-
-def encode_prompts(text_encoder, tokenizer, prompts: str | Sequence[str], negative: str | Sequence[str] = "",
-                   key: str = "encoder_hidden_states", *, max_length: int | None = None,
-                   attention_mask_key: str | None = None) -> tuple[dict, dict]:
-    """``(cond, uncond)`` keyword arguments for a text-conditioned denoiser: the text encoder's last hidden state
-    of the prompts and of the negative prompts (the empty prompt by default) under ``key``, each padded to
-    ``max_length`` tokens (default: the tokenizer's ``model_max_length``) as diffusers pipelines do. Pass them to
-    ``Chain.from_diffusers(..., cond=cond, uncond=uncond, guidance_scale=7.5)``.
-
-    By default this is Stable Diffusion's conditioning: CLIP sees the padded tokens without an attention mask.
-    With ``attention_mask_key`` (PixArt's ``"encoder_attention_mask"``) the tokenizer's attention mask goes to
-    the text encoder (T5 must not attend to padding) and into both dicts under that key, as PixArt pipelines
-    pass it to their transformer (with ``max_length=120`` for PixArt-alpha).
-    """
-    positions = getattr(getattr(text_encoder, "config", None), "max_position_embeddings", None) or 1 << 30
-    length = min(tokenizer.model_max_length, positions) if max_length is None else int(max_length)
-    prompts = check_prompts("prompt", prompts, tokenizer, length)
-    negative = [negative] * len(prompts) if isinstance(negative, str) else list(negative)
-    if len(negative) != len(prompts):
-        raise UsageError(f"{len(negative)} negative prompts for {len(prompts)} prompts")
-    if any(n.strip() for n in negative):  # empty ones are the default: only the length of the others is checked
-        check_prompts("negative prompt", [n for n in negative if n.strip()], tokenizer, length)
-    device = next(text_encoder.parameters()).device
-
-    def encode(texts) -> dict:
-        tokens = tokenizer(texts, padding="max_length", max_length=length, truncation=True, return_tensors="pt")
-        ids = tokens.input_ids.to(device)
-        with torch.no_grad():
-            if attention_mask_key is None:
-                return {key: text_encoder(ids)[0]}
-            mask = tokens.attention_mask.to(device)
-            return {key: text_encoder(ids, attention_mask=mask)[0], attention_mask_key: mask}
-
-    return encode(prompts), encode(negative)
