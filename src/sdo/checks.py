@@ -110,6 +110,16 @@ def check_device(name: str, device):
     return device
 
 
+def check_half_on_cpu(name: str, dtype, device) -> None:
+    """Refuse float16 on a CPU, with the reason: half-precision layers there are slow or missing and overflow to
+    inf. ``dtype``: a torch dtype or its name; ``device``: a torch device or its name."""
+    import torch
+
+    if str(dtype).removeprefix("torch.") == "float16" and torch.device(device).type == "cpu":
+        raise UsageError(f"{name} float16 needs a GPU: on a CPU half-precision layers are slow or missing and overflow "
+                         "to inf; use float32 or bfloat16", name)
+
+
 def check_finite(name: str, tensor) -> None:
     """Raise if the tensor ``name`` holds NaN or infinity (a latent, loaded weights, a checkpoint's tensors)."""
     import torch

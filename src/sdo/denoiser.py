@@ -7,6 +7,7 @@ returns a tensor, a tuple whose first item is the output, or an object with ``.s
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 from collections.abc import Mapping
 from typing import Any
@@ -18,14 +19,18 @@ from .checks import UsageError, check_finite, check_number
 __all__ = ["Denoiser", "map_tensors"]
 
 
-def map_tensors(fn, value):
-    """Apply ``fn`` to every tensor of a (nested: dicts, tuples, lists) conditioning value."""
-    if torch.is_tensor(value):
+def map_tensors(fn, value, leaf: type | None = None):
+    """Apply ``fn`` to every tensor (or, with ``leaf``, every instance of that type) of a nested value: dicts,
+    tuples, lists and dataclasses (a conditioning value, a :class:`~sdo.SolverState`)."""
+    if isinstance(value, leaf) if leaf is not None else torch.is_tensor(value):
         return fn(value)
     if isinstance(value, Mapping):
-        return {k: map_tensors(fn, v) for k, v in value.items()}
+        return {k: map_tensors(fn, v, leaf) for k, v in value.items()}
     if isinstance(value, (tuple, list)):
-        return type(value)(map_tensors(fn, v) for v in value)
+        return type(value)(map_tensors(fn, v, leaf) for v in value)
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return dataclasses.replace(value, **{f.name: map_tensors(fn, getattr(value, f.name), leaf)
+                                             for f in dataclasses.fields(value) if f.init})
     return value
 
 

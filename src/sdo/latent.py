@@ -142,16 +142,17 @@ def optimize_latent(
         generator = torch.Generator().manual_seed(int(torch.randint(0, 2**62, ())))
     noise_seed = generator.get_state()
 
-    def run(latent, strategy=strategy):
+    def run(latent, sequential=False):
+        """The sample of ``latent`` with the run's noise: with picard by sweeps (warm-started from the last run's
+        trajectory when asked), unless ``sequential``, the exact sample."""
         generator.set_state(noise_seed)
-        if picard is None or strategy is not picard_strategy:
-            return sample(chain, latent, strategy=strategy, start=steps.start, generator=generator)
+        if picard is None or sequential:
+            return sample(chain, latent, strategy="full" if picard else strategy, start=steps.start,
+                          generator=generator)
         init = sweeps[-1].trajectory if picard.warm_start and sweeps else None
         x0, result = strategy.run_sweeps(chain, latent, chain.init_state(latent, generator), steps, init)
         sweeps.append(result)
         return x0
-
-    picard_strategy = strategy
 
     origin = x.detach().clone()
     latent = origin.clone().requires_grad_(True)
@@ -207,7 +208,7 @@ def optimize_latent(
         if callback is not None and callback(it, x0.detach(), items):
             break
     with torch.no_grad():
-        final = run(latent, "full" if picard else strategy)  # with picard: the exact, sequential sample
+        final = run(latent, sequential=True)
         final_loss = _item_losses(objective(final), batch, len(history))
     track(final, final_loss)
     stacked = torch.stack(history)

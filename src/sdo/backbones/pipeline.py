@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..checks import UsageError, check_device, reading
+from ..checks import UsageError, check_device, check_half_on_cpu, reading
 
 __all__ = ["ImageClassifier", "Pipeline", "load_clip", "load_image", "load_pipeline"]
 
@@ -43,9 +43,7 @@ def load_pipeline(path: str | Path, device="cpu", dtype: torch.dtype = torch.flo
     from diffusers import DiffusionPipeline
 
     device = check_device("device", device)
-    if dtype == torch.float16 and device.type == "cpu":
-        raise UsageError("float16 needs a GPU: on a CPU half-precision layers are slow or missing and overflow to inf; "
-                         "use float32 or bfloat16", "dtype")
+    check_half_on_cpu("dtype", dtype, device)
     local = Path(path).is_dir()
     if not local and not allow_hub:
         raise FileNotFoundError(

@@ -7,7 +7,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from ..checks import NonFiniteError, UsageError
+from ..checks import NonFiniteError, UsageError, check_half_on_cpu
 from .finetune import add_finetune_parsers, run_finetune, run_lora
 from .options import (
     Parser,
@@ -118,9 +118,7 @@ def _bench(args) -> None:
 
     from .bench import BenchConfig, run_bench
 
-    if args.dtype == "float16" and args.device == "cpu":
-        raise UsageError("--dtype float16 needs a GPU (--device cuda): on a CPU half-precision layers are slow or "
-                         "missing and overflow to inf; use float32, float64 or bfloat16", "dtype")
+    check_half_on_cpu("--dtype", args.dtype, args.device)
     if args.threads:
         torch.set_num_threads(args.threads)
     sizes = _BENCH_QUICK if args.quick else {}

@@ -206,9 +206,14 @@ def load_config(path: Path) -> dict:
     return values
 
 
+def _task_kind(options: dict) -> str:
+    """--task, or what the options imply: a pipeline with --model, else the embedded digits."""
+    return options.get("task") or ("pipeline" if options.get("model") else "digits")
+
+
 def _check_task_options(options: dict) -> None:
     """The task's options, checked before anything is written or loaded."""
-    kind = options.get("task") or ("pipeline" if options.get("model") else "digits")
+    kind = _task_kind(options)
     check_choice("task", kind, ("digits", "pipeline"))
     rewards = ("class", "ink", "class+ink") if kind == "digits" else ("clip", "aesthetic")
     check_choice("reward", options.get("reward", rewards[0]), rewards)
@@ -252,7 +257,7 @@ def _task(options: dict, cfg):
 
     from ..recipes.finetune_tasks import digits_task, pipeline_task
 
-    kind = options.get("task") or ("pipeline" if options.get("model") else "digits")
+    kind = _task_kind(options)
     device = "cpu" if cfg.cpu or not torch.cuda.is_available() else "cuda"
     if kind == "digits":  # the options were checked by _check_task_options
         return digits_task(options.get("reward", "class"), options.get("target", 3), options.get("labels"),

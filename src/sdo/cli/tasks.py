@@ -7,7 +7,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from ..checks import UsageError, check_text
+from ..checks import UsageError, check_half_on_cpu, check_text
 from .options import (
     TASK_SCHEDULERS,
     device,
@@ -20,10 +20,6 @@ from .options import (
 )
 
 __all__ = ["TASKS", "add_task_parsers", "run_task"]
-
-_FLOAT16_ON_CPU = ("--dtype float16 needs a GPU (--device cuda): on a CPU half-precision layers are slow or missing "
-                   "and overflow to inf; use float32 or bfloat16")
-
 
 def _edit_options(t) -> None:
     t.add_argument("--model", default=None, help="a local diffusers pipeline folder (model_index.json); default: the "
@@ -157,8 +153,7 @@ def _check(args):
     """The task command's options that can be checked before loading anything; returns its strategy."""
     check_text("prompt", args.prompt)
     strategy = _strategy(args)
-    if args.dtype == "float16" and args.device == "cpu":
-        raise UsageError(_FLOAT16_ON_CPU, "dtype")
+    check_half_on_cpu("--dtype", args.dtype, args.device)
     if args.command == "edit" and args.model is None:
         from ..embedded.digits import HELD_OUT
 

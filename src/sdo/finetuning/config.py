@@ -10,7 +10,7 @@ from typing import Any
 
 import torch
 
-from ..checks import UsageError, check_choice, check_int, check_number, check_text
+from ..checks import UsageError, check_choice, check_half_on_cpu, check_int, check_number, check_text
 from ..gradients import available_strategies
 from .lora import DEFAULT_TARGETS
 
@@ -117,9 +117,7 @@ class FinetuneConfig:
         for name in ("progressive", "stop_on_hacking", "resume", "tensorboard", "cpu", "progress"):
             if not isinstance(getattr(self, name), bool):
                 raise UsageError(f"{name} must be true or false, got {getattr(self, name)!r}", name)
-        if self.base_dtype == "float16" and (self.cpu or not torch.cuda.is_available()):
-            raise UsageError("base_dtype float16 needs a GPU: on a CPU half-precision matmuls are slow and overflow to "
-                             "inf; use bfloat16 or float32", "base_dtype")
+        check_half_on_cpu("base_dtype", self.base_dtype, "cpu" if self.cpu or not torch.cuda.is_available() else "cuda")
         if self.strategy == "shortft":
             if self.segments > self.steps:
                 raise UsageError(f"segments={self.segments} cannot exceed steps={self.steps}", "segments")

@@ -235,7 +235,7 @@ class TrainingRun:
             if cfg.max_grad_norm is not None:
                 torch.nn.utils.clip_grad_norm_(trainable, cfg.max_grad_norm)
             self.optimizer.step()
-            if not all(bool(torch.isfinite(p).all()) for p in trainable):  # a finite gradient times a huge lr
+            if not bool(torch.stack([torch.isfinite(p).all() for p in trainable]).all()):  # a huge lr; one sync
                 saved = latest_checkpoint(cfg.output / "checkpoints")
                 raise NonFiniteError(
                     f"update {self.step + 1} made the LoRA weights non-finite (gradient norm {norm:.3g}, lr "

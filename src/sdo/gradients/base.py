@@ -153,37 +153,10 @@ class Strategy:
         return f"{type(self).__name__}({args})"
 
 
-def _flatten(value, tensors: list) -> Any:
-    """``value`` (tensors in lists, tuples, dicts and dataclasses such as SolverState) with each tensor replaced by
-    its index in ``tensors``, where it is appended; :func:`_unflatten` puts them back."""
-    if torch.is_tensor(value):
-        tensors.append(value)
-        return _Slot(len(tensors) - 1)
-    if isinstance(value, (list, tuple)):
-        return type(value)(_flatten(v, tensors) for v in value)
-    if isinstance(value, dict):
-        return {k: _flatten(v, tensors) for k, v in value.items()}
-    if dataclasses.is_dataclass(value) and not isinstance(value, type):
-        return dataclasses.replace(value, **{f.name: _flatten(getattr(value, f.name), tensors)
-                                             for f in dataclasses.fields(value) if f.init})
-    return value
-
-
-def _unflatten(value, tensors: Sequence[torch.Tensor]) -> Any:
-    if isinstance(value, _Slot):
-        return tensors[value.index]
-    if isinstance(value, (list, tuple)):
-        return type(value)(_unflatten(v, tensors) for v in value)
-    if isinstance(value, dict):
-        return {k: _unflatten(v, tensors) for k, v in value.items()}
-    if dataclasses.is_dataclass(value) and not isinstance(value, type):
-        return dataclasses.replace(value, **{f.name: _unflatten(getattr(value, f.name), tensors)
-                                             for f in dataclasses.fields(value) if f.init})
-    return value
-
-
 @dataclasses.dataclass(frozen=True)
 class _Slot:
+    """Where a saved tensor was, in the layout of what a custom forward keeps for backward."""
+
     index: int
 
 
@@ -196,8 +169,8 @@ class _Backprop(torch.autograd.Function):
     def forward(ctx, strategy, chain, state, steps, x, *params):
         ctx.strategy, ctx.chain, ctx.steps, ctx.params = strategy, chain, steps, params
         out, saved = strategy.forward(chain, x, state, steps)
-        tensors = []
-        ctx.layout = _flatten((state, saved), tensors)
+        tensors = []  # (state, saved) is kept with each tensor replaced by its _Slot in save_for_backward's list
+        ctx.layout = map_tensors(lambda t: tensors.append(t) or _Slot(len(tensors) - 1), (state, saved))
         ctx.save_for_backward(*tensors)
         return out
 
@@ -205,7 +178,8 @@ class _Backprop(torch.autograd.Function):
     def backward(ctx, grad_out):
         want_params = [ctx.needs_input_grad[5 + j] for j in range(len(ctx.params))]
         params = [p for p, w in zip(ctx.params, want_params, strict=True) if w]
-        state, saved = _unflatten(ctx.layout, ctx.saved_tensors)
+        tensors = ctx.saved_tensors
+        state, saved = map_tensors(lambda slot: tensors[slot.index], ctx.layout, leaf=_Slot)
         grad_x, grad_params = ctx.strategy.backward(ctx.chain, state, ctx.steps, saved, grad_out, params)
         it = iter(grad_params)
         return (None, None, None, None, grad_x, *(next(it) if w else None for w in want_params))
