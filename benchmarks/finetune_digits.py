@@ -110,9 +110,8 @@ def _config(args, method: str, folder: Path, regularizer: float, **over) -> Fine
 
 def _variance(args, judge) -> dict:
     """Each method's LoRA gradient at the initial point on ``variance_seeds`` batches (module docstring)."""
-    from sdo.finetuning.trainer import TrainingRun
     from sdo.finetuning.lora import lora_parameters
-    from sdo.finetuning.shortft import ShortRun
+    from sdo.finetuning.trainer import TrainingRun
 
     grads, seconds = {}, {}
     methods = ["full"] + [m for m in args.methods.split(",") if m != "full"]
@@ -121,7 +120,7 @@ def _variance(args, judge) -> dict:
         shutil.rmtree(folder, ignore_errors=True)
         task = digits_task("class", target=3, judge=judge)
         cfg = _config(args, method, folder, args.regularizer, time_budget=None)
-        run = (ShortRun if cfg.strategy == "shortft" else TrainingRun)(task, cfg)
+        run = TrainingRun(task, cfg)
         first = sum(p.numel() for p in lora_parameters(task.model, "segment_1" if cfg.strategy == "shortft" else "default"))
         rows, spent = [], []
         for s in range(args.variance_seeds):

@@ -221,9 +221,9 @@ def test_shortft_trains_the_right_loras_in_progressive_stages(digits, judge, tmp
     assert len(states) == 4
     names = adapter_names(4)
     init = _task(digits, judge)
-    from sdo.finetuning.shortft import ShortRun  # the LoRAs as initialized (same seeds), before any update
+    from sdo.finetuning.trainer import TrainingRun  # the LoRAs as initialized (same seeds), before any update
 
-    before = ShortRun(init, cfg.__class__(**{**cfg.__dict__, "output": tmp_path / "init"})).lora_tensors()
+    before = TrainingRun(init, cfg.__class__(**{**cfg.__dict__, "output": tmp_path / "init"})).method.tensors()
     for u, after in enumerate(states):  # update u+1 runs stage u+1: LoRAs u+1..4 move, earlier ones stay
         for j, name in enumerate(names):
             moved = any(not torch.equal(before[f"lora_{name}"][k], v) for k, v in after[f"lora_{name}"].items())

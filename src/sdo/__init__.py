@@ -16,8 +16,8 @@ from .backbones.vae import VAEDecoder, decoded
 from .chain import Chain
 from .checks import NonFiniteError, UsageError
 from .denoiser import Denoiser
-from .finetuning import FinetuneConfig, FinetuneResult, FinetuneTask, finetune
-from .finetuning.shortft import TimestepLoRA, load_shortft, segment_ends, short_chain, shortft
+from .finetuning import FinetuneConfig, FinetuneResult, FinetuneTask, finetune, shortft
+from .finetuning.shortft import TimestepLoRA, load_shortft, segment_ends, short_chain
 from .gradients import (
     Adjoint,
     Checkpoint,

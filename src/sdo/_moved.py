@@ -20,7 +20,7 @@ MOVED = {
     "sdo.bench": ("sdo.measure.profile",),
     "sdo.diagnostics": ("sdo.measure.fidelity",),
     "sdo.finetuning_config": ("sdo.finetuning.config",),
-    "sdo.shortft": ("sdo.finetuning.shortft",),
+    "sdo.shortft": ("sdo.finetuning.shortft", "sdo.finetuning.run"),
     "sdo.lora": ("sdo.finetuning.lora",),
     "sdo.checkpoints": ("sdo.finetuning.checkpoints",),
     "sdo.anchor": ("sdo.finetuning.anchor",),

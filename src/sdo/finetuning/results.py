@@ -83,22 +83,22 @@ def finish(run, metrics: list[dict]) -> dict:
     """Save the LoRA (and the one the guard keeps, when that is not the final one), check the ranks agree, score
     final samples per LoRA scale, draw the curves, write ``summary.json``."""
     cfg, acc, out = run.cfg, run.acc, run.cfg.output
-    flat = torch.cat([p.detach().flatten() for p in run.params]).to(acc.device)
+    flat = torch.cat([p.detach().flatten() for p in run.method.params]).to(acc.device)
     spread = float((acc.gather(flat[None]) - flat[None]).abs().max()) if acc.num_processes > 1 else 0.0
     evaluation, rows, kept = {}, [], None
     if acc.is_main_process:
-        run.save_loras(out)
+        run.method.save(out / "lora")
         for scale in cfg.eval_scales:
             evaluation[f"{scale:g}"] = evaluate(run, scale)
             # the grid's own fixed-seed draw of sample_count (the first rows of a larger draw are other samples)
             rows.append((f"LoRA x{scale:g}", *run.fixed_samples(cfg.sample_count, scale)))
         if keep_folder(run) != ".":  # the guard's LoRA: saved, scored at scale 1 and shown, then the final restored
-            final = run.lora_copy()
-            run.load_lora_tensors(run.kept[1], out / "kept")
-            run.save_loras(out / "kept")
+            final = run.method.copy()
+            run.method.load(run.kept[1], out / "kept")
+            run.method.save(out / "kept" / "lora")
             kept = {"update": run.kept[0], "evaluation": evaluate(run, 1.0)}
             rows.append((f"kept: update {run.kept[0]}", *run.fixed_samples(cfg.sample_count, 1.0)))
-            run.load_lora_tensors(final, out)
+            run.method.load(final, out)
         run.grid(out / "final.png", rows)
         plot_rewards(out, metrics, cfg.strategy)
         checks = [r[k] for r in metrics for k in ("stage_check", "guard") if k in r]  # ShortFT checks stage ends

@@ -18,8 +18,9 @@ share of the updates (or seconds) left when it began, and with the hacking guard
 its share is used up and is not frozen while the guard's latest check of it failed. Inference runs the original
 N-step chain with each timestep's LoRAs (:func:`load_shortft`), at the cost of plain sampling.
 
-:func:`shortft` is :func:`sdo.finetune` with ``strategy="shortft"``: the same options (``segments``,
-``progressive``), logs, checkpoints, resume and ``accelerate launch`` support.
+Fine-tuning with it (:func:`sdo.shortft`, or :func:`sdo.finetune` with ``strategy="shortft"``) is the trainer's
+loop with :class:`ShortFT` as its method: the same options (``segments``, ``progressive``), logs, checkpoints,
+resume and ``accelerate launch`` support.
 """
 
 from __future__ import annotations
@@ -29,7 +30,6 @@ import itertools
 import json
 import os
 from collections.abc import Sequence
-from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -40,11 +40,11 @@ from ..checks import UsageError
 from ..denoiser import Denoiser
 from ..solvers import DPMSolverPP, solver_from_scheduler
 from .checkpoints import write_json
-from .config import FinetuneConfig, FinetuneResult, FinetuneTask
-from .lora import add_lora, load_lora, lora_layers, lora_parameters, save_lora
-from .trainer import TrainingRun, run_training
+from .config import BASE_DTYPES, FinetuneConfig, FinetuneTask
+from .lora import add_lora, load_lora, lora_layers, lora_parameters
+from .method import Method
 
-__all__ = ["ShortRun", "TimestepLoRA", "adapter_names", "load_shortft", "segment_ends", "short_chain", "shortft"]
+__all__ = ["ShortFT", "TimestepLoRA", "adapter_names", "load_shortft", "segment_ends", "short_chain"]
 
 
 def segment_ends(steps: int, segments: int) -> tuple[int, ...]:
@@ -157,10 +157,12 @@ def short_chain(chain: Chain, few_step, x: torch.Tensor, ends: Sequence[int], *,
     return x
 
 
-class ShortRun(TrainingRun):
-    """A fine-tuning run whose samples come from :func:`short_chain` and whose LoRAs are stacked per segment."""
+class ShortFT(Method):
+    """ShortFT as a fine-tuning method (:class:`~sdo.finetuning.method.Method`): stacked LoRAs per segment, sampled
+    by :func:`short_chain` through ``task.few_step``, trained in progressive stages. ``model`` is on ``device`` in the
+    run's dtype; the frozen few-step model is moved there."""
 
-    def __init__(self, task: FinetuneTask, cfg: FinetuneConfig):
+    def __init__(self, task: FinetuneTask, cfg: FinetuneConfig, model: torch.nn.Module, device: torch.device):
         if task.few_step is None:
             raise UsageError("ShortFT needs a few-step model: set FinetuneTask.few_step (the digits task ships one; "
                              "for a pipeline, a UNet with a Hyper-SD/TCD/PCM LoRA fused in)")
@@ -169,94 +171,70 @@ class ShortRun(TrainingRun):
             raise UsageError(f"the few-step model was distilled for steps={card['config']['steps']}, segments="
                              f"{card['config']['segments']}; run with those "
                              f"(got steps={cfg.steps}, segments={cfg.segments})")
-        super().__init__(task, cfg)
-        self.few_step = task.few_step.requires_grad_(False).eval()
-        if self.dtype != torch.float32:  # the frozen few-step model in the base's dtype
-            self.few_step.to(dtype=self.dtype)
-        self.few_step.to(self.acc.device)
-        # the progressive stage (0-based), when it began (update, seconds), whether the guard's last check
-        # failed, and the last stage whose end was checked
-        self.stage, self.began, self.held, self.checked_end = 0, (0, 0.0), False, -1
-
-    def add_loras(self, model):
-        names = adapter_names(self.cfg.segments)
-        self.lora_config = [add_lora(model, rank=self.cfg.rank, alpha=self.cfg.alpha, adapter_name=name,
-                                     target_modules=self.cfg.target_modules, init_seed=self.cfg.seed + j)
-                            for j, name in enumerate(names)]
-        self.adapters = {f"lora_{name}": name for name in names}
+        names = adapter_names(cfg.segments)
+        configs = {name: add_lora(model, rank=cfg.rank, alpha=cfg.alpha, adapter_name=name,
+                                  target_modules=cfg.target_modules, init_seed=cfg.seed + j)
+                   for j, name in enumerate(names)}
+        self.cfg, self.ends = cfg, segment_ends(cfg.steps, cfg.segments)
+        solver = solver_from_scheduler(task.scheduler, cfg.steps)
+        self.timestep_lora = TimestepLoRA(model, names, [int(solver.timesteps[e]) for e in self.ends])
+        super().__init__(model, {f"lora_{name}": name for name in names}, configs, None, sampled=self.timestep_lora)
         self.adapter_params = [lora_parameters(model, name) for name in names]
-        self.params = [p for params in self.adapter_params for p in params]
-        self.ends = segment_ends(self.cfg.steps, self.cfg.segments)
-        solver = solver_from_scheduler(self.task.scheduler, self.cfg.steps)  # (self.solver is set after this)
-        timesteps = [int(solver.timesteps[e]) for e in self.ends]
-        self.timestep_lora = TimestepLoRA(model, names, timesteps)
-        return self.timestep_lora
+        self.few_step = task.few_step.requires_grad_(False).eval()
+        if cfg.base_dtype != "float32":  # the frozen few-step model in the base's dtype
+            self.few_step.to(dtype=BASE_DTYPES[cfg.base_dtype])
+        self.few_step.to(device)
+        # the progressive stage (0-based), when it began (update, seconds), and the last stage whose end was checked
+        self.stage, self.began, self.checked_end = 0, (0, 0.0), -1
 
-    def stage_over(self) -> bool:
+    def rollout(self, chain, x, generator):
+        """:func:`short_chain` at the current stage; the few-step model bound to the chain's conditioning."""
+        bound = chain.denoiser
+        few = Denoiser(self.few_step, bound.cond, bound.uncond, bound.guidance_scale)
+        return short_chain(chain, few, x, self.ends, stage=self.stage)
+
+    def stage_over(self, run) -> bool:
         """Whether the current stage has had its share: the updates (or, if further, the seconds) left when it
         began, split equally over it and the stages after it (k equal shares when no stage was held)."""
         cfg, left = self.cfg, self.cfg.segments - self.stage
         began_step, began_seconds = self.began
-        done = (self.step - began_step) / max(cfg.updates - began_step, 1) * left
+        done = (run.step - began_step) / max(cfg.updates - began_step, 1) * left
         if cfg.time_budget is not None:
-            done = max(done, (self.seconds - began_seconds) / max(cfg.time_budget - began_seconds, 1e-9) * left)
+            done = max(done, (run.seconds - began_seconds) / max(cfg.time_budget - began_seconds, 1e-9) * left)
         return done >= 1 - 1e-9
 
-    def guard_check(self):
-        check = super().guard_check()
-        self.held = not check.passed
-        return check
-
-    def begin_update(self) -> dict:
+    def before_update(self, run) -> dict:
         """The next update's stage. Its LoRA is frozen when the stage ends, so with the hacking guard on it is
-        checked first, and a LoRA the guard's last check failed is not frozen: the stage goes on, to be checked
-        again at the guard's next check (stage 1 often ends inside the overshoot of its first updates, and the
-        later stages can only compensate for a frozen segment-1 LoRA; docs/shortft.md)."""
+        checked first, and a LoRA the guard's last check failed (``run.guard_failing``) is not frozen: the stage goes
+        on, to be checked again at the guard's next check (stage 1 often ends inside the overshoot of its first
+        updates, and the later stages can only compensate for a frozen segment-1 LoRA; docs/shortft.md)."""
         record = {}
-        if self.cfg.progressive and self.stage < self.cfg.segments - 1 and self.stage_over():
-            if self.guard is not None and self.checked_end != self.stage:
+        if self.cfg.progressive and self.stage < self.cfg.segments - 1 and self.stage_over(run):
+            if run.guard is not None and self.checked_end != self.stage:
                 self.checked_end = self.stage
-                record["stage_check"] = self.guard_check().record()
-            if self.guard is None or not self.held:
+                record["stage_check"] = run.guard_check().record()
+            if run.guard is None or not run.guard_failing:
                 self.stage += 1
-                self.began = (self.step, self.seconds)
+                self.began = (run.step, run.seconds)
         for j, params in enumerate(self.adapter_params):
             for p in params:
                 p.requires_grad_(j >= self.stage)
         return {**record, "stage": self.stage + 1}
 
-    def extra_state(self) -> dict:
-        return {"stage": self.stage, "began": list(self.began), "held": self.held, "checked_end": self.checked_end}
+    def state(self) -> dict:
+        return {"stage": self.stage, "began": list(self.began), "checked_end": self.checked_end}
 
-    def load_extra_state(self, state: dict) -> None:
+    def load_state(self, state: dict) -> None:
         if state:
-            self.stage, self.began, self.held = state["stage"], tuple(state["began"]), state["held"]
-            self.checked_end = state["checked_end"]
-
-    def forward(self, conditions, x):
-        cond, uncond = self.task.encode(conditions)
-        guided = uncond is not None and self.cfg.guidance_scale is not None
-        few = Denoiser(self.few_step, cond, uncond if guided else None, self.cfg.guidance_scale if guided else None)
-        return short_chain(self.chain(conditions), few, x, self.ends, stage=self.stage)
+            self.stage, self.began, self.checked_end = state["stage"], tuple(state["began"]), state["checked_end"]
 
     def scaled(self, scale):
         return self.timestep_lora.scaled(scale)
 
-    def save_loras(self, out: Path) -> None:
-        for name, config in zip(self.timestep_lora.adapters, self.lora_config, strict=True):
-            save_lora(self.task.model, out / "lora" / name, adapter_name=name, config=config)
-        write_json(out / "lora" / "shortft.json", {"adapters": self.timestep_lora.adapters,
-                                                   "timesteps": self.timestep_lora.timesteps, "steps": self.cfg.steps})
-
-
-def shortft(task: FinetuneTask, config: FinetuneConfig) -> FinetuneResult:
-    """Fine-tune ``task.model`` with ShortFT (module docstring) on ``task.reward``, through ``task.few_step``.
-    ``config`` is a :class:`~sdo.FinetuneConfig` (its ``strategy`` is taken as ``"shortft"``; ``segments`` and
-    ``progressive`` apply). The LoRAs are saved in ``config.output/lora/segment_j`` with ``shortft.json``; load
-    them for inference with :func:`load_shortft`."""
-    if config.strategy != "shortft":
-        config = replace(config, strategy="shortft")
-    return run_training(ShortRun(task, config))
+    def save(self, folder: Path) -> None:
+        super().save(folder)
+        write_json(folder / "shortft.json", {"adapters": self.timestep_lora.adapters,
+                                             "timesteps": self.timestep_lora.timesteps, "steps": self.cfg.steps})
 
 
 def load_shortft(model: torch.nn.Module, folder: str | os.PathLike) -> TimestepLoRA:

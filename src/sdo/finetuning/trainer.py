@@ -1,9 +1,9 @@
 """``finetune``: reward fine-tuning of a diffusion model's denoiser with LoRA, the gradient taken through the
 sampler by a strategy (Sec. 5.2 of Dou et al., 2025).
 
-Per update: draw conditions and initial noise, sample with the chosen strategy, score the decoded samples with
-a differentiable reward, and step AdamW on ``-mean reward`` (plus, optionally, DRaFT+'s penalty that keeps the
-tuned denoiser near its base). Strategies by name:
+Per update: draw conditions and initial noise, sample with the method's rollout (:mod:`sdo.finetuning.method`),
+score the decoded samples with a differentiable reward, and step AdamW on ``-mean reward`` (plus, optionally,
+DRaFT+'s penalty that keeps the tuned denoiser near its base). Methods by name:
 
 - ``sdo``: one denoiser call keeps its graph, at a step drawn uniformly per update (Eq. 20): SDO;
 - ``random-truncated``: the last k ~ U{1..N} calls, recomputed in backward: AlignProp-uniform;
@@ -50,8 +50,10 @@ from .checkpoints import (
 )
 from .config import BASE_DTYPES, FinetuneConfig, FinetuneResult, FinetuneTask
 from .guard import Guard, GuardCheck
-from .lora import add_lora, lora_parameters, lora_scale, lora_state_dict, save_lora
+from .lora import add_lora
+from .method import Method
 from .results import finish, keep_folder, plot_rewards, read_metrics, run_files, warn_hacking, write_metrics
+from .shortft import ShortFT
 
 __all__ = ["GUARD_SEEDS", "TrainingRun", "run_training"]
 
@@ -65,6 +67,16 @@ def _strategy(cfg: FinetuneConfig, generator: torch.Generator):
     return strategy_for(cfg.strategy, weights=True, steps=cfg.steps, generator=generator, k=cfg.k)
 
 
+def _method(task: FinetuneTask, cfg: FinetuneConfig, model: torch.nn.Module, device: torch.device,
+            generator: torch.Generator) -> Method:
+    """The fine-tuning method ``cfg.strategy`` names: ShortFT, or one LoRA trained through the gradient strategy
+    of :func:`_strategy` (``generator``: its random draws)."""
+    if cfg.strategy == "shortft":
+        return ShortFT(task, cfg, model, device)
+    config = add_lora(model, rank=cfg.rank, alpha=cfg.alpha, target_modules=cfg.target_modules, init_seed=cfg.seed)
+    return Method(model, {"lora": "default"}, {"default": config}, _strategy(cfg, generator))
+
+
 def _accelerator(cfg: FinetuneConfig):
     from accelerate import Accelerator
     from accelerate.utils import ProjectConfiguration
@@ -76,7 +88,8 @@ def _accelerator(cfg: FinetuneConfig):
 
 
 class TrainingRun:
-    """The state of one fine-tuning run; :meth:`update` is one optimizer update."""
+    """The state of one fine-tuning run: the model with the LoRAs of its :class:`~sdo.finetuning.method.Method`
+    (``method``), the optimizer, the random streams and the counters; :meth:`update` is one optimizer update."""
 
     def __init__(self, task: FinetuneTask, cfg: FinetuneConfig):
         from diffusers.optimization import get_scheduler
@@ -92,65 +105,21 @@ class TrainingRun:
         if cfg.base_dtype != "float32":
             model.to(dtype=BASE_DTYPES[cfg.base_dtype])
         model.to(acc.device)
-        self.wrapped = Anchored(self.add_loras(model), cfg.regularizer)
-        self.optimizer = torch.optim.AdamW(self.params, lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
-        self.lr_scheduler = get_scheduler(cfg.lr_scheduler, self.optimizer, num_warmup_steps=cfg.warmup,
-                                          num_training_steps=cfg.updates)
         # the same seeds on every process: each draws the global batch and keeps its slice
         self.generators = {name: torch.Generator().manual_seed(cfg.seed * 1000 + i)
                            for i, name in enumerate(("data", "strategy", "noise"))}
         self.generators["noise"].manual_seed(cfg.seed * 1000 + 2 + 100 * acc.process_index)
-        self.strategy = _strategy(cfg, self.generators["strategy"])
+        self.method = _method(task, cfg, model, acc.device, self.generators["strategy"])
+        self.wrapped = Anchored(self.method.sampled, cfg.regularizer)
+        self.optimizer = torch.optim.AdamW(self.method.params, lr=cfg.lr, betas=cfg.betas,
+                                           weight_decay=cfg.weight_decay)
+        self.lr_scheduler = get_scheduler(cfg.lr_scheduler, self.optimizer, num_warmup_steps=cfg.warmup,
+                                          num_training_steps=cfg.updates)
         self.solver = self.wrapped.solver = solver_from_scheduler(task.scheduler, cfg.steps, eta=cfg.eta)
         self.dtype = BASE_DTYPES[cfg.base_dtype]
         self.step, self.skipped, self.in_a_row, self.seconds = 0, 0, 0, 0.0
-        self.guard, self.kept = None, None  # the hacking guard; (update, LoRA tensors) of the last passing check
-
-    # -- what subclasses (ShortFT) change -----------------------------------------------------------------------
-    def add_loras(self, model: torch.nn.Module) -> torch.nn.Module:
-        """Add the trainable LoRA(s), set ``self.params`` (all LoRA weights) and return the model to sample with."""
-        self.lora_config = add_lora(model, rank=self.cfg.rank, alpha=self.cfg.alpha,
-                                    target_modules=self.cfg.target_modules, init_seed=self.cfg.seed)
-        self.adapters = {"lora": "default"}  # checkpoint group -> adapter name
-        self.params = lora_parameters(model)
-        return model
-
-    def forward(self, conditions: list, x: torch.Tensor) -> torch.Tensor:
-        """The sample of one micro-batch, differentiable as the strategy allows."""
-        return sample(self.chain(conditions), x, strategy=self.strategy, generator=self.generators["noise"])
-
-    def lora_tensors(self) -> dict[str, dict[str, torch.Tensor]]:
-        """The LoRA weights, by checkpoint group (one per adapter)."""
-        return {group: lora_state_dict(self.task.model, name) for group, name in self.adapters.items()}
-
-    def load_lora_tensors(self, tensors: dict, path: Path) -> None:
-        from peft import set_peft_model_state_dict
-
-        for group, name in self.adapters.items():
-            if group not in tensors:
-                raise UsageError(f"{path}: the checkpoint holds no LoRA {group!r}; "
-                                 "it was written by another kind of run")
-            result = set_peft_model_state_dict(self.task.model, tensors[group], adapter_name=name)
-            if getattr(result, "unexpected_keys", None):
-                raise UsageError(f"{path}: the checkpoint's LoRA does not fit this run ({result.unexpected_keys[:3]})")
-
-    def scaled(self, scale: float):
-        """A context in which the LoRA(s) act at ``scale`` (0: the base model)."""
-        return lora_scale(self.task.model, scale)
-
-    def save_loras(self, out: Path) -> None:
-        save_lora(self.task.model, out / "lora", config=self.lora_config)
-
-    def begin_update(self) -> dict:
-        """Prepare the next update (ShortFT: its stage); returns extra fields of its metrics record."""
-        return {}
-
-    def extra_state(self) -> dict:
-        """What a checkpoint keeps beyond the weights, optimizer and counters (ShortFT: its stage), as JSON."""
-        return {}
-
-    def load_extra_state(self, state: dict) -> None:
-        """Restore :meth:`extra_state` from a checkpoint."""
+        # the hacking guard; (update, LoRA tensors) of the last passing check; whether the latest check failed
+        self.guard, self.kept, self.guard_failing = None, None, False
 
     # -- the hacking guard (sdo.finetuning.guard) --------------------------------------------------------------
     def start_guard(self) -> None:
@@ -158,17 +127,14 @@ class TrainingRun:
         images, conditions = self.fixed_samples(self.cfg.guard_count, 0.0, GUARD_SEEDS)
         self.guard = Guard(images, conditions, self.task.describe)
         if self.kept is None:
-            self.kept = (self.step, self.lora_copy())
-
-    def lora_copy(self) -> dict[str, dict[str, torch.Tensor]]:
-        """A copy of :meth:`lora_tensors` that later updates do not change."""
-        return {g: {k: v.detach().clone() for k, v in t.items()} for g, t in self.lora_tensors().items()}
+            self.kept = (self.step, self.method.copy())
 
     def guard_check(self) -> GuardCheck:
         """Check the current LoRA; a passing one becomes the LoRA to keep."""
         check = self.guard.check(self.step, self.fixed_samples(self.cfg.guard_count, 1.0, GUARD_SEEDS)[0])
+        self.guard_failing = not check.passed
         if check.passed:
-            self.kept = (self.step, self.lora_copy())
+            self.kept = (self.step, self.method.copy())
         return check
 
     # -- sampling ---------------------------------------------------------------------------------------------
@@ -197,7 +163,7 @@ class TrainingRun:
             conditions, x = self.draw(cfg.batch_size, self.generators["data"])
             conditions, x = conditions[rank], x[rank]
             with self.wrapped.record() as record:
-                x0 = self.forward(conditions, x)
+                x0 = self.method.rollout(self.chain(conditions), x, self.generators["noise"])
             reward = self.task.reward(self.images(x0), conditions)
             if tuple(reward.shape) != (len(conditions),):
                 raise UsageError(f"the reward returned shape {tuple(reward.shape)}; expected ({len(conditions)},)")
@@ -208,7 +174,7 @@ class TrainingRun:
             rewards.append(reward.detach().float())
             losses.append(loss.detach().float())
             penalties.append(penalty.detach().float())
-        trainable = [p for p in self.params if p.requires_grad]
+        trainable = [p for p in self.method.params if p.requires_grad]
         grads = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).flatten() for p in trainable])
         scalars = torch.stack([torch.stack(losses).mean(), torch.stack(penalties).mean()])
         if acc.num_processes > 1:
@@ -222,9 +188,9 @@ class TrainingRun:
     def update(self) -> dict:
         cfg, acc = self.cfg, self.acc
         start = time.perf_counter()
-        record = self.begin_update()
+        record = self.method.before_update(self)
         grads, rewards, scalars = self.gradient()
-        trainable = [p for p in self.params if p.requires_grad]
+        trainable = [p for p in self.method.params if p.requires_grad]
         finite = bool(torch.isfinite(grads).all() and torch.isfinite(scalars).all())
         norm = float(grads.norm())
         if finite:
@@ -269,8 +235,8 @@ class TrainingRun:
             meta = {"optimizer": opt_meta, "rng": rng_meta, "lr_scheduler": self.lr_scheduler.state_dict(),
                     "skipped": self.skipped, "in_a_row": self.in_a_row, "seconds": self.seconds,
                     "processes": self.acc.num_processes, "kept_update": self.kept[0] if self.kept else None,
-                    "extra": self.extra_state()}
-            tensors = {**self.lora_tensors(), "optimizer": opt_tensors, "rng": rng_tensors,
+                    "guard_failing": self.guard_failing, "extra": self.method.state()}
+            tensors = {**self.method.tensors(), "optimizer": opt_tensors, "rng": rng_tensors,
                        **{f"kept_{g}": t for g, t in (self.kept or (0, {}))[1].items()}}
             path = save_checkpoint(self.cfg.output / "checkpoints", self.step, tensors, meta, self.cfg.keep_checkpoints)
         self.acc.wait_for_everyone()
@@ -283,7 +249,7 @@ class TrainingRun:
         if found is None:
             return False
         path, tensors, meta = found
-        self.load_lora_tensors(tensors, path)
+        self.method.load(tensors, path)
         load_optimizer_state(self.optimizer, tensors["optimizer"], meta["optimizer"])
         self.lr_scheduler.load_state_dict(meta["lr_scheduler"])
         noise = self.generators["noise"].get_state() if meta["processes"] != self.acc.num_processes else None
@@ -295,7 +261,9 @@ class TrainingRun:
         if meta.get("kept_update") is not None:
             self.kept = (meta["kept_update"], {g.removeprefix("kept_"): t for g, t in tensors.items()
                                                if g.startswith("kept_")})
-        self.load_extra_state(meta.get("extra", {}))
+        extra = meta.get("extra", {})
+        self.guard_failing = meta.get("guard_failing", extra.get("held", False))  # "held": ShortFT's, until 2026-12
+        self.method.load_state(extra)
         return True
 
     # -- pictures ---------------------------------------------------------------------------------------------
@@ -304,7 +272,7 @@ class TrainingRun:
         hacking guard draws from other seeds (``GUARD_SEEDS``) than the pictures and the evaluation, so that the
         evaluation's judge reads samples the guard's choices (the kept LoRA, ShortFT's stage ends) never saw."""
         conditions, x = self.draw(n, torch.Generator().manual_seed(seeds + self.cfg.seed))
-        with torch.no_grad(), self.scaled(scale):
+        with torch.no_grad(), self.method.scaled(scale):
             noise = torch.Generator().manual_seed(seeds + 10_000 + self.cfg.seed)
             x0 = sample(self.chain(conditions), x, generator=noise)
             return self.images(x0), conditions
