@@ -6,6 +6,18 @@
     sdo.picard_sample(chain, x_T, window=10)              # ParaDiGMS: batched Picard sweeps over the steps
     sdo.finetune(task, sdo.FinetuneConfig(output="run"))  # LoRA reward fine-tuning through the sampler
     sdo.shortft(task, sdo.FinetuneConfig(output="run"))  # ShortFT: through a chain shortened by a few-step model
+
+The names here, by floor (``__all__``): the contracts (``Chain``, ``Denoiser``, ``Solver``, ``SolverState``,
+``solver_from_scheduler``, ``SUPPORTED_SCHEDULERS``); the gradient methods and their name table (``Strategy``,
+``ConstantMemory``, ``Full``, ``Checkpoint``, ``Truncated``, ``RandomTruncated``, ``Shortcut``, ``Adjoint``,
+``Reversible``, ``edict_step``, ``get_strategy``, ``register_strategy``, ``available_strategies``); the samplers
+(``sample``, ``invert``, ``round_trip_error``, ``guided_sample``/``Guidance``, ``picard_sample``/``Picard``/
+``PicardResult``); the loops with their options and results (``optimize_latent``/``LatentResult``/``LinfBall``,
+``finetune``/``shortft``/``FinetuneConfig``/``FinetuneTask``/``FinetuneResult``, ShortFT's ``TimestepLoRA``,
+``load_shortft``, ``segment_ends``, ``short_chain``); measurement (``gradient_fidelity``/``GradientFidelity``,
+``gradient_norm_by_depth``); what a pipeline needs (``encode_prompts``, ``VAEDecoder``, ``decoded``); and the two
+errors (``UsageError``, ``NonFiniteError``). Everything else lives in its package (``sdo.objectives``,
+``sdo.backbones``, ``sdo.recipes``, ``sdo.embedded``, ``sdo.finetuning``, ``sdo.measure``).
 """
 
 from . import _moved
