@@ -370,13 +370,17 @@ def test_pipeline_task_on_tiny_stable_diffusion(pipeline_folder, clip, tokenizer
     cfg = FinetuneConfig(output=tmp_path, updates=2, guidance_scale=3.0, lr=0.05, **{**SMALL, "steps": 3})
     result = finetune(task, cfg)
     assert result.skipped == 0 and all(m["grad_norm"] > 0 for m in result.metrics)
-    fresh = backbones.load_pipeline(pipeline_folder).denoiser
-    fresh.load_lora_adapter(str(tmp_path / "lora"), prefix=None, use_safetensors=True, adapter_name="tuned")
+    from diffusers import StableDiffusionPipeline
+
+    fresh = StableDiffusionPipeline.from_pretrained(pipeline_folder, local_files_only=True)
     x = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(0))
     cond = task.encode(["a red square"])[0]
     with torch.no_grad():
-        torch.testing.assert_close(fresh(x, 500, **cond).sample, task.model(x, 500, **cond).sample,
-                                   rtol=1e-4, atol=1e-5)
+        base = fresh.unet(x, 500, **cond).sample
+        fresh.load_lora_weights(tmp_path / "lora", adapter_name="tuned")  # the pipeline's own loader reads it
+        tuned = fresh.unet(x, 500, **cond).sample
+        torch.testing.assert_close(tuned, task.model(x, 500, **cond).sample, rtol=1e-4, atol=1e-5)
+    assert (tuned - base).abs().max() > 1e-4  # it changed the pipeline's output (keys without unet. did not)
 
 
 def test_cli_pipeline_clip_reward(pipeline_folder, clip, tokenizer, tmp_path):

@@ -13,6 +13,7 @@ from safetensors import safe_open
 from sdo.finetuning.lora import (
     DEFAULT_TARGETS,
     add_lora,
+    config_dict,
     delta_weights,
     load_lora,
     lora_disabled,
@@ -158,18 +159,61 @@ def test_round_trip_and_diffusers_interop_on_unet2dcondition(tmp_path):
     save_lora(model, tmp_path / "ours")
     with safe_open(tmp_path / "ours" / "pytorch_lora_weights.safetensors", framework="pt") as f:
         metadata, keys = f.metadata(), set(f.keys())
-    assert metadata["format"] == "pt" and json.loads(metadata["lora_adapter_metadata"])["lora_alpha"] == 6
-    assert keys == set(lora_state_dict(model)) and "down_blocks.0.resnets.0.conv1.lora_A.weight" in keys
+    # the keys and the config as a pipeline's save_lora_weights files them: under the UNet's component name
+    assert metadata["format"] == "pt" and json.loads(metadata["lora_adapter_metadata"])["unet.lora_alpha"] == 6
+    assert keys == {f"unet.{k}" for k in lora_state_dict(model)}
+    assert "unet.down_blocks.0.resnets.0.conv1.lora_A.weight" in keys
     ours = tiny_unet()
     load_lora(ours, tmp_path / "ours")
     assert torch.equal(run(ours, inputs), trained)
     theirs = tiny_unet()  # diffusers' own loader reads our folder
-    theirs.load_lora_adapter(tmp_path / "ours", prefix=None, use_safetensors=True, adapter_name="default")
+    theirs.load_lora_adapter(tmp_path / "ours", prefix="unet", use_safetensors=True, adapter_name="default")
     torch.testing.assert_close(run(theirs, inputs), trained, rtol=0, atol=1e-12)
-    theirs.save_lora_adapter(tmp_path / "theirs")  # and we read diffusers' own file
+    theirs.save_lora_adapter(tmp_path / "theirs")  # and we read diffusers' own files: a model's (no prefix) ...
     back = tiny_unet()
     load_lora(back, tmp_path / "theirs")
     torch.testing.assert_close(run(back, inputs), trained, rtol=0, atol=1e-12)
+    from diffusers import StableDiffusionPipeline  # ... and a pipeline trainer's, with its config and without
+
+    state = lora_state_dict(model)
+    StableDiffusionPipeline.save_lora_weights(tmp_path / "trainer", unet_lora_layers=state,
+                                              unet_lora_adapter_metadata=config_dict(model.peft_config["default"]))
+    StableDiffusionPipeline.save_lora_weights(tmp_path / "bare", unet_lora_layers=scale_lora(state, {"r": 3}, 2)[0])
+    back = tiny_unet()
+    load_lora(back, tmp_path / "trainer")
+    torch.testing.assert_close(run(back, inputs), trained, rtol=0, atol=1e-12)
+    bare = tiny_unet()  # no config: rank 3 read off the weights, lora_alpha = r as diffusers infers it (scaling 1,
+    load_lora(bare, tmp_path / "bare")  # so B scaled by alpha / r = 2 above gives the trained model back)
+    torch.testing.assert_close(run(bare, inputs), trained, rtol=1e-5, atol=1e-6)
+
+
+def test_pipeline_files_keep_their_denoiser_part_and_prefix(tmp_path):
+    """A pipeline file with text-encoder LoRAs too: sdo reads the UNet's part and says so; one with text-encoder
+    LoRAs only is refused; scale and merge write the keys under the sources' component name."""
+    from diffusers import StableDiffusionPipeline
+
+    from sdo import UsageError
+    from sdo.finetuning.lora import lora_file_prefix
+
+    model = tiny_unet()
+    add_lora(model, rank=2, init_seed=0)
+    state = lora_state_dict(model)
+    te = {"text_model.encoder.layers.0.self_attn.q_proj" + s: torch.ones(*shape) for s, shape in
+          ((".lora_A.weight", (2, 8)), (".lora_B.weight", (8, 2)))}
+    StableDiffusionPipeline.save_lora_weights(tmp_path / "both", unet_lora_layers=state, text_encoder_lora_layers=te)
+    with pytest.warns(UserWarning, match=r"also holds LoRA weights of \['text_encoder'\]; sdo reads its unet part"):
+        read, config = read_lora(tmp_path / "both")
+    assert read.keys() == state.keys() and config["r"] == 2
+    StableDiffusionPipeline.save_lora_weights(tmp_path / "te", text_encoder_lora_layers=te)
+    with pytest.raises(UsageError, match="text-encoder LoRA weights only"):
+        read_lora(tmp_path / "te")
+    save_lora(model, tmp_path / "ours")
+    scale_lora_files(tmp_path / "ours", tmp_path / "scaled", 0.5)
+    merge_lora_files([tmp_path / "ours", tmp_path / "scaled"], [1.0, 1.0], tmp_path / "merged")
+    assert [lora_file_prefix(tmp_path / n) for n in ("ours", "scaled", "merged")] == ["unet"] * 3
+    model.save_lora_adapter(tmp_path / "bare")  # a model's own file has no prefix, and its scaled copy neither
+    scale_lora_files(tmp_path / "bare", tmp_path / "bare-scaled", 2.0)
+    assert lora_file_prefix(tmp_path / "bare-scaled") is None
 
 
 def test_write_is_atomic(tmp_path, monkeypatch):

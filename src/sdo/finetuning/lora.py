@@ -9,11 +9,15 @@ Injection goes through peft's ``inject_adapter_in_model`` for every model (diffu
 ``add_adapter``). Adapters stack: each one added or loaded is active next to the others, with its own scale
 (:func:`set_lora_scale`). LoRA weights are float32 on a half-precision base.
 
-File format (a folder), matching diffusers' ``PeftAdapterMixin.save_lora_adapter`` (diffusers 0.42): the weights
-in ``pytorch_lora_weights.safetensors`` under peft's keys (``down_blocks.1.attentions.0.to_q.lora_A.weight``: no
-adapter name, no ``unet.`` prefix), the LoraConfig as JSON in the safetensors metadata ``lora_adapter_metadata``
-(next to ``format: pt``). diffusers reads it with ``model.load_lora_adapter(folder, prefix=None,
-use_safetensors=True)`` (as it reads its own files); the config is also written to ``adapter_config.json``.
+File format (a folder), what a diffusers pipeline's ``save_lora_weights`` writes (diffusers 0.42): the weights in
+``pytorch_lora_weights.safetensors`` under peft's keys behind the denoiser's component name
+(``unet.down_blocks.1.attentions.0.to_q.lora_A.weight``; ``transformer.`` for SD3, FLUX, PixArt and other
+transformers: :func:`lora_prefix`), the LoraConfig as JSON in the safetensors metadata ``lora_adapter_metadata``
+under the same prefix (``unet.r``, next to ``format: pt``). So a pipeline's own ``pipe.load_lora_weights(folder)``
+loads it, and so does ``model.load_lora_adapter(folder, prefix="unet")``; the plain config is also written to
+``adapter_config.json``. :func:`read_lora` reads these files, the ones sdo wrote before 2026-12 (no prefix), a
+model's ``save_lora_adapter`` files, and a pipeline trainer's file without a config (the ranks read off the weights,
+``lora_alpha = r``, as diffusers infers them).
 """
 
 from __future__ import annotations
@@ -42,9 +46,11 @@ __all__ = [
     "delta_weights",
     "load_lora",
     "lora_disabled",
+    "lora_file_prefix",
     "lora_layers",
     "lora_modules",
     "lora_parameters",
+    "lora_prefix",
     "lora_scale",
     "lora_state_dict",
     "read_lora",
@@ -59,6 +65,13 @@ _WEIGHTS = "pytorch_lora_weights.safetensors"  # diffusers' LORA_WEIGHT_NAME_SAF
 _CONFIG = "adapter_config.json"  # peft's CONFIG_NAME
 _METADATA_KEY = "lora_adapter_metadata"  # diffusers' LORA_ADAPTER_METADATA_KEY
 LORA_A, LORA_B = ".lora_A.weight", ".lora_B.weight"  # the keys of a LoRA pair in a state dict
+_COMPONENTS = ("unet", "transformer")  # the denoiser's component names in diffusers' pipeline LoRA files
+
+
+def lora_prefix(model: nn.Module) -> str:
+    """The component name a diffusers pipeline files ``model``'s LoRA keys under: ``transformer`` for a transformer
+    (SD3, FLUX, PixArt, DiT: the pipelines' ``transformer_name``), ``unet`` for a UNet (``unet_name``)."""
+    return "transformer" if "Transformer" in type(model).__name__ else "unet"
 
 
 def lora_layers(model: nn.Module, adapter_name: str) -> list[tuple[str, nn.Module]]:
@@ -187,8 +200,11 @@ def lora_state_dict(model: nn.Module, adapter_name: str = "default") -> dict[str
     return get_peft_model_state_dict(model, adapter_name=adapter_name)
 
 
-def write_lora(folder: str | os.PathLike, state: dict[str, torch.Tensor], config: dict) -> None:
-    """Write a LoRA folder (format in the module docstring), each file atomically (temporary file + os.replace)."""
+def write_lora(folder: str | os.PathLike, state: dict[str, torch.Tensor], config: dict,
+               prefix: str | None = None) -> None:
+    """Write a LoRA folder (format in the module docstring), each file atomically (temporary file + os.replace);
+    ``prefix``: the denoiser's component name (:func:`lora_prefix`) the keys and the config go under (None: none,
+    the format of a model's ``save_lora_adapter``)."""
     from safetensors.torch import save_file
 
     config = config_dict(config)
@@ -196,27 +212,41 @@ def write_lora(folder: str | os.PathLike, state: dict[str, torch.Tensor], config
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     text = json.dumps(config, indent=2, sort_keys=True)
-    tensors = {k: v.detach().cpu().contiguous() for k, v in state.items()}
-    metadata = {"format": "pt", _METADATA_KEY: text}
+    lead = "" if prefix is None else f"{prefix}."
+    tensors = {lead + k: v.detach().cpu().contiguous() for k, v in state.items()}
+    packed = json.dumps({lead + k: v for k, v in config.items()}, indent=2, sort_keys=True)
+    metadata = {"format": "pt", _METADATA_KEY: packed}
     atomic_write(folder / _WEIGHTS, lambda tmp: save_file(tensors, tmp, metadata=metadata))
     atomic_write(folder / _CONFIG, lambda tmp: Path(tmp).write_text(text + "\n"))
 
 
 def save_lora(model: nn.Module, folder: str | os.PathLike, adapter_name: str = "default", config=None) -> None:
-    """Save adapter ``adapter_name`` as a LoRA folder that diffusers' ``load_lora_adapter(folder, prefix=None)``
-    loads too; ``config``: the LoraConfig add_lora returned (default: the model's ``peft_config[adapter_name]``)."""
+    """Save adapter ``adapter_name`` as a LoRA folder that the model's diffusers pipeline loads with
+    ``pipe.load_lora_weights(folder)`` (keys under :func:`lora_prefix`); ``config``: the LoraConfig add_lora
+    returned (default: the model's ``peft_config[adapter_name]``)."""
     state = lora_state_dict(model, adapter_name)
-    write_lora(folder, state, model.peft_config[adapter_name] if config is None else config)
+    write_lora(folder, state, model.peft_config[adapter_name] if config is None else config, lora_prefix(model))
 
 
 def read_lora(folder: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict]:
-    """(state dict, config dict) of a LoRA folder; config from the safetensors metadata, else adapter_config.json."""
+    """(state dict, config dict) of a LoRA folder, keys without the component prefix (module docstring); the config
+    from the safetensors metadata, else ``adapter_config.json``, else read off the weights."""
+    state, config, _ = _read(folder)
+    return state, config
+
+
+def lora_file_prefix(folder: str | os.PathLike) -> str | None:
+    """The component name (``unet``, ``transformer``) the keys of a LoRA folder are filed under; None if none."""
+    return _read(folder)[2]
+
+
+def _read(folder: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict, str | None]:
     from safetensors import safe_open
 
     folder = Path(folder)
     if not (folder / _WEIGHTS).is_file():
         raise FileNotFoundError(f"{folder / _WEIGHTS} not found: a LoRA folder holds {_WEIGHTS} "
-                                "(sdo.finetuning.lora.save_lora or diffusers' save_lora_adapter write one)")
+                                "(sdo.finetuning.lora.save_lora or diffusers' save_lora_weights write one)")
     with reading(folder / _WEIGHTS, "the LoRA weights"), safe_open(folder / _WEIGHTS, framework="pt") as f:
         metadata = f.metadata() or {}
         state = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (a safetensors handle is not a dict)
@@ -224,14 +254,42 @@ def read_lora(folder: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict]
     if bad:
         raise UsageError(f"{folder / _WEIGHTS}: {bad[0]} has non-finite weights (NaN or inf; {len(bad)} tensors in "
                          "all); the training that wrote it diverged")
+    parts = sorted({k.split(".", 1)[0] for k in state})
+    prefix = next((p for p in _COMPONENTS if p in parts), None)
+    if prefix is None and parts and set(parts) <= {"text_encoder", "text_encoder_2", "text_encoder_3"}:
+        raise UsageError(f"{folder / _WEIGHTS} holds text-encoder LoRA weights only ({', '.join(parts)}); sdo "
+                         "loads a denoiser's LoRA (keys under unet. or transformer.)")
+    if prefix is not None:
+        if len(parts) > 1:
+            warnings.warn(f"{folder / _WEIGHTS} also holds LoRA weights of {[p for p in parts if p != prefix]}; "
+                          f"sdo reads its {prefix} part (it tunes the denoiser)", stacklevel=3)
+        state = {k.removeprefix(f"{prefix}."): v for k, v in state.items() if k.startswith(f"{prefix}.")}
     if _METADATA_KEY in metadata:
         with reading(folder / _WEIGHTS, "the LoRA config in its metadata"):
-            return state, json.loads(metadata[_METADATA_KEY])
+            config = json.loads(metadata[_METADATA_KEY])
+        if prefix is not None and any(k.startswith(f"{prefix}.") for k in config):
+            config = {k.removeprefix(f"{prefix}."): v for k, v in config.items() if k.startswith(f"{prefix}.")}
+        return state, config, prefix
     if (folder / _CONFIG).is_file():
         with reading(folder / _CONFIG, "the LoRA config"):
-            return state, json.loads((folder / _CONFIG).read_text())
-    raise UsageError(f"{folder} has no LoRA config ({_METADATA_KEY!r} safetensors metadata or {_CONFIG}); "
-                     "save the LoRA with sdo.finetuning.lora.save_lora or diffusers' save_lora_adapter")
+            return state, json.loads((folder / _CONFIG).read_text()), prefix
+    return state, _inferred_config(state, folder), prefix
+
+
+def _inferred_config(state: dict[str, torch.Tensor], folder: Path) -> dict:
+    """The config of a LoRA file that carries none (a diffusers trainer's without metadata), as diffusers infers
+    it: each module's rank from its lora_A, the most common rank as ``r`` (others in ``rank_pattern``),
+    ``lora_alpha = r`` (scaling 1), the modules by full name."""
+    ranks = {k.removesuffix(LORA_A): int(v.shape[0]) for k, v in state.items() if k.endswith(LORA_A)}
+    if not ranks:
+        raise UsageError(f"{folder} has no LoRA config ({_METADATA_KEY!r} safetensors metadata or {_CONFIG}) and no "
+                         f"'<module>{LORA_A}' weights to read one from; save it with sdo.finetuning.lora.save_lora or "
+                         "a diffusers pipeline's save_lora_weights")
+    counts = list(ranks.values())
+    r = max(set(counts), key=counts.count)
+    return {"peft_type": "LORA", "r": r, "lora_alpha": r, "target_modules": sorted(ranks),
+            "rank_pattern": {m: k for m, k in ranks.items() if k != r},
+            "alpha_pattern": {m: k for m, k in ranks.items() if k != r}}
 
 
 def load_lora(model: nn.Module, folder: str | os.PathLike, adapter_name: str = "default", trainable: bool = False):

@@ -11,7 +11,7 @@ from collections.abc import Sequence
 import torch
 
 from ..checks import UsageError
-from .lora import LORA_A, LORA_B, config_dict, lora_modules, read_lora, write_lora
+from .lora import LORA_A, LORA_B, config_dict, lora_file_prefix, lora_modules, read_lora, write_lora
 
 __all__ = ["merge_lora_files", "merge_loras", "scale_lora", "scale_lora_files"]
 
@@ -85,12 +85,18 @@ def merge_loras(items: Sequence[tuple[dict[str, torch.Tensor], dict, float]]) ->
 
 
 def scale_lora_files(src: str | os.PathLike, dst: str | os.PathLike, alpha: float) -> None:
-    """Folder to folder :func:`scale_lora` (``sdo lora scale``)."""
-    write_lora(dst, *scale_lora(*read_lora(src), alpha))
+    """Folder to folder :func:`scale_lora` (``sdo lora scale``); the keys filed as the source's."""
+    write_lora(dst, *scale_lora(*read_lora(src), alpha), prefix=lora_file_prefix(src))
 
 
 def merge_lora_files(srcs: Sequence[str | os.PathLike], weights: Sequence[float], dst: str | os.PathLike) -> None:
-    """Folders to folder :func:`merge_loras` (``sdo lora merge``), one weight per source folder."""
+    """Folders to folder :func:`merge_loras` (``sdo lora merge``), one weight per source folder; the keys filed as
+    the sources' (files of a UNet and of a transformer do not merge)."""
     if len(srcs) != len(weights):
         raise UsageError(f"{len(srcs)} LoRA folders but {len(weights)} weights; give one weight per folder")
-    write_lora(dst, *merge_loras([(*read_lora(src), w) for src, w in zip(srcs, weights, strict=True)]))
+    prefixes = {lora_file_prefix(src) for src in srcs} - {None}
+    if len(prefixes) > 1:
+        raise UsageError(f"the LoRAs are of different denoisers ({', '.join(sorted(prefixes))}); "
+                         "merge LoRAs of one model")
+    write_lora(dst, *merge_loras([(*read_lora(src), w) for src, w in zip(srcs, weights, strict=True)]),
+               prefix=next(iter(prefixes), None))
