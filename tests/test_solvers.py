@@ -165,3 +165,35 @@ def test_stochastic_step_without_noise_in_state_raises():
     x = _latent(torch.float32)
     with pytest.raises(ValueError, match="init_state"):
         chain.step(0, x, sdo.SolverState())
+
+
+@pytest.mark.parametrize("flux_sigmas", [False, True])
+def test_flow_schedule_with_dynamic_shift_and_given_sigmas_equals_the_scheduler(flux_sigmas):
+    """FLUX's schedule: a FlowMatchEuler scheduler that shifts by the image size (``use_dynamic_shifting``, mu)
+    and, as FluxPipeline passes them, sigmas linspace(1, 1/N, N): the solver equals the scheduler's own loop set up
+    with the same arguments; without mu it is a clear error naming it."""
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    def make():
+        return FlowMatchEulerDiscreteScheduler(use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15, shift=3.0)
+
+    steps, mu = 5, 0.81
+    sigmas = [1.0 - i * (1.0 - 1.0 / steps) / (steps - 1) for i in range(steps)] if flux_sigmas else None
+    model = TinyNet().double()
+    chain = sdo.Chain.from_diffusers(model, make(), steps, mu=mu, sigmas=sigmas)
+    x = _latent(torch.float64)
+    with torch.no_grad():
+        ours = sdo.sample(chain, x)
+        scheduler = make()
+        scheduler.set_timesteps(steps, sigmas=sigmas, mu=mu)
+        ref = x
+        for t in scheduler.timesteps:
+            ref = scheduler.step(model(ref, t.reshape(1).expand(ref.shape[0])), t, ref).prev_sample
+    torch.testing.assert_close(ours, ref, rtol=5e-6, atol=5e-6 * ref.abs().max().item())
+    assert not torch.allclose(ours, sdo.sample(sdo.Chain.from_diffusers(model, make(), steps, mu=0.0), x))
+    with pytest.raises(sdo.UsageError, match="use_dynamic_shifting.*pass mu"):
+        sdo.Chain.from_diffusers(model, make(), steps)
+    with pytest.raises(sdo.UsageError, match="mu and sigmas apply to FlowMatchEulerDiscreteScheduler only"):
+        sdo.Chain.from_diffusers(model, DDIMScheduler(), steps, mu=mu)
+    with pytest.raises(sdo.UsageError, match="3 sigmas for 5 steps"):
+        sdo.Chain.from_diffusers(model, make(), steps, mu=mu, sigmas=[1.0, 0.5, 0.2])

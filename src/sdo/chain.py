@@ -38,13 +38,16 @@ class Chain:
         uncond: Mapping[str, Any] | None = None,
         guidance_scale: float | None = None,
         eta: float = 0.0,
+        mu: float | None = None,
+        sigmas=None,
     ) -> Chain:
         """A chain over a diffusers model (or any callable ``model(x, t, **cond)``) and scheduler.
 
         ``cond``/``uncond`` are keyword arguments for the model; ``guidance_scale`` turns on classifier-free
-        guidance; ``eta`` is DDIM's stochasticity. The scheduler is not modified.
+        guidance; ``eta`` is DDIM's stochasticity; ``mu`` and ``sigmas``, a flow-matching schedule's
+        (:func:`~sdo.solvers.solver_from_scheduler`). The scheduler is not modified.
         """
-        solver = solver_from_scheduler(scheduler, num_inference_steps, eta=eta)
+        solver = solver_from_scheduler(scheduler, num_inference_steps, eta=eta, mu=mu, sigmas=sigmas)
         return cls(Denoiser(model, cond=cond, uncond=uncond, guidance_scale=guidance_scale), solver)
 
     def __len__(self) -> int:

@@ -16,6 +16,7 @@ solver runs in the dtype of its inputs; it agrees with the scheduler's own loop 
 from __future__ import annotations
 
 import copy
+from collections.abc import Sequence
 
 from ..checks import UsageError, check_int, check_number
 from .base import Solver, SolverState
@@ -48,21 +49,38 @@ _SOLVERS = {
 SUPPORTED_SCHEDULERS = tuple(_SOLVERS)
 
 
-def solver_from_scheduler(scheduler, num_inference_steps: int | None = None, *, eta: float = 0.0) -> Solver:
+def solver_from_scheduler(scheduler, num_inference_steps: int | None = None, *, eta: float = 0.0,
+                          mu: float | None = None, sigmas: Sequence[float] | None = None) -> Solver:
     """Build the pure solver equivalent to ``scheduler``'s loop over ``num_inference_steps`` steps.
 
     The scheduler is copied before ``set_timesteps``, so the caller's object is never changed. With
-    ``num_inference_steps=None`` the scheduler's current timesteps are used as they are (for schedules that
-    need extra ``set_timesteps`` arguments, such as ``mu`` for dynamic shifting). ``eta`` is DDIM's.
+    ``num_inference_steps=None`` the scheduler's current timesteps are used as they are. ``eta`` is DDIM's.
+    ``mu`` and ``sigmas`` go to a flow-matching scheduler's ``set_timesteps`` as FLUX's and SD3's pipelines pass
+    them: ``mu``, the resolution-dependent shift of a scheduler with ``use_dynamic_shifting`` (required there);
+    ``sigmas``, one per step (FLUX: ``linspace(1, 1/N, N)``).
     """
     name = type(scheduler).__name__
     if name not in _SOLVERS:
         raise UsageError(f"scheduler {name} is not supported; supported schedulers: {', '.join(SUPPORTED_SCHEDULERS)}")
-    if num_inference_steps is not None:
-        num_inference_steps = check_int("num_inference_steps", num_inference_steps, minimum=1,
-                                        maximum=scheduler.config.num_train_timesteps)
+    extra = {k: v for k, v in (("mu", mu), ("sigmas", sigmas)) if v is not None}
+    if extra and name != "FlowMatchEulerDiscreteScheduler":
+        raise UsageError(f"mu and sigmas apply to FlowMatchEulerDiscreteScheduler only, not {name}")
+    if mu is not None:
+        extra["mu"] = check_number("mu", mu)
+    if sigmas is not None:
+        extra["sigmas"] = [check_number("sigmas", v, minimum=0.0, maximum=1.0) for v in sigmas]
+        if num_inference_steps is not None and len(extra["sigmas"]) != num_inference_steps:
+            raise UsageError(f"{len(extra['sigmas'])} sigmas for {num_inference_steps} steps; give one per step")
+    dynamic = bool(scheduler.config.get("use_dynamic_shifting", False))
+    if num_inference_steps is not None or extra:
+        if dynamic and mu is None:
+            raise UsageError(f"{name} shifts its schedule by the image size (use_dynamic_shifting): pass mu, as the "
+                             "pipeline computes it (sdo.backbones.flow_schedule)", "mu")
+        if num_inference_steps is not None:
+            num_inference_steps = check_int("num_inference_steps", num_inference_steps, minimum=1,
+                                            maximum=scheduler.config.num_train_timesteps)
         scheduler = copy.deepcopy(scheduler)
-        scheduler.set_timesteps(num_inference_steps)
+        scheduler.set_timesteps(num_inference_steps, **extra)
     elif getattr(scheduler, "num_inference_steps", None) is None:
         raise UsageError(f"{name}.set_timesteps() has not been called; pass num_inference_steps")
     if name == "DDIMScheduler":
