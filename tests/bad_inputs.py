@@ -597,7 +597,7 @@ def _lora_into_unet(world, folder):
 
 
 def _read_lora(world, folder):
-    from sdo.finetuning.lora import read_lora
+    from sdo.finetuning.lora_files import read_lora
 
     return read_lora(world.paths[folder])
 

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import save_file
 
 sys.path.insert(0, str(Path(__file__).parent))  # for `import helpers` and `import tiny`
 import tiny
@@ -65,3 +66,12 @@ def judge():
     from sdo.embedded.judge import DigitJudge
 
     return DigitJudge()
+
+
+@pytest.fixture
+def head(tmp_path):
+    """A LAION-style aesthetic head file (a linear layer on 8-dim CLIP image embeddings) for the aesthetic task."""
+    path = tmp_path / "head.safetensors"
+    save_file({"weight": torch.randn(1, 8, generator=torch.Generator().manual_seed(0)), "bias": torch.tensor([5.0])},
+              str(path))
+    return path

@@ -18,7 +18,8 @@ from safetensors.torch import load_file
 
 import sdo
 from sdo.finetuning import FinetuneConfig, NonFiniteError, finetune
-from sdo.finetuning.lora import lora_parameters, read_lora
+from sdo.finetuning.lora import lora_parameters
+from sdo.finetuning.lora_files import read_lora
 from sdo.objectives.rewards import ClassLogProb, InkReward, WeightedReward
 from sdo.recipes.finetune_tasks import digits_task, pipeline_task
 

@@ -11,7 +11,7 @@ from sdo.checks import UsageError
 from sdo.embedded.digits import load_dataset
 from sdo.finetuning import FinetuneConfig, finetune
 from sdo.finetuning.guard import Guard, GuardLimits, diversity, drift
-from sdo.finetuning.lora import read_lora
+from sdo.finetuning.lora_files import read_lora
 
 
 @pytest.fixture(scope="module")

@@ -13,19 +13,17 @@ from safetensors import safe_open
 from sdo.finetuning.lora import (
     DEFAULT_TARGETS,
     add_lora,
-    config_dict,
     delta_weights,
     load_lora,
     lora_disabled,
     lora_parameters,
     lora_scale,
     lora_state_dict,
-    read_lora,
     save_lora,
     set_lora_scale,
-    write_lora,
 )
 from sdo.finetuning.lora_arithmetic import merge_lora_files, merge_loras, scale_lora, scale_lora_files
+from sdo.finetuning.lora_files import config_dict, read_lora, write_lora
 
 FILES = {"pytorch_lora_weights.safetensors", "adapter_config.json"}
 
@@ -193,7 +191,7 @@ def test_pipeline_files_keep_their_denoiser_part_and_prefix(tmp_path):
     from diffusers import StableDiffusionPipeline
 
     from sdo import UsageError
-    from sdo.finetuning.lora import lora_file_prefix
+    from sdo.finetuning.lora_files import lora_file_prefix
 
     model = tiny_unet()
     add_lora(model, rank=2, init_seed=0)

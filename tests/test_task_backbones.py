@@ -6,8 +6,8 @@ tiny, built from config with fixed seeds; nothing is downloaded."""
 import json
 
 import pytest
+import tiny
 import torch
-from safetensors.torch import save_file
 
 from sdo import backbones
 from sdo.recipes import latent_tasks as tasks
@@ -22,20 +22,7 @@ def _image(seed=4):
 
 @pytest.fixture(scope="module")
 def t5_tokenizer():
-    """A T5 tokenizer without sentencepiece files: a Unigram model over letters and word-initial letters, with
-    T5's pad/eos/unk tokens and its ``</s>`` appended to every text."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
-    from transformers import T5TokenizerFast
-
-    letters = "abcdefghijklmnopqrstuvwxyz"
-    vocab = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("\u2581", -2.0)]
-    vocab += [(c, -3.0) for c in letters] + [("\u2581" + c, -2.5) for c in letters]
-    model = Tokenizer(models.Unigram(vocab, unk_id=2))
-    model.pre_tokenizer, model.decoder = pre_tokenizers.Metaspace(), decoders.Metaspace()
-    model.post_processor = processors.TemplateProcessing(single="$A </s>", pair="$A </s> $B </s>",
-                                                         special_tokens=[("</s>", 1)])
-    return T5TokenizerFast(tokenizer_object=model, pad_token="<pad>", eos_token="</s>", unk_token="<unk>",
-                           extra_ids=0, model_max_length=16)
+    return tiny.t5_tokenizer()
 
 
 def _tiny_vae():
@@ -89,14 +76,6 @@ def lcm_folder(tiny_sd, tokenizer, tmp_path_factory):
                                    scheduler=LCMScheduler(), safety_checker=None, feature_extractor=None,
                                    requires_safety_checker=False).save_pretrained(folder)
     return folder
-
-
-@pytest.fixture
-def head(tmp_path):
-    path = tmp_path / "head.safetensors"
-    save_file({"weight": torch.randn(1, 8, generator=torch.Generator().manual_seed(0)), "bias": torch.tensor([5.0])},
-              str(path))
-    return path
 
 
 def _run(task, pipe, clip, tokenizer, classifier_folder, head, **common):

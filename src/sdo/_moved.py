@@ -21,7 +21,7 @@ MOVED = {
     "sdo.diagnostics": ("sdo.measure.fidelity",),
     "sdo.finetuning_config": ("sdo.finetuning.config",),
     "sdo.shortft": ("sdo.finetuning.shortft", "sdo.finetuning.run"),
-    "sdo.lora": ("sdo.finetuning.lora",),
+    "sdo.lora": ("sdo.finetuning.lora", "sdo.finetuning.lora_files"),
     "sdo.checkpoints": ("sdo.finetuning.checkpoints",),
     "sdo.anchor": ("sdo.finetuning.anchor",),
     "sdo.guard": ("sdo.finetuning.guard",),

@@ -10,6 +10,7 @@ Text conditioning differs by backbone:
   ratio, where the transformer uses them); guidance as SD's.
 * An LCM-distilled UNet (``time_cond_proj_dim`` in its config): guidance is embedded, not run. The UNet takes the
   guidance weight ``w = guidance_scale - 1`` as ``timestep_cond``, and there is no unconditional branch.
+* SDXL and SD3/3.5: built by their pipelines' own ``encode_prompt`` (:mod:`sdo.backbones.families`).
 
 The tasks sample with the pipeline's scheduler when sdo supports it, or with one chosen by name
 (:data:`SCHEDULERS`), built from the pipeline scheduler's config.
@@ -24,6 +25,7 @@ import torch
 
 from ..checks import UsageError, check_prompts
 from ..solvers import SUPPORTED_SCHEDULERS
+from .families import family, family_conditioning
 
 __all__ = [
     "SCHEDULERS",
@@ -101,6 +103,9 @@ def text_conditioning(pipe, prompt: str, guidance_scale: float) -> dict:
     LCM-distilled UNet never runs it, it embeds ``guidance_scale - 1``."""
     denoiser, tokenizer = pipe.denoiser, pipe.tokenizer
     param = next(denoiser.parameters())
+    if family(pipe) is not None:  # SDXL, SD3: guidance as in their pipelines, for guidance_scale > 1 only
+        cond, uncond = family_conditioning(pipe, prompt, guidance_scale)
+        return {"cond": cond, "uncond": uncond, "guidance_scale": guidance_scale} if uncond else {"cond": cond}
     if is_pixart(denoiser):
         length = min(_PIXART_TEXT_LENGTH.get(pipe.name, 120), tokenizer.model_max_length)
         cond, uncond = encode_prompts(pipe.text_encoder, tokenizer, [prompt], max_length=length,

@@ -14,6 +14,7 @@ import numpy as np
 import torch
 
 from ..checks import UsageError, check_device, check_half_on_cpu, reading
+from .families import family_denoiser
 
 __all__ = ["ImageClassifier", "Pipeline", "load_clip", "load_image", "load_pipeline"]
 
@@ -29,6 +30,7 @@ class Pipeline:
     scheduler: object
     image_size: int  # pixels
     name: str = ""  # the diffusers pipeline class (PixArt-alpha and -sigma differ in prompt length)
+    pipeline: object = None  # the diffusers pipeline itself: SDXL and SD3 are conditioned by its encode_prompt
 
     @property
     def device(self) -> torch.device:
@@ -62,13 +64,18 @@ def load_pipeline(path: str | Path, device="cpu", dtype: torch.dtype = torch.flo
                                        ("tokenizer", getattr(pipe, "tokenizer", None))) if part is None]
     if missing:
         raise UsageError(f"{path}: the pipeline lacks {', '.join(missing)}")
-    for module in (denoiser, pipe.vae, pipe.text_encoder):
-        module.to(device).eval().requires_grad_(False)
+    for module in (denoiser, *(getattr(pipe, n, None) for n in ("vae", "text_encoder", "text_encoder_2",
+                                                                  "text_encoder_3"))):
+        if module is not None:
+            module.to(device).eval().requires_grad_(False)
+    if dtype == torch.float16 and getattr(pipe.vae.config, "force_upcast", False):
+        pipe.vae.to(torch.float32)  # SDXL's VAE overflows in float16: the pipelines' force_upcast rule
     factor = 2 ** (len(pipe.vae.config.block_out_channels) - 1)
-    size = denoiser.config.sample_size
+    size = getattr(denoiser.config, "sample_size", None) or getattr(pipe, "default_sample_size", None)
     size = size if isinstance(size, int) else size[0]
+    denoiser = family_denoiser(type(pipe).__name__, denoiser)
     return Pipeline(denoiser, pipe.vae, pipe.text_encoder, pipe.tokenizer, pipe.scheduler, size * factor,
-                    type(pipe).__name__)
+                    type(pipe).__name__, pipe)
 
 
 def load_clip(path: str | Path, device="cpu", tokenizer: bool = True) -> tuple:

@@ -12,6 +12,7 @@ import torch
 
 from ..checks import UsageError, check_choice, check_half_on_cpu, check_int, check_number, check_text
 from ..gradients import available_strategies
+from ..solvers import Solver, solver_from_scheduler
 from .lora import DEFAULT_TARGETS
 
 __all__ = ["BASE_DTYPES", "FinetuneConfig", "FinetuneResult", "FinetuneTask", "methods"]
@@ -154,6 +155,12 @@ class FinetuneTask:
     describe: Callable[[torch.Tensor, list], dict] | None = None  # extra metrics of final samples (a judge)
     caption: Callable[[torch.Tensor, list], list[str]] | None = None  # captions of sample grids
     few_step: torch.nn.Module | None = None  # shortft: the frozen few-step model, called like ``model``
+    # steps -> the scheduler's extra set_timesteps arguments (FLUX's mu and sigmas: sdo.backbones.flow_schedule)
+    schedule: Callable[[int], dict] | None = None
+
+    def solver(self, steps: int, eta: float = 0.0) -> Solver:
+        """The pure solver of ``scheduler`` over ``steps`` steps, with the task's ``schedule``."""
+        return solver_from_scheduler(self.scheduler, steps, eta=eta, **(self.schedule(steps) if self.schedule else {}))
 
 
 @dataclass

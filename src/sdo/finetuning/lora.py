@@ -9,73 +9,60 @@ Injection goes through peft's ``inject_adapter_in_model`` for every model (diffu
 ``add_adapter``). Adapters stack: each one added or loaded is active next to the others, with its own scale
 (:func:`set_lora_scale`). LoRA weights are float32 on a half-precision base.
 
-File format (a folder), what a diffusers pipeline's ``save_lora_weights`` writes (diffusers 0.42): the weights in
-``pytorch_lora_weights.safetensors`` under peft's keys behind the denoiser's component name
-(``unet.down_blocks.1.attentions.0.to_q.lora_A.weight``; ``transformer.`` for SD3, FLUX, PixArt and other
-transformers: :func:`lora_prefix`), the LoraConfig as JSON in the safetensors metadata ``lora_adapter_metadata``
-under the same prefix (``unet.r``, next to ``format: pt``). So a pipeline's own ``pipe.load_lora_weights(folder)``
-loads it, and so does ``model.load_lora_adapter(folder, prefix="unet")``; the plain config is also written to
-``adapter_config.json``. :func:`read_lora` reads these files, the ones sdo wrote before 2026-12 (no prefix), a
-model's ``save_lora_adapter`` files, and a pipeline trainer's file without a config (the ranks read off the weights,
-``lora_alpha = r``, as diffusers infers them).
+Files: :mod:`sdo.finetuning.lora_files` (the format diffusers pipelines write and read).
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
-import json
 import math
 import os
 import warnings
 from collections.abc import Iterator, Sequence
-from pathlib import Path
 
 import torch
 from torch import nn
 
-from ..checks import UsageError, reading
-from .checkpoints import atomic_write
+from ..checks import UsageError
+from .lora_files import read_lora, write_lora
 
 __all__ = [
     "DEFAULT_TARGETS",
-    "LORA_A",
-    "LORA_B",
     "add_lora",
-    "config_dict",
     "delta_weights",
     "load_lora",
     "lora_disabled",
-    "lora_file_prefix",
     "lora_layers",
-    "lora_modules",
     "lora_parameters",
     "lora_prefix",
     "lora_scale",
     "lora_state_dict",
-    "read_lora",
+    "lora_target",
     "save_lora",
     "set_lora_scale",
-    "write_lora",
 ]
 
 #: the attention projections of diffusers' Attention (UNets and DiT/PixArt transformers alike)
 DEFAULT_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
-_WEIGHTS = "pytorch_lora_weights.safetensors"  # diffusers' LORA_WEIGHT_NAME_SAFE
-_CONFIG = "adapter_config.json"  # peft's CONFIG_NAME
-_METADATA_KEY = "lora_adapter_metadata"  # diffusers' LORA_ADAPTER_METADATA_KEY
-LORA_A, LORA_B = ".lora_A.weight", ".lora_B.weight"  # the keys of a LoRA pair in a state dict
-_COMPONENTS = ("unet", "transformer")  # the denoiser's component names in diffusers' pipeline LoRA files
+
+
+def lora_target(model: nn.Module) -> nn.Module:
+    """The diffusers model that carries the LoRA of ``model``: ``model.lora_model`` for a denoiser that wraps one
+    (:class:`sdo.backbones.families.FluxDenoiser`), else ``model``. Every function here works on it, so the keys of
+    a wrapped model's LoRA are those of its pipeline's component."""
+    return getattr(model, "lora_model", model)
 
 
 def lora_prefix(model: nn.Module) -> str:
     """The component name a diffusers pipeline files ``model``'s LoRA keys under: ``transformer`` for a transformer
     (SD3, FLUX, PixArt, DiT: the pipelines' ``transformer_name``), ``unet`` for a UNet (``unet_name``)."""
-    return "transformer" if "Transformer" in type(model).__name__ else "unet"
+    return "transformer" if "Transformer" in type(lora_target(model)).__name__ else "unet"
 
 
 def lora_layers(model: nn.Module, adapter_name: str) -> list[tuple[str, nn.Module]]:
     """(module name, peft LoraLayer) of every module carrying ``adapter_name``."""
+    model = lora_target(model)
     from peft.tuners.lora import LoraLayer
 
     have = sorted(getattr(model, "peft_config", {}))
@@ -93,9 +80,6 @@ def _adapter_params(model: nn.Module) -> list[nn.Parameter]:
             for name in m.adapter_layer_names for p in getattr(m, name).parameters()]
 
 
-def config_dict(config) -> dict:
-    """A LoraConfig (or its dict) as plain JSON data, sets as sorted lists (what save_lora_adapter writes)."""
-    return json.loads(json.dumps(config if isinstance(config, dict) else config.to_dict(), default=sorted))
 
 
 def _config_object(config: dict):
@@ -117,6 +101,7 @@ def _inject(model: nn.Module, config, adapter_name: str, *, trainable: bool, see
     """Inject ``config`` as ``adapter_name``: base frozen, LoRA at least float32 and requiring grad iff ``trainable``,
     active next to the other adapters (whose active sets and requires_grad are kept). Then ``load()``; if that
     raises, the adapter is removed again and the model restored."""
+    model = lora_target(model)
     from peft import NoMatchingPeftModuleError, inject_adapter_in_model
     from peft.tuners.tuners_utils import BaseTunerLayer
 
@@ -187,6 +172,7 @@ def add_lora(model: nn.Module, *, rank: int = 4, alpha: float | None = None,
 
 def lora_parameters(model: nn.Module, adapter_name: str = "default") -> list[nn.Parameter]:
     """The LoRA A and B weights of ``adapter_name``, in ``model.named_parameters()`` order (for the optimizer)."""
+    model = lora_target(model)
     ids = {id(p) for _, m in lora_layers(model, adapter_name) for d in (m.lora_A, m.lora_B)
            for p in d[adapter_name].parameters()}
     return [p for p in model.parameters() if id(p) in ids]
@@ -194,102 +180,30 @@ def lora_parameters(model: nn.Module, adapter_name: str = "default") -> list[nn.
 
 def lora_state_dict(model: nn.Module, adapter_name: str = "default") -> dict[str, torch.Tensor]:
     """peft's ``get_peft_model_state_dict``: keys ``<module>.lora_A.weight`` / ``.lora_B.weight``, no adapter name."""
+    model = lora_target(model)
     from peft import get_peft_model_state_dict
 
     lora_layers(model, adapter_name)
     return get_peft_model_state_dict(model, adapter_name=adapter_name)
 
 
-def write_lora(folder: str | os.PathLike, state: dict[str, torch.Tensor], config: dict,
-               prefix: str | None = None) -> None:
-    """Write a LoRA folder (format in the module docstring), each file atomically (temporary file + os.replace);
-    ``prefix``: the denoiser's component name (:func:`lora_prefix`) the keys and the config go under (None: none,
-    the format of a model's ``save_lora_adapter``)."""
-    from safetensors.torch import save_file
-
-    config = config_dict(config)
-    lora_modules(state, config, "the LoRA to write")
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    text = json.dumps(config, indent=2, sort_keys=True)
-    lead = "" if prefix is None else f"{prefix}."
-    tensors = {lead + k: v.detach().cpu().contiguous() for k, v in state.items()}
-    packed = json.dumps({lead + k: v for k, v in config.items()}, indent=2, sort_keys=True)
-    metadata = {"format": "pt", _METADATA_KEY: packed}
-    atomic_write(folder / _WEIGHTS, lambda tmp: save_file(tensors, tmp, metadata=metadata))
-    atomic_write(folder / _CONFIG, lambda tmp: Path(tmp).write_text(text + "\n"))
 
 
 def save_lora(model: nn.Module, folder: str | os.PathLike, adapter_name: str = "default", config=None) -> None:
     """Save adapter ``adapter_name`` as a LoRA folder that the model's diffusers pipeline loads with
     ``pipe.load_lora_weights(folder)`` (keys under :func:`lora_prefix`); ``config``: the LoraConfig add_lora
     returned (default: the model's ``peft_config[adapter_name]``)."""
+    model = lora_target(model)
     state = lora_state_dict(model, adapter_name)
     write_lora(folder, state, model.peft_config[adapter_name] if config is None else config, lora_prefix(model))
 
 
-def read_lora(folder: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict]:
-    """(state dict, config dict) of a LoRA folder, keys without the component prefix (module docstring); the config
-    from the safetensors metadata, else ``adapter_config.json``, else read off the weights."""
-    state, config, _ = _read(folder)
-    return state, config
 
 
-def lora_file_prefix(folder: str | os.PathLike) -> str | None:
-    """The component name (``unet``, ``transformer``) the keys of a LoRA folder are filed under; None if none."""
-    return _read(folder)[2]
 
 
-def _read(folder: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict, str | None]:
-    from safetensors import safe_open
-
-    folder = Path(folder)
-    if not (folder / _WEIGHTS).is_file():
-        raise FileNotFoundError(f"{folder / _WEIGHTS} not found: a LoRA folder holds {_WEIGHTS} "
-                                "(sdo.finetuning.lora.save_lora or diffusers' save_lora_weights write one)")
-    with reading(folder / _WEIGHTS, "the LoRA weights"), safe_open(folder / _WEIGHTS, framework="pt") as f:
-        metadata = f.metadata() or {}
-        state = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (a safetensors handle is not a dict)
-    bad = [k for k, v in state.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
-    if bad:
-        raise UsageError(f"{folder / _WEIGHTS}: {bad[0]} has non-finite weights (NaN or inf; {len(bad)} tensors in "
-                         "all); the training that wrote it diverged")
-    parts = sorted({k.split(".", 1)[0] for k in state})
-    prefix = next((p for p in _COMPONENTS if p in parts), None)
-    if prefix is None and parts and set(parts) <= {"text_encoder", "text_encoder_2", "text_encoder_3"}:
-        raise UsageError(f"{folder / _WEIGHTS} holds text-encoder LoRA weights only ({', '.join(parts)}); sdo "
-                         "loads a denoiser's LoRA (keys under unet. or transformer.)")
-    if prefix is not None:
-        if len(parts) > 1:
-            warnings.warn(f"{folder / _WEIGHTS} also holds LoRA weights of {[p for p in parts if p != prefix]}; "
-                          f"sdo reads its {prefix} part (it tunes the denoiser)", stacklevel=3)
-        state = {k.removeprefix(f"{prefix}."): v for k, v in state.items() if k.startswith(f"{prefix}.")}
-    if _METADATA_KEY in metadata:
-        with reading(folder / _WEIGHTS, "the LoRA config in its metadata"):
-            config = json.loads(metadata[_METADATA_KEY])
-        if prefix is not None and any(k.startswith(f"{prefix}.") for k in config):
-            config = {k.removeprefix(f"{prefix}."): v for k, v in config.items() if k.startswith(f"{prefix}.")}
-        return state, config, prefix
-    if (folder / _CONFIG).is_file():
-        with reading(folder / _CONFIG, "the LoRA config"):
-            return state, json.loads((folder / _CONFIG).read_text()), prefix
-    return state, _inferred_config(state, folder), prefix
 
 
-def _inferred_config(state: dict[str, torch.Tensor], folder: Path) -> dict:
-    """The config of a LoRA file that carries none (a diffusers trainer's without metadata), as diffusers infers
-    it: each module's rank from its lora_A, the most common rank as ``r`` (others in ``rank_pattern``),
-    ``lora_alpha = r`` (scaling 1), the modules by full name."""
-    ranks = {k.removesuffix(LORA_A): int(v.shape[0]) for k, v in state.items() if k.endswith(LORA_A)}
-    if not ranks:
-        raise UsageError(f"{folder} has no LoRA config ({_METADATA_KEY!r} safetensors metadata or {_CONFIG}) and no "
-                         f"'<module>{LORA_A}' weights to read one from; save it with sdo.finetuning.lora.save_lora or "
-                         "a diffusers pipeline's save_lora_weights")
-    counts = list(ranks.values())
-    r = max(set(counts), key=counts.count)
-    return {"peft_type": "LORA", "r": r, "lora_alpha": r, "target_modules": sorted(ranks),
-            "rank_pattern": {m: k for m, k in ranks.items() if k != r},
-            "alpha_pattern": {m: k for m, k in ranks.items() if k != r}}
 
 
 def load_lora(model: nn.Module, folder: str | os.PathLike, adapter_name: str = "default", trainable: bool = False):
@@ -298,8 +212,8 @@ def load_lora(model: nn.Module, folder: str | os.PathLike, adapter_name: str = "
     mis-shaped weights raise, and leave the model without the adapter."""
     from peft import set_peft_model_state_dict
 
-    state, config_dict = read_lora(folder)
-    config = _config_object(config_dict)
+    state, saved = read_lora(folder)
+    config = _config_object(saved)
 
     def load():
         expected = lora_state_dict(model, adapter_name)
@@ -318,31 +232,6 @@ def load_lora(model: nn.Module, folder: str | os.PathLike, adapter_name: str = "
     return config
 
 
-def lora_modules(state: dict[str, torch.Tensor], config: dict,
-                 what: str) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-    """{module: (A, B)} of a plain LoRA state dict, checked: LoRA config, no DoRA/bias, paired finite weights."""
-    if config.get("peft_type", "LORA") != "LORA":
-        raise UsageError(f"{what} is not a LoRA (peft_type={config['peft_type']!r})")
-    for flag, name in (("use_dora", "DoRA (a magnitude vector, not a low-rank delta)"), ("lora_bias", "a LoRA bias")):
-        if config.get(flag):
-            raise UsageError(f"{what} uses {name}; scale/merge handle plain LoRA (A, B) only: train without {flag}")
-    other = [k for k in state if not k.endswith((LORA_A, LORA_B))]
-    if other:
-        raise UsageError(f"{what} holds non-LoRA weights {other[:4]}; "
-                         f"expected only '<module>{LORA_A}' and '<module>{LORA_B}'")
-    out = {}
-    for key in state:
-        name = key.removesuffix(LORA_A).removesuffix(LORA_B)
-        if name + LORA_A not in state or name + LORA_B not in state:
-            raise UsageError(f"{what}: {name} has only one of lora_A/lora_B")
-        a, b = state[name + LORA_A], state[name + LORA_B]
-        if a.ndim not in (2, 4) or b.ndim != a.ndim or b.shape[1] != a.shape[0] or b.shape[2:] not in ((), (1, 1)):
-            raise UsageError(f"{what}: {name} has A {tuple(a.shape)} and B {tuple(b.shape)}, not a Linear "
-                             "((r, in), (out, r)) or Conv2d ((r, in, kh, kw), (out, r, 1, 1)) LoRA")
-        if not (torch.isfinite(a).all() and torch.isfinite(b).all()):
-            raise UsageError(f"{what}: {name} has non-finite weights; the training that wrote it diverged")
-        out[name] = (a, b)
-    return out
 
 
 def delta_weights(model: nn.Module, adapter_name: str = "default") -> dict[str, torch.Tensor]:

@@ -11,7 +11,7 @@ from collections.abc import Sequence
 import torch
 
 from ..checks import UsageError
-from .lora import LORA_A, LORA_B, config_dict, lora_file_prefix, lora_modules, read_lora, write_lora
+from .lora_files import LORA_A, LORA_B, config_dict, lora_file_prefix, lora_modules, read_lora, write_lora
 
 __all__ = ["merge_lora_files", "merge_loras", "scale_lora", "scale_lora_files"]
 

@@ -38,7 +38,7 @@ from torch.utils.checkpoint import checkpoint
 from ..chain import Chain
 from ..checks import UsageError
 from ..denoiser import Denoiser
-from ..solvers import DPMSolverPP, solver_from_scheduler
+from ..solvers import DPMSolverPP
 from .checkpoints import write_json
 from .config import BASE_DTYPES, FinetuneConfig, FinetuneTask
 from .lora import add_lora, load_lora, lora_layers, lora_parameters
@@ -176,7 +176,7 @@ class ShortFT(Method):
                                   target_modules=cfg.target_modules, init_seed=cfg.seed + j)
                    for j, name in enumerate(names)}
         self.cfg, self.ends = cfg, segment_ends(cfg.steps, cfg.segments)
-        solver = solver_from_scheduler(task.scheduler, cfg.steps)
+        solver = task.solver(cfg.steps)
         self.timestep_lora = TimestepLoRA(model, names, [int(solver.timesteps[e]) for e in self.ends])
         super().__init__(model, {f"lora_{name}": name for name in names}, configs, None, sampled=self.timestep_lora)
         self.adapter_params = [lora_parameters(model, name) for name in names]

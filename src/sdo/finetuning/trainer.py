@@ -37,7 +37,6 @@ from ..checks import NonFiniteError, UsageError
 from ..denoiser import Denoiser
 from ..gradients import strategy_for
 from ..sampling import sample
-from ..solvers import solver_from_scheduler
 from .anchor import Anchored
 from .checkpoints import (
     latest_checkpoint,
@@ -115,7 +114,7 @@ class TrainingRun:
                                            weight_decay=cfg.weight_decay)
         self.lr_scheduler = get_scheduler(cfg.lr_scheduler, self.optimizer, num_warmup_steps=cfg.warmup,
                                           num_training_steps=cfg.updates)
-        self.solver = self.wrapped.solver = solver_from_scheduler(task.scheduler, cfg.steps, eta=cfg.eta)
+        self.solver = self.wrapped.solver = task.solver(cfg.steps, eta=cfg.eta)
         self.dtype = BASE_DTYPES[cfg.base_dtype]
         self.step, self.skipped, self.in_a_row, self.seconds = 0, 0, 0, 0.0
         # the hacking guard; (update, LoRA tensors) of the last passing check; whether the latest check failed

@@ -9,6 +9,7 @@ from collections.abc import Sequence
 import torch
 
 from ..backbones.conditioning import task_scheduler, text_conditioning
+from ..backbones.families import flow_schedule
 from ..checks import UsageError
 from ..embedded.judge import DigitJudge
 from ..finetuning.config import FinetuneTask
@@ -105,6 +106,7 @@ def pipeline_task(pipe, prompts: Sequence[str], reward, guidance_scale: float = 
 
     channels = pipe.denoiser.config.in_channels
     side = pipe.image_size // 2 ** (len(pipe.vae.config.block_out_channels) - 1)
-    return FinetuneTask(pipe.denoiser, task_scheduler(pipe.scheduler, scheduler), prompts, encode,
-                        (channels, side, side), reward,
-                        decode=VAEDecoder(pipe.vae, checkpoint=vae_checkpoint), few_step=few_step)
+    chosen = task_scheduler(pipe.scheduler, scheduler)
+    return FinetuneTask(pipe.denoiser, chosen, prompts, encode, (channels, side, side), reward,
+                        decode=VAEDecoder(pipe.vae, checkpoint=vae_checkpoint), few_step=few_step,
+                        schedule=lambda steps: flow_schedule(pipe, steps, chosen))

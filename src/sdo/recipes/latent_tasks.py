@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 
 from ..backbones.conditioning import task_scheduler, text_conditioning
+from ..backbones.families import flow_schedule
 from ..backbones.pipeline import Pipeline, load_image
 from ..backbones.vae import VAEDecoder, decoded
 from ..chain import Chain, step_range
@@ -62,8 +63,9 @@ class TaskResult:
 def _chain(pipe: Pipeline, prompt: str, steps: int, guidance_scale: float, scheduler: str | None) -> Chain:
     """The task's chain: ``scheduler`` (see :func:`sdo.backbones.task_scheduler`) over the pipeline's backbone,
     conditioned on ``prompt`` as its pipeline does (:func:`sdo.backbones.text_conditioning`)."""
-    return Chain.from_diffusers(pipe.denoiser, task_scheduler(pipe.scheduler, scheduler), steps,
-                                **text_conditioning(pipe, prompt, guidance_scale))
+    chosen = task_scheduler(pipe.scheduler, scheduler)
+    return Chain.from_diffusers(pipe.denoiser, chosen, steps, **text_conditioning(pipe, prompt, guidance_scale),
+                                **flow_schedule(pipe, steps, chosen))
 
 
 def _where(chain: Chain, start: int) -> dict:
@@ -80,6 +82,12 @@ def _invert(chain: Chain, latents: torch.Tensor, start: int, task: str) -> torch
         raise UsageError(f"{err}. Pass scheduler='ddim' (command line: --scheduler ddim) to invert and sample "
                          "with DDIM") from None
     return invert(chain, latents, start)
+
+
+def _encoded(pipe: Pipeline, decode: VAEDecoder, image: torch.Tensor) -> torch.Tensor:
+    """The latents of ``image``, in the denoiser's dtype (a VAE kept in float32 under a float16 base, as SDXL's
+    ``force_upcast`` asks, encodes in float32)."""
+    return decode.encode(image).to(next(pipe.denoiser.parameters()).dtype)
 
 
 def _replay(generator: torch.Generator) -> torch.Generator:
@@ -132,7 +140,7 @@ def edit(pipe: Pipeline, clip, clip_tokenizer, image: torch.Tensor, prompt: str,
     start = step_at(chain, start_t)
     decode = VAEDecoder(pipe.vae, checkpoint=checkpoint_vae)
     image = image.to(pipe.device)
-    latents = decode.encode(image)
+    latents = _encoded(pipe, decode, image)
     latent = _invert(chain, latents, start, "edit")
     clip_term = CLIPTextSimilarity(clip, prompt, clip_tokenizer)
     objective = WeightedSum([(1.0, clip_term), (lam, Fidelity(image.float()))])
@@ -185,7 +193,7 @@ def aesthetic(pipe: Pipeline, clip, head: str | Path, prompt: str, *, image: tor
     if image is None:
         latent = _noise_latent(pipe, chain, start, gen)
     else:
-        latent = _invert(chain, decode.encode(image.to(pipe.device)), start, "aesthetic")
+        latent = _invert(chain, _encoded(pipe, decode, image.to(pipe.device)), start, "aesthetic")
     _, before = _before(chain, latent, start, decode, _replay(gen))
     after, result = _optimize(chain, latent, start, scorer, decode, strategy, iterations, lr, progress,
                               generator=gen)

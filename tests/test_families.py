@@ -1,0 +1,177 @@
+"""SDXL, SD3 and FLUX.1 pipeline folders (tiny components built from config with fixed seeds, tokenizers written by
+the test: tests/tiny.py): the sdo chain equals each diffusers pipeline's own sample, SDO's gradient equals a
+hand-written loop over the pipeline's scheduler and denoiser, every latent task lowers its loss, and a fine-tuned
+LoRA loads into the pipeline with its own ``load_lora_weights``."""
+
+import dataclasses
+
+import pytest
+import tiny
+import torch
+from test_task_backbones import PROMPT, _run
+
+import sdo
+from sdo import backbones
+from sdo.backbones.families import flow_schedule
+from sdo.recipes import latent_tasks as tasks
+from sdo.sampling import sample
+
+BUILDERS = {"sdxl": tiny.save_sdxl, "sd3": tiny.save_sd3, "flux": tiny.save_flux}
+GUIDANCE = {"sdxl": 2.0, "sd3": 2.0, "flux": 3.5}  # FLUX.1-dev: the guidance scale is the transformer's input
+STEPS = 4
+
+
+@pytest.fixture(scope="module")
+def folders(tmp_path_factory):
+    return {name: build(tmp_path_factory.mktemp(name)) for name, build in BUILDERS.items()}
+
+
+def _pack(x):
+    b, c, h, w = x.shape
+    return x.reshape(b, c, h // 2, 2, w // 2, 2).permute(0, 2, 4, 1, 3, 5).reshape(b, h * w // 4, 4 * c)
+
+
+def _unpack(x, c, h, w):
+    return x.reshape(x.shape[0], h // 2, w // 2, c, 2, 2).permute(0, 3, 1, 4, 2, 5).reshape(x.shape[0], c, h, w)
+
+
+def _latent(pipe, seed=0, dtype=torch.float32):
+    side = pipe.image_size // 2 ** (len(pipe.vae.config.block_out_channels) - 1)
+    return torch.randn(1, pipe.denoiser.config.in_channels, side, side, generator=torch.Generator().manual_seed(seed),
+                       dtype=dtype)
+
+
+@pytest.mark.parametrize("guided", [False, True])
+@pytest.mark.parametrize("name", list(BUILDERS))
+def test_the_chain_is_the_diffusers_pipeline(folders, name, guided):
+    """From the same latents, sdo's no-grad sample equals the pipeline's ``output_type="latent"`` output: SDXL's
+    two towers, pooled embedding and time ids; SD3's three encoders and shifted flow schedule; FLUX's packed
+    sequence, ids, guidance input and size-dependent shift (its output unpacked)."""
+    from diffusers import DiffusionPipeline
+
+    pipe = backbones.load_pipeline(folders[name])
+    scale = GUIDANCE[name] if guided else 1.0
+    chain = tasks._chain(pipe, PROMPT, 4, scale, None)
+    assert chain.denoiser.guided == (guided and name != "flux")  # FLUX-dev embeds its guidance, runs no CFG
+    x = _latent(pipe)
+    with torch.no_grad():
+        ours = sample(chain, x * chain.init_noise_sigma)
+    reference = DiffusionPipeline.from_pretrained(folders[name], local_files_only=True)
+    assert type(reference).__name__ == pipe.name
+    size = pipe.image_size
+    expected = reference(PROMPT, num_inference_steps=4, guidance_scale=scale, height=size, width=size,
+                         latents=_pack(x) if name == "flux" else x.clone(), output_type="latent").images
+    if name == "flux":
+        expected = _unpack(expected, *x.shape[1:])
+    torch.testing.assert_close(ours, expected, rtol=1e-4, atol=1e-5)
+    if name == "sdxl":
+        cond = backbones.text_conditioning(pipe, PROMPT, scale)["cond"]
+        assert cond["added_cond_kwargs"]["time_ids"].tolist() == [[size, size, 0, 0, size, size]]
+
+
+def _reference_loop(name, pipe, source, x, keep: int):
+    """The pipeline's own scheduler and denoiser in a hand-written loop (Fig. 4 of the SDO paper): a fresh,
+    stateful scheduler, only the call ``keep`` under grad, classifier-free guidance written out, FLUX's packing
+    done here."""
+    scheduler = type(pipe.scheduler).from_config(pipe.scheduler.config)
+    scheduler.set_timesteps(STEPS, **flow_schedule(pipe, STEPS))
+    kwargs = backbones.text_conditioning(pipe, PROMPT, GUIDANCE[name])
+    cond, uncond = kwargs["cond"], kwargs.get("uncond")
+    model = source.transformer if name == "flux" else pipe.denoiser
+    if name == "flux":
+        c, h, w = x.shape[1:]
+        ids = torch.stack(torch.meshgrid(torch.zeros(1), torch.arange(h // 2.0), torch.arange(w // 2.0),
+                                         indexing="ij"), -1).reshape(-1, 3).double()
+        x = _pack(x)
+    for i, t in enumerate(scheduler.timesteps):
+        with torch.set_grad_enabled(i == keep):
+            if name == "flux":
+                out = model(hidden_states=x, timestep=t.expand(1).double() / 1000, guidance=cond["guidance"],
+                            pooled_projections=cond["pooled_projections"],
+                            encoder_hidden_states=cond["encoder_hidden_states"], img_ids=ids,
+                            txt_ids=torch.zeros(cond["encoder_hidden_states"].shape[1], 3).double()).sample
+            else:
+                both = {k: (torch.cat([uncond[k], cond[k]]) if torch.is_tensor(cond[k]) else
+                            {j: torch.cat([uncond[k][j], cond[k][j]]) for j in cond[k]}) for k in cond}
+                model_in = torch.cat([x, x])
+                model_in = scheduler.scale_model_input(model_in, t) if name == "sdxl" else model_in
+                u, c_ = model(model_in, timestep=t.expand(2), **both).sample.chunk(2)
+                out = u + GUIDANCE[name] * (c_ - u)
+        x = scheduler.step(out, t, x).prev_sample
+    return _unpack(x, c, h, w) if name == "flux" else x
+
+
+@pytest.mark.parametrize("name", list(BUILDERS))
+def test_sdo_gradient_equals_a_hand_written_loop_over_the_pipeline(folders, name):
+    """In float64, SDO keeping the graph of step 1 gives the latent and weight gradients of the pipeline's own
+    scheduler and denoiser run by hand with only that call under ``set_grad_enabled`` (and not those of step 2)."""
+    from diffusers import DiffusionPipeline
+
+    pipe = backbones.load_pipeline(folders[name], dtype=torch.float64)
+    source = DiffusionPipeline.from_pretrained(folders[name], local_files_only=True, torch_dtype=torch.float64)
+    chain = tasks._chain(pipe, PROMPT, STEPS, GUIDANCE[name], None)
+    weight = torch.randn(_latent(pipe).shape, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    params = [p for p in pipe.denoiser.parameters()][-3:]  # the output layers: their gradient exists at any step
+    for p in params:
+        p.requires_grad_(True)
+
+    def grads(run):
+        x = (_latent(pipe, dtype=torch.float64) * chain.init_noise_sigma).requires_grad_(True)
+        return torch.autograd.grad((run(x) * weight).sum(), [x, *params])
+
+    ours = grads(lambda x: sample(chain, x, strategy=sdo.Shortcut(at=1)))
+    if name == "flux":
+        source.transformer = pipe.denoiser.transformer  # the same weights (with requires_grad set) by hand
+    reference = grads(lambda x: _reference_loop(name, pipe, source, x, keep=1))
+    for a, b in zip(ours, reference, strict=True):  # the schedulers' steps compute in float32 inside
+        torch.testing.assert_close(a, b, rtol=2e-5, atol=2e-5 * b.abs().max().item())
+    assert all(g.abs().sum() > 0 for g in ours)
+    other = grads(lambda x: _reference_loop(name, pipe, source, x, keep=2))
+    assert not torch.allclose(ours[0], other[0], rtol=1e-3)
+
+
+@pytest.mark.parametrize("task", ["style", "aesthetic", "adversarial", "edit"])
+@pytest.mark.parametrize("name", list(BUILDERS))
+def test_latent_tasks_lower_their_loss(folders, clip, tokenizer, classifier_folder, head, name, task):
+    """Every latent task on every family, with its guidance; the edit inverts with DDIM on SDXL (its Euler
+    scheduler re-scales the input) and with the flow Euler scheduler on SD3 and FLUX."""
+    pipe = backbones.load_pipeline(folders[name])
+    if name == "flux":  # FLUX's default 128 latent rows: 256 px with this VAE; 16 px keeps the test fast
+        pipe = dataclasses.replace(pipe, image_size=16)
+    scheduler = "ddim" if task == "edit" and name == "sdxl" else None
+    out = _run(task, pipe, clip, tokenizer, classifier_folder, head, steps=4, iterations=3, lr=0.1,
+               guidance_scale=GUIDANCE[name], scheduler=scheduler, progress=False)
+    losses = out.optimization.losses
+    assert losses[-1] < losses[0], losses
+    assert out.before.shape == out.after.shape == (1, 3, pipe.image_size, pipe.image_size)
+    assert torch.isfinite(out.after).all()
+
+
+@pytest.mark.parametrize("name", list(BUILDERS))
+def test_finetune_command_on_each_family_and_the_pipeline_loads_its_lora(folders, clip, tokenizer, tmp_path, name):
+    """`sdo finetune --model FOLDER` runs end to end; the pipeline's own ``load_lora_weights`` reads the LoRA (keys
+    under ``unet.`` or ``transformer.``) and its denoiser then gives the tuned output, not the base's."""
+    from diffusers import DiffusionPipeline
+
+    from sdo.cli import main
+
+    clip.save_pretrained(tmp_path / "clip")
+    tokenizer.save_pretrained(tmp_path / "clip")
+    out = tmp_path / "run"
+    code = main(["finetune", "--model", str(folders[name]), "--clip", str(tmp_path / "clip"), "--prompts",
+                 "a red square|a blue circle", "--steps", "2", "--updates", "2", "--batch-size", "1", "--lr", "0.05",
+                 "--guidance-scale", str(GUIDANCE[name]), "--sample-every", "0", "--eval-count", "1",
+                 "--sample-count", "1", "--guard-every", "0", "--output", str(out), "--no-progress"])
+    assert code == 0 and (out / "lora" / "pytorch_lora_weights.safetensors").is_file()
+    source = DiffusionPipeline.from_pretrained(folders[name], local_files_only=True)
+    model = source.transformer if name == "flux" else getattr(source, "unet", None) or source.transformer
+    pipe = backbones.load_pipeline(folders[name])
+    cond = backbones.text_conditioning(pipe, "a red square", GUIDANCE[name])["cond"]
+    x = _latent(pipe)
+    denoiser = backbones.families.family_denoiser(pipe.name, model)
+    with torch.no_grad():
+        base = denoiser(x, timestep=torch.tensor([500.0]), **cond)
+        source.load_lora_weights(out / "lora", adapter_name="tuned")
+        tuned = denoiser(x, timestep=torch.tensor([500.0]), **cond)
+    base, tuned = (getattr(o, "sample", o) for o in (base, tuned))
+    assert (tuned - base).abs().max() > 1e-6
