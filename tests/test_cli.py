@@ -232,7 +232,7 @@ def test_bench_rejects_bad_arguments(argv, message, capsys):
 
 def test_bench_needs_an_existing_config_and_sdo(tmp_path, capsys):
     assert main(["bench", "--model", str(tmp_path / "missing.json"), "--output", str(tmp_path / "o")]) == 2
-    assert "no such UNet config" in capsys.readouterr().err
+    assert "no such model config" in capsys.readouterr().err
     assert main(["bench", "--strategies", "full,adjoint", "--output", str(tmp_path / "o")]) == 2
     assert "keep 'sdo'" in capsys.readouterr().err
 

@@ -175,3 +175,76 @@ def test_finetune_command_on_each_family_and_the_pipeline_loads_its_lora(folders
         tuned = denoiser(x, timestep=torch.tensor([500.0]), **cond)
     base, tuned = (getattr(o, "sample", o) for o in (base, tuned))
     assert (tuned - base).abs().max() > 1e-6
+
+
+@pytest.mark.parametrize("name", list(BUILDERS))
+def test_bench_builds_each_family_from_its_config(folders, tmp_path, name):
+    """`sdo bench --model CONFIG` (the GPU cost script's path: benchmarks/gpu_families.sh) on the tiny configs: the
+    family's latent and conditioning shapes, a LoRA's gradient in the weight rows, the blocks' own checkpointing."""
+    import json
+
+    from sdo.cli import main
+
+    sub = "unet" if name == "sdxl" else "transformer"
+    config = json.loads((folders[name] / sub / "config.json").read_text())
+    if name == "flux":  # FLUX's own config has no sample size (1024 px by default): 8 latent rows here
+        config["sample_size"] = 8
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    out = tmp_path / "bench"
+    assert main(["bench", "--model", str(tmp_path / "config.json"), "--quick", "--strategies", "sdo,truncated",
+                 "--lora", "2", "--block-checkpointing", "--no-fidelity", "--sweep", "none", "--guidance-scales",
+                 "none", "--quality-iterations", "0", "--output", str(out), "--no-progress"]) == 0
+    results = json.loads((out / "bench.json").read_text())
+    assert results["meta"]["latent_shape"] == [2, 4 if name == "sdxl" else 16, 8, 8]
+    assert "LoRA rank 2" in results["meta"]["model"] and "checkpointing inside its blocks" in results["meta"]["model"]
+    for row in ("sdo", "sdo+params", "truncated+params"):
+        assert results["main"][row]["forward"] == 5 and results["main"][row]["backward"] == 1
+    assert "fidelity" not in results and "depth" not in results
+
+
+def test_the_committed_real_size_configs_build_the_models_of_the_docs():
+    """benchmarks/configs: every key a constructor argument, and the parameter counts docs/tasks.md states (SDXL's
+    UNet 2.567 B, SD3.5-medium's transformer 2.243 B, FLUX.1-dev's 11.901 B), built on the meta device."""
+    import json
+    from pathlib import Path
+
+    import diffusers
+    from accelerate import init_empty_weights
+
+    folder = Path(__file__).resolve().parents[1] / "benchmarks" / "configs"
+    for file, billions in (("sdxl_unet", 2.567), ("sd35_medium_transformer", 2.243), ("flux1_dev_transformer", 11.901)):
+        config = json.loads((folder / f"{file}.json").read_text())
+        cls = getattr(diffusers, config.pop("_class_name"))
+        assert cls.extract_init_dict(config)[1] == {}
+        with init_empty_weights():
+            model = cls.from_config(config)
+        assert round(sum(p.numel() for p in model.parameters()) / 1e9, 3) == billions
+    with pytest.raises(sdo.UsageError, match="config class 'PixArtTransformer2DModel' is not one sdo builds"):
+        backbones.families.random_backbone({"_class_name": "PixArtTransformer2DModel"})
+
+
+def test_block_checkpointing_gives_the_same_lora_with_the_blocks_recomputed(folders, clip, tokenizer, tmp_path):
+    """FinetuneConfig(block_checkpointing=True) turns on the denoiser's own checkpointing (SDXL's UNet here): the
+    same LoRA after two updates as without it."""
+    from sdo.finetuning import FinetuneConfig, finetune
+    from sdo.finetuning.lora_files import read_lora
+    from sdo.objectives.clip import CLIPTextSimilarity
+    from sdo.recipes.finetune_tasks import pipeline_task
+
+    def reward(images, prompts):
+        return 1 - CLIPTextSimilarity(clip, list(prompts), tokenizer)(images)
+
+    loras = []
+    for blocks in (False, True):
+        pipe = backbones.load_pipeline(folders["sdxl"])
+        task = pipeline_task(pipe, ["a red square", "a blue circle"], reward, guidance_scale=2.0)
+        cfg = FinetuneConfig(output=tmp_path / str(blocks), updates=2, steps=2, batch_size=2, lr=0.05,
+                             guidance_scale=2.0, block_checkpointing=blocks, sample_every=0, eval_count=1,
+                             sample_count=1, eval_scales=(1.0,), guard_every=0, progress=False, cpu=True)
+        finetune(task, cfg)
+        assert pipe.denoiser.is_gradient_checkpointing == blocks
+        loras.append(read_lora(tmp_path / str(blocks) / "lora")[0])
+    assert loras[0].keys() == loras[1].keys()
+    for key, value in loras[0].items():
+        torch.testing.assert_close(loras[1][key], value, rtol=1e-5, atol=1e-7)
+    assert any(v.abs().max() > 0 for k, v in loras[0].items() if "lora_B" in k)  # the LoRA did move

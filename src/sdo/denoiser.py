@@ -16,7 +16,18 @@ import torch
 
 from .checks import UsageError, check_finite, check_number
 
-__all__ = ["Denoiser", "map_tensors"]
+__all__ = ["Denoiser", "checkpoint_blocks", "map_tensors"]
+
+
+def checkpoint_blocks(model) -> None:
+    """Turn on ``model``'s own gradient checkpointing inside its blocks (diffusers' ``enable_gradient_checkpointing``):
+    a call that keeps a graph stores each block's input only and recomputes the rest in backward, the same gradient
+    for less memory (what the one graph-keeping call of SDO needs at SDXL/FLUX size). A model without it is a
+    :class:`~sdo.checks.UsageError`."""
+    if not getattr(model, "_supports_gradient_checkpointing", False):
+        raise UsageError(f"{type(model).__name__} has no gradient checkpointing of its own (diffusers' "
+                         "enable_gradient_checkpointing); run without block checkpointing")
+    model.enable_gradient_checkpointing()
 
 
 def map_tensors(fn, value, leaf: type | None = None):

@@ -22,13 +22,15 @@ Classifier-free guidance runs for ``guidance_scale > 1`` on the negative branch,
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from types import SimpleNamespace
 
 import torch
 
 from ..checks import UsageError, check_prompts
 
-__all__ = ["FAMILIES", "FluxDenoiser", "family", "family_conditioning", "family_denoiser", "flow_schedule"]
+__all__ = ["FAMILIES", "FluxDenoiser", "RandomBackbone", "family", "family_conditioning", "family_denoiser",
+           "flow_schedule", "random_backbone"]
 
 #: the diffusers pipeline classes conditioned here -> the family name
 FAMILIES = {"StableDiffusionXLPipeline": "sdxl", "StableDiffusion3Pipeline": "sd3", "FluxPipeline": "flux"}
@@ -53,6 +55,14 @@ class FluxDenoiser(torch.nn.Module):
     @property
     def lora_model(self) -> torch.nn.Module:
         return self.transformer
+
+    @property
+    def _supports_gradient_checkpointing(self) -> bool:
+        return bool(getattr(self.transformer, "_supports_gradient_checkpointing", False))
+
+    def enable_gradient_checkpointing(self) -> None:
+        """The transformer's own checkpointing inside its blocks (:func:`sdo.denoiser.checkpoint_blocks`)."""
+        self.transformer.enable_gradient_checkpointing()
 
     def forward(self, sample, timestep=None, encoder_hidden_states=None, pooled_projections=None, guidance=None):
         b, c, h, w = sample.shape
@@ -83,23 +93,28 @@ def flow_schedule(pipe, steps: int, scheduler=None) -> dict:
     scheduler = pipe.scheduler if scheduler is None else scheduler
     if type(scheduler).__name__ != "FlowMatchEulerDiscreteScheduler":
         return {}
-    config, kind = scheduler.config, family(pipe)
+    kind = family(pipe)
     side = pipe.image_size // 2 ** (len(pipe.vae.config.block_out_channels) - 1)
+    patch = 2 if kind == "flux" else int(getattr(pipe.denoiser.config, "patch_size", 1) or 1)
+    return _flow_extras(scheduler.config, steps, (side // patch) ** 2, flux=kind == "flux")
+
+
+def _flow_extras(config, steps: int, tokens: int, flux: bool) -> dict:
     out = {}
-    if kind == "flux" and not config.get("use_flow_sigmas", False):
+    if flux and not config.get("use_flow_sigmas", False):
         out["sigmas"] = [1.0 - i * (1.0 - 1.0 / steps) / max(steps - 1, 1) for i in range(steps)]
     if config.get("use_dynamic_shifting", False):
         from diffusers.pipelines.flux.pipeline_flux import calculate_shift
 
-        patch = 2 if kind == "flux" else int(getattr(pipe.denoiser.config, "patch_size", 1) or 1)
-        out["mu"] = calculate_shift((side // patch) ** 2, config.get("base_image_seq_len", 256),
+        out["mu"] = calculate_shift(tokens, config.get("base_image_seq_len", 256),
                                     config.get("max_image_seq_len", 4096), config.get("base_shift", 0.5),
                                     config.get("max_shift", 1.15))
     return out
 
 
 def family(pipe) -> str | None:
-    """The family of a :class:`~sdo.backbones.Pipeline` conditioned here (``"sdxl"``, ``"sd3"``), or None."""
+    """The family of a :class:`~sdo.backbones.Pipeline` conditioned here (``"sdxl"``, ``"sd3"``, ``"flux"``), or
+    None."""
     return FAMILIES.get(pipe.name)
 
 
@@ -150,3 +165,76 @@ def _flux(pipe, prompt: str, guidance_scale: float) -> tuple[dict, dict]:
     if pipe.denoiser.config.guidance_embeds:  # dev: the guidance scale is an input; schnell: no guidance at all
         cond["guidance"] = torch.full([1], float(guidance_scale), device=pipe.device, dtype=torch.float32)
     return cond, {}
+
+
+@dataclass
+class RandomBackbone:
+    """A denoiser built from a diffusers config with random weights, as its pipeline would call it: what
+    ``sdo bench --model CONFIG`` measures (real-size costs without downloading a checkpoint)."""
+
+    denoiser: torch.nn.Module  # FLUX's transformer inside a FluxDenoiser
+    scheduler: object  # the family's default scheduler
+    cond: dict  # conditioning of the family's shapes (random text states, pooled embeddings, ids, guidance)
+    latent_shape: tuple[int, int, int]  # (C, h, w) at the config's sample size (FLUX: 128 unless it gives one)
+    description: str
+
+    def schedule(self, steps: int) -> dict:
+        """The scheduler's extra ``set_timesteps`` arguments for ``steps`` steps (FLUX's sigmas and mu)."""
+        if type(self.scheduler).__name__ != "FlowMatchEulerDiscreteScheduler":
+            return {}
+        flux = isinstance(self.denoiser, FluxDenoiser)
+        patch = 2 if flux else int(getattr(self.denoiser.config, "patch_size", 1) or 1)
+        tokens = (self.latent_shape[1] // patch) * (self.latent_shape[2] // patch)
+        return _flow_extras(self.scheduler.config, steps, tokens, flux=flux)
+
+
+def random_backbone(config: dict, device="cpu", dtype: torch.dtype = torch.float32, seed: int = 0) -> RandomBackbone:
+    """The denoiser of a diffusers ``config`` (its ``_class_name``: UNet2DModel, UNet2DConditionModel with or without
+    SDXL's ``text_time`` conditioning, SD3Transformer2DModel, FluxTransformer2DModel) with random weights from
+    ``seed``, its family's scheduler and conditioning of its shapes: SD's 77 text tokens, SDXL's pooled embedding and
+    time ids, SD3's 333 joint tokens and pooled projections (77 CLIP + 256 T5), FLUX's 512 T5 tokens, pooled CLIP
+    and guidance 3.5. FLUX's config has no sample size: its latents are 128 x 128 (1024 px) unless the config
+    gives ``sample_size``."""
+    import diffusers
+
+    config = dict(config)
+    name = config.pop("_class_name", "UNet2DModel")
+    if name not in ("UNet2DModel", "UNet2DConditionModel", "SD3Transformer2DModel", "FluxTransformer2DModel"):
+        raise UsageError(f"config class {name!r} is not one sdo builds; give a UNet2DModel, UNet2DConditionModel, "
+                         "SD3Transformer2DModel or FluxTransformer2DModel config")
+    side = int(config.pop("sample_size", 128)) if name == "FluxTransformer2DModel" else None  # FLUX's has none
+    torch.manual_seed(seed)
+    model = getattr(diffusers, name).from_config(config).to(device, dtype).eval().requires_grad_(False)
+    gen = torch.Generator().manual_seed(seed)
+
+    def rand(*shape):
+        return torch.randn(*shape, generator=gen).to(device, dtype)
+
+    c, cond = model.config, {}
+    if name == "FluxTransformer2DModel":
+        scheduler = diffusers.FlowMatchEulerDiscreteScheduler(shift=3.0, use_dynamic_shifting=True, base_shift=0.5,
+                                                              max_shift=1.15)
+        cond = {"encoder_hidden_states": rand(1, 512, c.joint_attention_dim),
+                "pooled_projections": rand(1, c.pooled_projection_dim)}
+        if c.guidance_embeds:
+            cond["guidance"] = torch.full([1], 3.5, device=device)
+        return RandomBackbone(FluxDenoiser(model), scheduler, cond, (c.in_channels // 4, side, side),
+                              f"{name} (random weights), FlowMatchEuler with FLUX's shift, {8 * side} px")
+    size = c.sample_size if isinstance(c.sample_size, int) else c.sample_size[0]
+    if name == "SD3Transformer2DModel":
+        scheduler = diffusers.FlowMatchEulerDiscreteScheduler(shift=3.0)
+        cond = {"encoder_hidden_states": rand(1, 333, c.joint_attention_dim),
+                "pooled_projections": rand(1, c.pooled_projection_dim)}
+    else:
+        scheduler = diffusers.DDIMScheduler(clip_sample=False)
+        if name == "UNet2DConditionModel":
+            cond["encoder_hidden_states"] = rand(1, 77, c.cross_attention_dim)
+            if c.addition_embed_type == "text_time":  # SDXL: pooled text and six size/crop ids
+                pooled = c.projection_class_embeddings_input_dim - 6 * c.addition_time_embed_dim
+                cond["added_cond_kwargs"] = {"text_embeds": rand(1, pooled),
+                                             "time_ids": torch.tensor([[8.0 * size] * 2 + [0.0] * 2 + [8.0 * size] * 2],
+                                                                      device=device, dtype=dtype)}
+        if c.get("num_class_embeds"):
+            cond["class_labels"] = torch.zeros(1, dtype=torch.long, device=device)
+    return RandomBackbone(model, scheduler, cond, (c.in_channels, size, size),
+                          f"{name} (random weights), {type(scheduler).__name__}")

@@ -65,8 +65,18 @@ def build_parser() -> argparse.ArgumentParser:
                            "gradient per strategy, a sweep over N and gradient norms against depth (Fig. 11a); writes "
                            "bench.json, bench.md, PNGs and index.html.")
     bench.add_argument("--model", default="digits",
-                       help="'digits' (the embedded UNet, default) or a diffusers UNet2DModel / UNet2DConditionModel "
-                       "config JSON, built with random weights (e.g. an SD-1.5-sized UNet on a GPU)")
+                       help="'digits' (the embedded UNet, default) or a diffusers config JSON of a UNet2DModel, "
+                       "UNet2DConditionModel (SD, SDXL), SD3Transformer2DModel or FluxTransformer2DModel, built with "
+                       "random weights (real-size costs on a GPU: benchmarks/configs)")
+    bench.add_argument("--lora", type=non_negative_int, default=0,
+                       help="the weight-gradient rows train a LoRA of this rank on the attention, as fine-tuning "
+                       "does (default 0: every weight)")
+    bench.add_argument("--block-checkpointing", action="store_true",
+                       help="the denoiser's own gradient checkpointing inside its blocks "
+                       "(diffusers' enable_gradient_checkpointing)")
+    bench.add_argument("--no-fidelity", action="store_true",
+                       help="skip the cosines to Full and the norms by depth (they need Full's gradient, which does "
+                       "not fit in memory at SDXL/FLUX size)")
     bench.add_argument("--steps", type=positive_int, default=None, help="N of the main table (default 50)")
     bench.add_argument("--batch", type=positive_int, default=None, help="batch size (default 4)")
     bench.add_argument("--sweep", type=int_list, default=None,
@@ -125,7 +135,8 @@ def _bench(args) -> None:
     sizes = {k: getattr(args, k) if getattr(args, k) is not None else sizes.get(k) for k in _BENCH_QUICK}
     cfg = BenchConfig(
         model=args.model, sweep_repeats=args.sweep_repeats, guidance_scales=args.guidance_scales,
-        params=not args.no_params, memory=not args.no_memory,
+        params=not args.no_params, memory=not args.no_memory, lora=args.lora,
+        block_checkpointing=args.block_checkpointing, fidelity=not args.no_fidelity,
         device=args.device, dtype=args.dtype, seed=args.seed, output=output_folder(args, "sdo-bench"),
         progress=not args.no_progress, **({"strategies": args.strategies} if args.strategies else {}),
         **{k: v for k, v in sizes.items() if v is not None},

@@ -29,6 +29,7 @@ import torch
 from .. import report
 from ..chain import Chain
 from ..checks import UsageError, reading
+from ..denoiser import checkpoint_blocks
 from ..gradients import Strategy, strategy_classes, strategy_for
 from ..gradients.adjoint import Adjoint, reconstruction_error
 from ..guidance import Guidance, guided_sample
@@ -65,7 +66,7 @@ def row_strategy(label: str, n: int, seed: int) -> Strategy:
 
 @dataclass
 class BenchConfig:
-    model: str = "digits"  # "digits" (the embedded UNet) or a diffusers UNet config JSON (random weights)
+    model: str = "digits"  # "digits" (the embedded UNet) or a diffusers denoiser config JSON (random weights)
     steps: int = 50  # N of the main table
     batch: int = 4
     sweep: tuple[int, ...] = (10, 25, 50, 100, 200)  # N values of the sweep (empty: no sweep)
@@ -83,6 +84,9 @@ class BenchConfig:
     quality_iterations: int = 10  # Adam steps of SDO latent optimization in the quality comparison (0: skip it)
     output: Path = field(default_factory=lambda: Path("sdo-bench"))
     progress: bool = True
+    lora: int = 0  # the "+params" rows' weights: a LoRA of this rank on the attention (0: every weight)
+    block_checkpointing: bool = False  # the denoiser's own gradient checkpointing inside its blocks
+    fidelity: bool = True  # cosines to Full and norms by depth (they need Full's gradient)
 
     def __post_init__(self):
         unknown = [s for s in self.strategies if s not in bench_rows()]
@@ -95,7 +99,7 @@ class BenchConfig:
         if self.quality_iterations < 0 or self.time_travel < 1:
             raise UsageError("quality_iterations must be >= 0 and time_travel >= 1")
         if self.model != "digits" and not Path(self.model).is_file():
-            raise FileNotFoundError(f"{self.model}: no such UNet config file (or use --model digits)")
+            raise FileNotFoundError(f"{self.model}: no such model config file (or use --model digits)")
         self.output = Path(self.output)
 
 
@@ -106,12 +110,14 @@ class Setup:
     x: torch.Tensor
     objective: Callable[[torch.Tensor], torch.Tensor]
     description: str
+    params: tuple = ()  # the weights of the "+params" rows: every weight, or the LoRA's
 
 
 def build(cfg: BenchConfig, n: int) -> Setup:
     """The frozen model, an N-step DDIM chain, the latent batch and the objective."""
     dtype = getattr(torch, cfg.dtype)
     gen = torch.Generator().manual_seed(cfg.seed)
+    schedule = {}  # a flow schedule's extra set_timesteps arguments (FLUX's sigmas and mu)
     if cfg.model == "digits":
         from ..embedded import load_digits
 
@@ -127,34 +133,35 @@ def build(cfg: BenchConfig, n: int) -> Setup:
         shape = (cfg.batch, 1, m.image_size, m.image_size)
         description = "embedded digits UNet2DModel (1x16x16, class-conditional), its DDIM scheduler"
     else:
-        from diffusers import DDIMScheduler, UNet2DConditionModel, UNet2DModel
+        from ..backbones.families import random_backbone
 
-        with reading(cfg.model, "the UNet config"):
+        with reading(cfg.model, "the model config"):
             config = json.loads(Path(cfg.model).read_text())
-            cls = UNet2DConditionModel if config.get("_class_name") == "UNet2DConditionModel" else UNet2DModel
-            torch.manual_seed(cfg.seed)
-            model = cls.from_config(config).to(cfg.device)
-        if dtype != torch.float32:
-            model = model.to(dtype)
-        scheduler = DDIMScheduler(clip_sample=False)
-        cond = {}
-        if cls is UNet2DConditionModel:
-            dim = model.config.cross_attention_dim
-            cond["encoder_hidden_states"] = torch.randn(1, 77, dim, generator=gen).to(cfg.device, dtype)
-        if model.config.get("num_class_embeds"):
-            cond["class_labels"] = torch.arange(cfg.batch, device=cfg.device) % model.config.num_class_embeds
+        built = random_backbone(config, cfg.device, dtype, cfg.seed)
+        model, scheduler, cond, schedule = built.denoiser, built.scheduler, built.cond, built.schedule(n)
 
         def objective(x0):
             return x0.float().pow(2).flatten(1).mean(1)
 
-        size = model.config.sample_size
-        size = size if isinstance(size, int) else size[0]
-        shape = (cfg.batch, model.config.in_channels, size, size)
-        description = f"{cls.__name__} from {Path(cfg.model).name} (random weights), DDIMScheduler(clip_sample=False)"
+        shape = (cfg.batch, *built.latent_shape)
+        description = f"{built.description} from {Path(cfg.model).name}"
     model.eval().requires_grad_(False)
-    chain = Chain.from_diffusers(model, scheduler, n, cond=cond)
-    x = torch.randn(shape, generator=gen).to(cfg.device, dtype)
-    return Setup(model, chain, x, objective, description)
+    params = tuple(model.parameters())
+    if cfg.lora:  # the "+params" rows: the gradient of a rank-`lora` LoRA on the attention (float32), not every weight
+        from ..finetuning.lora import add_lora, lora_parameters
+
+        add_lora(model, rank=cfg.lora, init_seed=cfg.seed)
+        params = tuple(lora_parameters(model))
+        for p in params:
+            torch.nn.init.normal_(p, std=0.01)  # a trained LoRA's, not B = 0 (which would hide A's gradient)
+            p.requires_grad_(False)
+        description += f", LoRA rank {cfg.lora}"
+    if cfg.block_checkpointing:  # recompute inside the blocks of every call that keeps a graph
+        checkpoint_blocks(model)
+        description += ", checkpointing inside its blocks"
+    chain = Chain.from_diffusers(model, scheduler, n, cond=cond, **schedule)
+    x = torch.randn(shape, generator=gen).to(cfg.device, dtype) * chain.init_noise_sigma
+    return Setup(model, chain, x, objective, description, params)
 
 
 def _job(setup: Setup, label: str, n: int, cfg: BenchConfig) -> Callable:
@@ -162,15 +169,17 @@ def _job(setup: Setup, label: str, n: int, cfg: BenchConfig) -> Callable:
     name, with_params = label.removesuffix("+params"), label.endswith("+params")
     if name == "nograd":
         return bench.latent_gradient(setup.chain, setup.x, None, None)
-    params = tuple(setup.model.parameters()) if with_params else ()
+    params = setup.params if with_params else ()
 
     def run():
         strategy = row_strategy(name, n, cfg.seed)
-        setup.model.requires_grad_(with_params)
+        for p in params:
+            p.requires_grad_(True)
         try:
             return bench.latent_gradient(setup.chain, setup.x, strategy, setup.objective, params=params)()
         finally:
-            setup.model.requires_grad_(False)
+            for p in params:
+                p.requires_grad_(False)
 
     return run
 
@@ -261,13 +270,14 @@ def run_bench(cfg: BenchConfig) -> dict:
     _ratios({k.removesuffix("+params"): v for k, v in results["main"].items() if k.endswith("+params")})
     save()
 
-    named = {s: row_strategy(s, n, cfg.seed) for s in cfg.strategies if s != "full"}
-    fidelity = gradient_fidelity(setup.chain, setup.x, setup.objective, named, seed=cfg.seed)
-    results["fidelity"] = {k: dataclasses.asdict(v) for k, v in fidelity.items()}
-    depths = [d for d in cfg.depths if d <= n]
-    results["depth"] = {"depths": depths, "norms": gradient_norm_by_depth(
-        setup.chain, setup.x, setup.objective, depths, ("full", "sdo", "truncated"), seed=cfg.seed)}
-    save()
+    if cfg.fidelity:
+        named = {s: row_strategy(s, n, cfg.seed) for s in cfg.strategies if s != "full"}
+        fidelity = gradient_fidelity(setup.chain, setup.x, setup.objective, named, seed=cfg.seed)
+        results["fidelity"] = {k: dataclasses.asdict(v) for k, v in fidelity.items()}
+        depths = [d for d in cfg.depths if d <= n]
+        results["depth"] = {"depths": depths, "norms": gradient_norm_by_depth(
+            setup.chain, setup.x, setup.objective, depths, ("full", "sdo", "truncated"), seed=cfg.seed)}
+        save()
 
     if cfg.quality_iterations or cfg.guidance_scales:
         results["quality"] = _quality(cfg, setup)
@@ -279,7 +289,8 @@ def run_bench(cfg: BenchConfig) -> dict:
         swept = setup if m == n else build(cfg, m)
         rows = results["main"] if m == n else _measure(swept, cfg, m, ["nograd", *cfg.strategies], cfg.sweep_repeats)
         results["sweep"][str(m)] = {k: v for k, v in rows.items() if not k.endswith("+params")}
-        results["sweep_fidelity"][str(m)] = _sweep_fidelity(swept, cfg, m, results["fidelity"] if m == n else None)
+        if cfg.fidelity:
+            results["sweep_fidelity"][str(m)] = _sweep_fidelity(swept, cfg, m, results["fidelity"] if m == n else None)
         save()
     results["derived"] = _derived(results, cfg)
     save()

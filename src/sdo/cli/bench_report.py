@@ -29,7 +29,7 @@ def write_report(results: dict, cfg) -> None:
     ns = sorted(int(k) for k in sweep)
     sweep_header = ["strategy", *[f"s N={m}" for m in ns], *([f"MB N={m}" for m in ns] if cfg.memory else [])]
     sweep_rows = []
-    for s in ["nograd", *cfg.strategies]:
+    for s in ["nograd", *cfg.strategies] if ns else []:
         sweep_rows.append([s, *[sweep[str(m)][s]["seconds"] for m in ns],
                            *([sweep[str(m)][s].get("peak_mb", "-") for m in ns] if cfg.memory else [])])
     cost_images, sweep_images, depth_images = ["cost.png"], [], []

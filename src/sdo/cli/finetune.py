@@ -29,7 +29,7 @@ _FLOAT = ("eta", "lr", "weight_decay", "regularizer")
 _OPTIONAL_FLOAT = ("guidance_scale", "max_grad_norm", "alpha", "time_budget")
 _TUPLE = {"betas": float, "target_modules": str, "eval_scales": float}
 _CHOICES = {"base_dtype": ("float32", "bfloat16", "float16")}
-_FLAGS = ("resume", "tensorboard", "cpu", "stop_on_hacking")
+_FLAGS = ("resume", "tensorboard", "cpu", "stop_on_hacking", "block_checkpointing")
 _TASK_KEYS = ("task", "reward", "target", "labels", "ink_weight", "model", "prompts", "clip", "head", "few_step")
 # diffusers.optimization.SchedulerType's names, spelled out so that parsing imports no torch (a test keeps them equal)
 _LR_SCHEDULERS = ("linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup",
@@ -75,12 +75,14 @@ _HELP = {
     "resume": "continue the run in --output from its last checkpoint, with the options it was started with",
     "tensorboard": "also log to TensorBoard, in --output/tensorboard (needs the tensorboard package)",
     "cpu": "stay on the CPU even when a GPU is visible",
+    "block_checkpointing": "recompute inside the denoiser's blocks in backward (diffusers' "
+                           "enable_gradient_checkpointing): the same gradient, less memory at SDXL/SD3/FLUX size",
     "stop_on_hacking": "stop when the guard fails --guard-patience checks in a row (the last passing LoRA is kept "
                        "either way)",
 }
 # options a resumed run may change: how long it runs and what it reports; any other must equal the saved one
 _RESUMABLE = {"updates", "time_budget", "checkpoint_every", "keep_checkpoints", "sample_every", "sample_count",
-              "progress", "tensorboard", "cpu", "resume", "output", "config"}
+              "progress", "tensorboard", "cpu", "resume", "output", "config", "block_checkpointing"}
 
 
 def _number(text: str) -> float:

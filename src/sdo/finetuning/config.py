@@ -66,6 +66,7 @@ class FinetuneConfig:
     alpha: float | None = None  # LoRA alpha (None: the rank, scale 1)
     target_modules: tuple[str, ...] = DEFAULT_TARGETS  # module names (or suffixes) that get a LoRA
     base_dtype: str = "float32"  # float32 | bfloat16 | float16: the frozen base weights; the LoRA stays float32
+    block_checkpointing: bool = False  # the denoiser's own checkpointing inside its blocks (memory at SDXL/FLUX size)
     regularizer: float = 0.0  # DRaFT+: weight of mean ||eps_tuned - eps_base||^2 over the graph-keeping calls
     seed: int = 0  # seeds the LoRA init, the noise, the conditions and the strategy's random steps
     checkpoint_every: int = 10  # updates between checkpoints (and at the end)
@@ -115,7 +116,8 @@ class FinetuneConfig:
                                     for m in _sequence("target_modules", self.target_modules))
         self.eval_scales = tuple(check_number("eval_scales", v, minimum=0)
                                  for v in _sequence("eval_scales", self.eval_scales))
-        for name in ("progressive", "stop_on_hacking", "resume", "tensorboard", "cpu", "progress"):
+        for name in ("progressive", "stop_on_hacking", "resume", "tensorboard", "cpu", "progress",
+                     "block_checkpointing"):
             if not isinstance(getattr(self, name), bool):
                 raise UsageError(f"{name} must be true or false, got {getattr(self, name)!r}", name)
         check_half_on_cpu("base_dtype", self.base_dtype, "cpu" if self.cpu or not torch.cuda.is_available() else "cuda")

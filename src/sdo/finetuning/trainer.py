@@ -34,7 +34,7 @@ import torch
 from .. import report
 from ..chain import Chain
 from ..checks import NonFiniteError, UsageError
-from ..denoiser import Denoiser
+from ..denoiser import Denoiser, checkpoint_blocks
 from ..gradients import strategy_for
 from ..sampling import sample
 from .anchor import Anchored
@@ -108,6 +108,8 @@ class TrainingRun:
         self.generators = {name: torch.Generator().manual_seed(cfg.seed * 1000 + i)
                            for i, name in enumerate(("data", "strategy", "noise"))}
         self.generators["noise"].manual_seed(cfg.seed * 1000 + 2 + 100 * acc.process_index)
+        if cfg.block_checkpointing:  # the same gradient; the activations inside each block recomputed in backward
+            checkpoint_blocks(model)
         self.method = _method(task, cfg, model, acc.device, self.generators["strategy"])
         self.wrapped = Anchored(self.method.sampled, cfg.regularizer)
         self.optimizer = torch.optim.AdamW(self.method.params, lr=cfg.lr, betas=cfg.betas,
