@@ -248,3 +248,94 @@ def test_block_checkpointing_gives_the_same_lora_with_the_blocks_recomputed(fold
     for key, value in loras[0].items():
         torch.testing.assert_close(loras[1][key], value, rtol=1e-5, atol=1e-7)
     assert any(v.abs().max() > 0 for k, v in loras[0].items() if "lora_B" in k)  # the LoRA did move
+
+
+@pytest.mark.parametrize("name", list(BUILDERS))
+def test_shortft_command_on_each_family(folders, clip, tokenizer, tmp_path, name):
+    """`sdo shortft --model FOLDER --few-step FOLDER/<denoiser>` (here the pipeline's own denoiser stands in for a
+    distilled one): progressive stages over per-segment LoRAs on SDXL's Euler chain and SD3's and FLUX's flow Euler
+    chains, each segment's LoRA filed under the pipeline's component."""
+    import json
+
+    from sdo.cli import main
+    from sdo.finetuning.lora_files import lora_file_prefix
+
+    clip.save_pretrained(tmp_path / "clip")
+    tokenizer.save_pretrained(tmp_path / "clip")
+    sub = "unet" if name == "sdxl" else "transformer"
+    out = tmp_path / "run"
+    code = main(["shortft", "--model", str(folders[name]), "--few-step", str(folders[name] / sub), "--clip",
+                 str(tmp_path / "clip"), "--prompts", "a red square|a blue circle", "--steps", "4", "--segments", "2",
+                 "--updates", "2", "--batch-size", "1", "--lr", "0.05", "--guidance-scale", str(GUIDANCE[name]),
+                 "--sample-every", "0", "--eval-count", "1", "--sample-count", "1", "--guard-every", "0",
+                 "--output", str(out), "--no-progress"])
+    assert code == 0
+    metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [m["stage"] for m in metrics] == [1, 2] and all(m["grad_norm"] > 0 for m in metrics)
+    for segment in ("segment_1", "segment_2"):
+        assert lora_file_prefix(out / "lora" / segment) == sub
+
+
+def test_flux_true_cfg_is_the_pipelines_and_only_flux_takes_it(folders):
+    """load_pipeline(..., true_cfg_scale=2): FLUX runs FluxPipeline's true classifier-free guidance on the empty
+    prompt beside dev's guidance input (the same sample as the pipeline with negative_prompt="" and that scale);
+    another family, or fine-tuning, refuses it by name."""
+    from diffusers import DiffusionPipeline
+
+    from sdo.recipes.finetune_tasks import pipeline_task
+
+    pipe = backbones.load_pipeline(folders["flux"], true_cfg_scale=2.0)
+    chain = tasks._chain(pipe, PROMPT, STEPS, GUIDANCE["flux"], None)
+    assert chain.denoiser.guided and chain.denoiser.guidance_scale == 2.0
+    x = _latent(pipe)
+    with torch.no_grad():
+        ours = sample(chain, x)
+    reference = DiffusionPipeline.from_pretrained(folders["flux"], local_files_only=True)
+    size = pipe.image_size
+    expected = reference(PROMPT, negative_prompt="", true_cfg_scale=2.0, num_inference_steps=STEPS,
+                         guidance_scale=GUIDANCE["flux"], height=size, width=size, latents=_pack(x),
+                         output_type="latent").images
+    torch.testing.assert_close(ours, _unpack(expected, *x.shape[1:]), rtol=1e-4, atol=1e-5)
+    with pytest.raises(sdo.UsageError, match="true_cfg_scale is FLUX's"):
+        backbones.load_pipeline(folders["sdxl"], true_cfg_scale=2.0)
+    with pytest.raises(sdo.UsageError, match="true_cfg_scale is for the latent tasks"):
+        pipeline_task(pipe, ["a red square"], lambda images, prompts: images.mean((1, 2, 3)))
+
+
+def test_vae_slicing_decodes_one_image_at_a_time_with_the_same_values_and_gradient(folders):
+    """VAEDecoder(slicing=True, checkpoint=True): each image decoded under its own checkpoint; the images and the
+    latents' gradient equal the batched decode's (float64)."""
+    pipe = backbones.load_pipeline(folders["sd3"], dtype=torch.float64)
+    latents = torch.randn(3, 16, 8, 8, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    weight = torch.randn(3, 3, 16, 16, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    calls = []
+    hook = pipe.vae.decoder.register_forward_pre_hook(lambda module, args: calls.append(args[0].shape[0]))
+    try:
+        outs = []
+        for decoder in (backbones.VAEDecoder(pipe.vae), backbones.VAEDecoder(pipe.vae, checkpoint=True, slicing=True)):
+            x = latents.clone().requires_grad_(True)
+            images = decoder(x)
+            outs.append((images.detach(), torch.autograd.grad((images * weight).sum(), x)[0]))
+    finally:
+        hook.remove()
+    assert calls == [3, 1, 1, 1, 1, 1, 1]  # batched; then per image, and per image again in backward
+    torch.testing.assert_close(outs[1][0], outs[0][0], rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(outs[1][1], outs[0][1], rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("scheduler", ["dpm-solver++", "ddim"])
+def test_sdxl_with_another_scheduler_is_the_pipeline_with_it(folders, scheduler):
+    """--scheduler on SDXL: the DPM-Solver++ or DDIM scheduler built from SDXL's config (leading spacing, offset 1)
+    samples as the pipeline does with that scheduler."""
+    from diffusers import DiffusionPipeline
+
+    pipe = backbones.load_pipeline(folders["sdxl"])
+    chain = tasks._chain(pipe, PROMPT, STEPS, GUIDANCE["sdxl"], scheduler)
+    x = _latent(pipe)
+    with torch.no_grad():
+        ours = sample(chain, x * chain.init_noise_sigma)
+    reference = DiffusionPipeline.from_pretrained(folders["sdxl"], local_files_only=True)
+    reference.scheduler = backbones.task_scheduler(reference.scheduler, scheduler)
+    expected = reference(PROMPT, num_inference_steps=STEPS, guidance_scale=GUIDANCE["sdxl"], height=16, width=16,
+                         latents=x.clone(), output_type="latent").images
+    torch.testing.assert_close(ours, expected, rtol=1e-4, atol=1e-5)

@@ -12,7 +12,7 @@ from .conditioning import (
     task_scheduler,
     text_conditioning,
 )
-from .pipeline import ImageClassifier, Pipeline, load_clip, load_image, load_pipeline
+from .pipeline import ImageClassifier, Pipeline, load_clip, load_denoiser, load_image, load_pipeline
 from .vae import VAEDecoder, decoded
 
 __all__ = [
@@ -26,6 +26,7 @@ __all__ = [
     "is_lcm_distilled",
     "is_pixart",
     "load_clip",
+    "load_denoiser",
     "load_image",
     "load_pipeline",
     "task_scheduler",

@@ -103,9 +103,10 @@ def text_conditioning(pipe, prompt: str, guidance_scale: float) -> dict:
     LCM-distilled UNet never runs it, it embeds ``guidance_scale - 1``."""
     denoiser, tokenizer = pipe.denoiser, pipe.tokenizer
     param = next(denoiser.parameters())
-    if family(pipe) is not None:  # SDXL, SD3: guidance as in their pipelines, for guidance_scale > 1 only
+    if family(pipe) is not None:  # SDXL, SD3: CFG for guidance_scale > 1; FLUX: true CFG at pipe.true_cfg_scale
         cond, uncond = family_conditioning(pipe, prompt, guidance_scale)
-        return {"cond": cond, "uncond": uncond, "guidance_scale": guidance_scale} if uncond else {"cond": cond}
+        scale = pipe.true_cfg_scale if family(pipe) == "flux" else guidance_scale
+        return {"cond": cond, "uncond": uncond, "guidance_scale": scale} if uncond else {"cond": cond}
     if is_pixart(denoiser):
         length = min(_PIXART_TEXT_LENGTH.get(pipe.name, 120), tokenizer.model_max_length)
         cond, uncond = encode_prompts(pipe.text_encoder, tokenizer, [prompt], max_length=length,

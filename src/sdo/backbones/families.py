@@ -15,7 +15,8 @@ so that it is exactly what the pipeline feeds its denoiser:
   its ``guidance`` input and runs no classifier-free guidance (schnell: neither). Its transformer sees latents
   packed 2x2 into a sequence with their position ids and the timestep / 1000: :class:`FluxDenoiser` does that, so
   that sdo's chain, solvers and objectives see plain (B, 16, h, w) latents. Its schedule shifts with the image's
-  token count (:func:`flow_schedule`).
+  token count (:func:`flow_schedule`). True classifier-free guidance, FluxPipeline's ``true_cfg_scale`` with the
+  empty negative prompt, runs where the pipeline was loaded with it (``load_pipeline(..., true_cfg_scale=)``).
 
 Classifier-free guidance runs for ``guidance_scale > 1`` on the negative branch, as in the SDXL and SD3 pipelines.
 """
@@ -159,12 +160,16 @@ def _sd3(pipe, prompt: str, guidance_scale: float) -> tuple[dict, dict]:
 
 
 def _flux(pipe, prompt: str, guidance_scale: float) -> tuple[dict, dict]:
-    embeds, pooled, _ = pipe.pipeline.encode_prompt(prompt, None, device=pipe.device, num_images_per_prompt=1,
-                                                    max_sequence_length=_T5_TOKENS["flux"])
-    cond = {"encoder_hidden_states": embeds, "pooled_projections": pooled}
-    if pipe.denoiser.config.guidance_embeds:  # dev: the guidance scale is an input; schnell: no guidance at all
-        cond["guidance"] = torch.full([1], float(guidance_scale), device=pipe.device, dtype=torch.float32)
-    return cond, {}
+    def encode(text: str) -> dict:
+        embeds, pooled, _ = pipe.pipeline.encode_prompt(text, None, device=pipe.device, num_images_per_prompt=1,
+                                                        max_sequence_length=_T5_TOKENS["flux"])
+        out = {"encoder_hidden_states": embeds, "pooled_projections": pooled}
+        if pipe.denoiser.config.guidance_embeds:  # dev: the guidance scale is an input; schnell: no guidance at all
+            out["guidance"] = torch.full([1], float(guidance_scale), device=pipe.device, dtype=torch.float32)
+        return out
+
+    true_cfg = getattr(pipe, "true_cfg_scale", None)
+    return encode(prompt), (encode("") if true_cfg is not None and true_cfg > 1 else {})
 
 
 @dataclass

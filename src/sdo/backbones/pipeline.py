@@ -13,10 +13,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..checks import UsageError, check_device, check_half_on_cpu, reading
+from ..checks import UsageError, check_device, check_half_on_cpu, check_number, reading
 from .families import family_denoiser
 
-__all__ = ["ImageClassifier", "Pipeline", "load_clip", "load_image", "load_pipeline"]
+__all__ = ["ImageClassifier", "Pipeline", "load_clip", "load_denoiser", "load_image", "load_pipeline"]
 
 
 @dataclass
@@ -30,7 +30,8 @@ class Pipeline:
     scheduler: object
     image_size: int  # pixels
     name: str = ""  # the diffusers pipeline class (PixArt-alpha and -sigma differ in prompt length)
-    pipeline: object = None  # the diffusers pipeline itself: SDXL and SD3 are conditioned by its encode_prompt
+    pipeline: object = None  # the diffusers pipeline itself: SDXL, SD3 and FLUX are conditioned by its encode_prompt
+    true_cfg_scale: float | None = None  # FLUX: true classifier-free guidance on the empty prompt (None: off)
 
     @property
     def device(self) -> torch.device:
@@ -38,13 +39,17 @@ class Pipeline:
 
 
 def load_pipeline(path: str | Path, device="cpu", dtype: torch.dtype = torch.float32,
-                  allow_hub: bool = False) -> Pipeline:
+                  allow_hub: bool = False, true_cfg_scale: float | None = None) -> Pipeline:
     """A local diffusers pipeline folder (``model_index.json`` with unet or transformer, vae, text_encoder,
     tokenizer, scheduler), offline; a hub id only with ``allow_hub=True``. The frozen parts are cast to
-    ``dtype``; everything is frozen (the tasks optimize latents)."""
+    ``dtype``; everything is frozen (the tasks optimize latents). ``true_cfg_scale``: FLUX only, FluxPipeline's
+    ``true_cfg_scale`` with the empty negative prompt (a second, unconditional branch beside dev's embedded
+    guidance; None or 1: off)."""
     from diffusers import DiffusionPipeline
 
     device = check_device("device", device)
+    if true_cfg_scale is not None:
+        true_cfg_scale = check_number("true_cfg_scale", true_cfg_scale, above=0)
     check_half_on_cpu("dtype", dtype, device)
     local = Path(path).is_dir()
     if not local and not allow_hub:
@@ -74,8 +79,25 @@ def load_pipeline(path: str | Path, device="cpu", dtype: torch.dtype = torch.flo
     size = getattr(denoiser.config, "sample_size", None) or getattr(pipe, "default_sample_size", None)
     size = size if isinstance(size, int) else size[0]
     denoiser = family_denoiser(type(pipe).__name__, denoiser)
+    if true_cfg_scale is not None and type(pipe).__name__ != "FluxPipeline":
+        raise UsageError(f"true_cfg_scale is FLUX's; {type(pipe).__name__} runs classifier-free guidance with "
+                         "guidance_scale", "true_cfg_scale")
     return Pipeline(denoiser, pipe.vae, pipe.text_encoder, pipe.tokenizer, pipe.scheduler, size * factor,
-                    type(pipe).__name__, pipe)
+                    type(pipe).__name__, pipe, true_cfg_scale)
+
+
+def load_denoiser(pipe: Pipeline, folder: str | Path) -> torch.nn.Module:
+    """A diffusers model folder of the same class as ``pipe``'s denoiser (ShortFT's few-step model: the pipeline's
+    UNet or transformer with e.g. a Hyper-SD LoRA fused in and saved), frozen, on ``pipe``'s device and dtype, and
+    wrapped as the family's chain calls it (FLUX: :class:`~sdo.backbones.families.FluxDenoiser`)."""
+    inner = getattr(pipe.denoiser, "lora_model", pipe.denoiser)
+    if not Path(folder).is_dir():
+        raise FileNotFoundError(f"{folder}: no such model folder (a diffusers {type(inner).__name__} folder)")
+    parameter = next(inner.parameters())
+    with reading(folder, f"the {type(inner).__name__}"):
+        model = type(inner).from_pretrained(str(folder), local_files_only=True)
+    model = model.to(parameter.device, parameter.dtype).eval().requires_grad_(False)
+    return family_denoiser(pipe.name, model)
 
 
 def load_clip(path: str | Path, device="cpu", tokenizer: bool = True) -> tuple:

@@ -24,13 +24,16 @@ class VAEDecoder:
     0.18215), or the ones given.
 
     ``checkpoint=True`` recomputes the decoder's activations in backward (torch's non-reentrant checkpoint)
-    instead of storing them: at 512x512 the decoder's graph is several GB. ``tiling=True`` decodes in
-    overlapping tiles (diffusers' ``enable_tiling``) for images larger than memory allows. The VAE is used
-    as it is: freeze it (``requires_grad_(False)``) when only the latent's gradient is wanted.
+    instead of storing them: at 512x512 the decoder's graph is several GB. ``slicing=True`` decodes one sample at a
+    time, each under its own checkpoint when ``checkpoint`` is set, so a batch's decode (or its recomputation in
+    backward) holds one image's activations at a time: what a batch of 1024x1024 SDXL/SD3/FLUX images needs.
+    ``tiling=True`` decodes in overlapping tiles (diffusers' ``enable_tiling``) for images larger than memory
+    allows. The VAE is used as it is: freeze it (``requires_grad_(False)``) when only the latent's gradient is
+    wanted.
     """
 
     def __init__(self, vae, scaling_factor: float | None = None, shift_factor: float | None = None,
-                 checkpoint: bool = False, tiling: bool = False):
+                 checkpoint: bool = False, tiling: bool = False, slicing: bool = False):
         config = getattr(vae, "config", None)
         self.vae = vae
         self.scaling_factor = float(scaling_factor if scaling_factor is not None
@@ -39,7 +42,7 @@ class VAEDecoder:
         self.shift_factor = float(shift or 0.0)
         if self.scaling_factor <= 0:
             raise UsageError(f"scaling_factor must be > 0, got {self.scaling_factor}")
-        self.checkpoint = bool(checkpoint)
+        self.checkpoint, self.slicing = bool(checkpoint), bool(slicing)
         if tiling:
             if not hasattr(vae, "enable_tiling"):
                 raise UsageError(f"{type(vae).__name__} has no enable_tiling()")
@@ -58,9 +61,10 @@ class VAEDecoder:
 
     def __call__(self, latents: torch.Tensor) -> torch.Tensor:
         latents = latents.to(next(self.vae.parameters()).dtype)
+        parts = latents.split(1) if self.slicing else (latents,)
         if self.checkpoint and torch.is_grad_enabled():
-            return torch_checkpoint(self._decode, latents, use_reentrant=False)
-        return self._decode(latents)
+            return torch.cat([torch_checkpoint(self._decode, part, use_reentrant=False) for part in parts])
+        return torch.cat([self._decode(part) for part in parts])
 
 
 def decoded(objective: Callable[[torch.Tensor], torch.Tensor], decoder: Callable[[torch.Tensor], torch.Tensor]):

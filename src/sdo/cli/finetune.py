@@ -285,10 +285,7 @@ def _task(options: dict, cfg):
     else:
         raise UsageError(f"unknown pipeline reward {name!r}; use clip or aesthetic")
     gs = cfg.guidance_scale if cfg.guidance_scale is not None else 1.0
-    few_step = None
-    if options.get("few_step"):
-        few_step = type(pipe.denoiser).from_pretrained(options["few_step"], local_files_only=True)
-        few_step.to(device).eval().requires_grad_(False)
+    few_step = backbones.load_denoiser(pipe, options["few_step"]) if options.get("few_step") else None
     return pipeline_task(pipe, _prompts(options["prompts"]), reward, guidance_scale=gs, few_step=few_step)
 
 

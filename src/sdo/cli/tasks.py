@@ -98,7 +98,11 @@ def add_task_parsers(sub) -> None:
                        help=f"optimizer steps (default {iterations})")
         t.add_argument("--lr", type=positive_float, default=lr, help=f"learning rate (default {lr})")
         t.add_argument("--guidance-scale", type=positive_float, default=1.0,
-                       help="classifier-free guidance (default 1: off); an LCM-distilled UNet embeds it instead")
+                       help="classifier-free guidance (default 1: off); an LCM-distilled UNet embeds it instead, as "
+                       "FLUX.1-dev takes it as its guidance input")
+        t.add_argument("--true-cfg-scale", type=positive_float, default=None,
+                       help="FLUX only: FluxPipeline's true classifier-free guidance on the empty prompt, beside "
+                       "--guidance-scale (default: off)")
         inverts = "; inverting a real image needs ddim or euler" if task in ("edit", "aesthetic") else ""
         t.add_argument("--scheduler", choices=TASK_SCHEDULERS, default=None, help="sampler, built from the pipeline "
                        f"scheduler's config (default: the pipeline's own where sdo supports it, else ddim){inverts}")
@@ -126,7 +130,8 @@ def run_task(args) -> None:
     if args.command == "edit" and args.model is None:
         _save(args, _edit_digits(args, strategy))
         return
-    pipe = backbones.load_pipeline(args.model, args.device, getattr(torch, args.dtype))
+    pipe = backbones.load_pipeline(args.model, args.device, getattr(torch, args.dtype),
+                                   true_cfg_scale=args.true_cfg_scale)
     if args.command != "adversarial":
         clip, tokenizer = backbones.load_clip(args.clip, args.device, tokenizer=args.command == "edit")
     common = {"steps": args.steps, "iterations": args.iterations, "lr": args.lr, "strategy": strategy,
@@ -157,9 +162,9 @@ def _check(args):
     if args.command == "edit" and args.model is None:
         from ..embedded.digits import HELD_OUT
 
-        if args.dtype != "float32" or args.guidance_scale != 1 or args.checkpoint_vae:
+        if args.dtype != "float32" or args.guidance_scale != 1 or args.checkpoint_vae or args.true_cfg_scale:
             raise UsageError("the embedded digits edit runs in float32, unguided, without a VAE: drop --dtype, "
-                             "--guidance-scale and --checkpoint-vae, or pass --model")
+                             "--guidance-scale, --true-cfg-scale and --checkpoint-vae, or pass --model")
         if args.digit is not None and args.digit >= HELD_OUT:
             raise UsageError(f"--digit must be in 0..{HELD_OUT - 1} (the held-out split), got {args.digit}", "digit")
         if args.image is not None and not Path(args.image).is_file():
@@ -215,7 +220,7 @@ def _save(args, result) -> None:
     report.plot_curves({args.strategy: result.optimization.losses}, out / "loss.png", f"sdo {args.command}",
                        "iteration", "loss")
     settings = ("strategy", "steps", "iterations", "lr", "optimizer", "step_rule", "tau", "target", "start_t",
-                "guidance_scale", "scheduler", "seed", "lam", "dtype")
+                "guidance_scale", "true_cfg_scale", "scheduler", "seed", "lam", "dtype")
     metrics = {"command": args.command, "prompt": args.prompt, **result.metrics, "losses": result.optimization.losses,
                "seconds": result.optimization.seconds,
                "settings": {k: getattr(args, k) for k in settings if k in vars(args)}}

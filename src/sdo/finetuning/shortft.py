@@ -96,7 +96,7 @@ class TimestepLoRA(torch.nn.Module):
             if scaling is not None:
                 m.scaling.update({a: scaling[a] * self.scale for a in on if a in m.lora_A})
         try:
-            return self.model(sample, timestep, *args, **kwargs)
+            return self.model(sample, *args, timestep=timestep, **kwargs)  # SD3: its 2nd positional is the text
         finally:
             for m, active, scaling in saved:
                 m._active_adapter = active

@@ -77,7 +77,7 @@ def _stack(parts: list):
 
 
 def pipeline_task(pipe, prompts: Sequence[str], reward, guidance_scale: float = 7.5, scheduler: str | None = None,
-                  vae_checkpoint: bool = True, few_step=None) -> FinetuneTask:
+                  vae_checkpoint: bool = True, few_step=None, vae_slicing: bool = False) -> FinetuneTask:
     """A text-to-image pipeline (:func:`sdo.backbones.load_pipeline`) tuned over ``prompts`` on ``reward``: a
     ``reward(images, prompts)`` callable, or an objective ``objective(images)`` (a loss, e.g.
     :class:`sdo.objectives.clip.AestheticScore`) wrapped by passing ``("objective", objective)``. Images are decoded by
@@ -85,9 +85,13 @@ def pipeline_task(pipe, prompts: Sequence[str], reward, guidance_scale: float = 
     the pipeline's own where sdo supports it, else DDIM). ``guidance_scale`` conditions the prompts (an
     LCM-distilled UNet embeds it); give the same value to :class:`FinetuneConfig`, which runs the guidance.
     ``few_step``: ShortFT's frozen few-step model, called like the pipeline's denoiser (e.g. its UNet with a
-    Hyper-SD/TCD/PCM LoRA fused in)."""
+    Hyper-SD/TCD/PCM LoRA fused in). ``vae_slicing``: decode one image at a time, each checkpointed (1024 px
+    batches)."""
     from ..backbones.vae import VAEDecoder
 
+    if getattr(pipe, "true_cfg_scale", None) is not None:
+        raise UsageError("true_cfg_scale is for the latent tasks; fine-tuning runs classifier-free guidance with "
+                         "FinetuneConfig.guidance_scale (FLUX.1-dev: its embedded guidance input)", "true_cfg_scale")
     prompts = [prompts] if isinstance(prompts, str) else list(prompts)
     if not prompts or any(not isinstance(p, str) or not p.strip() for p in prompts):
         raise UsageError("give at least one non-empty prompt")
@@ -108,5 +112,5 @@ def pipeline_task(pipe, prompts: Sequence[str], reward, guidance_scale: float = 
     side = pipe.image_size // 2 ** (len(pipe.vae.config.block_out_channels) - 1)
     chosen = task_scheduler(pipe.scheduler, scheduler)
     return FinetuneTask(pipe.denoiser, chosen, prompts, encode, (channels, side, side), reward,
-                        decode=VAEDecoder(pipe.vae, checkpoint=vae_checkpoint), few_step=few_step,
+                        decode=VAEDecoder(pipe.vae, checkpoint=vae_checkpoint, slicing=vae_slicing), few_step=few_step,
                         schedule=lambda steps: flow_schedule(pipe, steps, chosen))
