@@ -108,8 +108,10 @@ class World:
         heads["trunc_head"].write_bytes(heads["head"].read_bytes()[:20])
         bad_unet = r / "bad_unet.json"
         bad_unet.write_text('{"_class_name": "UNet2DModel", ')
+        pixart_config = r / "pixart.json"  # a denoiser config that sdo bench does not build
+        pixart_config.write_text('{"_class_name": "PixArtTransformer2DModel", "sample_size": 8}')
         return {"pipe": pipe, "pipe_broken": broken, "clip": clip, "classifier": classifier, "bad_unet": bad_unet,
-                **heads}
+                "pixart_config": pixart_config, **heads}
 
     @staticmethod
     def _configs(r: Path) -> dict:
@@ -308,6 +310,9 @@ CASES: list[Case] = [
     _cli("bench-threads-0", "bench", "--threads", "0", names=["--threads"]),
     _cli("bench-model-missing", "bench", "--model", "{missing}.json", *_OUT, names=["{missing}.json"]),
     _cli("bench-model-not-json", "bench", "--model", "{bad_unet}", *_OUT, names=["{bad_unet}"]),
+    _cli("bench-model-unbuilt-class", "bench", "--model", "{pixart_config}", *_OUT,
+         names=["PixArtTransformer2DModel"]),
+    _cli("bench-lora-negative", "bench", "--lora", "-1", names=["--lora"]),
     _cli("bench-output-holds-files", "bench", "--output", "{full}", names=["{full}", "--overwrite"]),
     _cli("bench-device-cuda", "bench", "--device", "cuda", names=["--device"]),
     # sdo edit on the embedded digits
@@ -345,6 +350,10 @@ CASES: list[Case] = [
     _cli("edit-output-holds-files", "edit", "a thin one", *_D, "--output", "{full}", names=["{full}", "--overwrite"]),
     _cli("edit-output-is-a-file", "edit", "a thin one", *_D, "--output", "{file}", names=["--output"]),
     # sdo edit | style | aesthetic | adversarial on a pipeline
+    _cli("style-true-cfg-on-stable-diffusion", "style", "a cat", *_P, "--reference", "{png}", "--true-cfg-scale",
+         "2", *_OUT, names=["true_cfg_scale", "StableDiffusionPipeline"]),
+    _cli("style-true-cfg-zero", "style", "a cat", *_P, "--reference", "{png}", "--true-cfg-scale", "0", *_OUT,
+         names=["--true-cfg-scale"]),
     _cli("edit-pipeline-without-clip", "edit", "a cat", "--model", "{pipe}", "--image", "{png}", *_OUT,
          names=["--clip"]),
     _cli("edit-pipeline-missing", "edit", "a cat", "--model", "{missing}", "--clip", "{clip}", "--image", "{png}",
@@ -452,6 +461,8 @@ CASES: list[Case] = [
     _cli("lora-unknown-action", "lora", "add", "{lora}", names=["add"]),
     # sdo finetune | shortft: the run folder
     _cli("finetune-without-output", "finetune", "--steps", "4", names=["output"]),
+    _cli("shortft-few-step-missing", "shortft", "--model", "{pipe}", "--clip", "{clip}", "--prompts", "a cat",
+         "--few-step", "{missing}", *_OUT, names=["{missing}"]),
     _cli("finetune-into-a-run", "finetune", "--output", "{run}", names=["{run}", "--resume"]),
     _cli("finetune-into-a-run-other-rank", "finetune", "--output", "{run}", "--rank", "8", names=["--resume"]),
     _cli("finetune-resume-other-rank", "finetune", "--output", "{run}", "--resume", "--rank", "8", names=["--rank"]),

@@ -10,7 +10,7 @@ Text conditioning differs by backbone:
   ratio, where the transformer uses them); guidance as SD's.
 * An LCM-distilled UNet (``time_cond_proj_dim`` in its config): guidance is embedded, not run. The UNet takes the
   guidance weight ``w = guidance_scale - 1`` as ``timestep_cond``, and there is no unconditional branch.
-* SDXL and SD3/3.5: built by their pipelines' own ``encode_prompt`` (:mod:`sdo.backbones.families`).
+* SDXL, SD3/3.5 and FLUX.1: built by their pipelines' own ``encode_prompt`` (:mod:`sdo.backbones.families`).
 
 The tasks sample with the pipeline's scheduler when sdo supports it, or with one chosen by name
 (:data:`SCHEDULERS`), built from the pipeline scheduler's config.

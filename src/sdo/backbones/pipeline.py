@@ -5,6 +5,7 @@ loaded only when the caller says so. Every error from a user's folder or file na
 
 from __future__ import annotations
 
+import json
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -59,6 +60,12 @@ def load_pipeline(path: str | Path, device="cpu", dtype: torch.dtype = torch.flo
         )
     if local and not (Path(path) / "model_index.json").is_file():
         raise FileNotFoundError(f"{path} has no model_index.json: not a diffusers pipeline folder")
+    if true_cfg_scale is not None and local:  # before loading anything
+        with reading(Path(path) / "model_index.json", "the pipeline's index"):
+            name = json.loads((Path(path) / "model_index.json").read_text()).get("_class_name")
+        if name != "FluxPipeline":
+            raise UsageError(f"true_cfg_scale is FLUX's; {name} runs classifier-free guidance with guidance_scale",
+                             "true_cfg_scale")
     with warnings.catch_warnings():  # newer diffusers call it `dtype`; `torch_dtype` works in every version >= 0.30
         warnings.filterwarnings("ignore", message=".*torch_dtype.*", category=FutureWarning)
         with reading(path, "the diffusers pipeline"):
@@ -79,9 +86,6 @@ def load_pipeline(path: str | Path, device="cpu", dtype: torch.dtype = torch.flo
     size = getattr(denoiser.config, "sample_size", None) or getattr(pipe, "default_sample_size", None)
     size = size if isinstance(size, int) else size[0]
     denoiser = family_denoiser(type(pipe).__name__, denoiser)
-    if true_cfg_scale is not None and type(pipe).__name__ != "FluxPipeline":
-        raise UsageError(f"true_cfg_scale is FLUX's; {type(pipe).__name__} runs classifier-free guidance with "
-                         "guidance_scale", "true_cfg_scale")
     return Pipeline(denoiser, pipe.vae, pipe.text_encoder, pipe.tokenizer, pipe.scheduler, size * factor,
                     type(pipe).__name__, pipe, true_cfg_scale)
 
