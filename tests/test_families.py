@@ -339,3 +339,22 @@ def test_sdxl_with_another_scheduler_is_the_pipeline_with_it(folders, scheduler)
     expected = reference(PROMPT, num_inference_steps=STEPS, guidance_scale=GUIDANCE["sdxl"], height=16, width=16,
                          latents=x.clone(), output_type="latent").images
     torch.testing.assert_close(ours, expected, rtol=1e-4, atol=1e-5)
+
+
+def test_flux_schnell_takes_no_guidance_and_is_its_pipeline(tmp_path):
+    """A transformer without ``guidance_embeds`` (FLUX.1-schnell): no guidance input, no CFG, the pipeline's sample."""
+    from diffusers import DiffusionPipeline
+
+    folder = tiny.save_flux(tmp_path / "schnell", guidance_embeds=False)
+    pipe = backbones.load_pipeline(folder)
+    cond = backbones.text_conditioning(pipe, PROMPT, 3.5)
+    assert set(cond) == {"cond"} and "guidance" not in cond["cond"]
+    chain = tasks._chain(pipe, PROMPT, STEPS, 3.5, None)
+    x = _latent(pipe)
+    with torch.no_grad():
+        ours = sample(chain, x)
+    reference = DiffusionPipeline.from_pretrained(folder, local_files_only=True)
+    size = pipe.image_size
+    expected = reference(PROMPT, num_inference_steps=STEPS, guidance_scale=3.5, height=size, width=size,
+                         latents=_pack(x), output_type="latent").images
+    torch.testing.assert_close(ours, _unpack(expected, *x.shape[1:]), rtol=1e-4, atol=1e-5)

@@ -199,10 +199,11 @@ def save_sd3(folder: Path) -> Path:
     return folder
 
 
-def save_flux(folder: Path) -> Path:
+def save_flux(folder: Path, guidance_embeds: bool = True) -> Path:
     """A saved FluxPipeline, tiny: a FLUX transformer (one double and one single block, guidance-embedded like
     FLUX.1-dev) over 2x2-packed 16-channel 8x8 latents (64 channels, 16 tokens), T5 hidden states (16) and the
-    pooled CLIP text output (8), FLUX's VAE constants and dynamically shifted flow-matching Euler scheduler."""
+    pooled CLIP text output (8), FLUX's VAE constants and dynamically shifted flow-matching Euler scheduler;
+    ``guidance_embeds=False``: FLUX.1-schnell's transformer, which takes no guidance input."""
     import tempfile
 
     from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
@@ -214,7 +215,7 @@ def save_flux(folder: Path) -> Path:
     torch.manual_seed(0)
     transformer = FluxTransformer2DModel(
         patch_size=1, in_channels=64, num_layers=1, num_single_layers=1, attention_head_dim=8, num_attention_heads=2,
-        joint_attention_dim=16, pooled_projection_dim=8, guidance_embeds=True, axes_dims_rope=(2, 2, 4),
+        joint_attention_dim=16, pooled_projection_dim=8, guidance_embeds=guidance_embeds, axes_dims_rope=(2, 2, 4),
     )
     scheduler = FlowMatchEulerDiscreteScheduler(
         shift=3.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15, base_image_seq_len=256,
