@@ -12,7 +12,7 @@ from tqdm.auto import tqdm
 
 from .chain import Chain, step_range
 from .checks import UsageError, check_int, check_number
-from .gradients import Shortcut, Strategy, get_strategy
+from .gradients import Shortcut, Strategy, check_latent_gradient, get_strategy
 from .picard import Picard
 from .sampling import sample
 
@@ -126,6 +126,7 @@ def optimize_latent(
     if step_rule not in ("plain", "sign"):
         raise UsageError(f"step_rule must be 'plain' or 'sign', got {step_rule!r}")
     strategy = get_strategy(strategy)
+    check_latent_gradient(strategy)
     if picard:
         if not isinstance(strategy, Shortcut):
             raise UsageError(f"picard runs SDO's forward pass: it needs strategy='sdo' (a Shortcut), got {strategy!r}")

@@ -8,7 +8,7 @@ import torch
 
 from .chain import Chain, step_range
 from .checks import UsageError
-from .gradients import Strategy, get_strategy
+from .gradients import Strategy, check_latent_gradient, get_strategy
 from .guidance import Guidance, guided_sample
 from .inversion import invert
 
@@ -46,6 +46,8 @@ def sample(
     steps = step_range(chain, start, stop)
     chain.check(x)
     strategy = get_strategy("full" if strategy is None else strategy)
+    if torch.is_grad_enabled() and x.requires_grad:
+        check_latent_gradient(strategy)
     state = chain.init_state(x, generator)
     return strategy.run(chain, x, state, steps)
 

@@ -49,10 +49,12 @@ _VARIANTS = {"adjoint-exact": ("adjoint", lambda n, generator: Adjoint(exact=Tru
 
 
 def bench_rows() -> tuple[str, ...]:
-    """The labels of the benchmark's rows, in the name table's order, each variant after its method."""
+    """The labels of the benchmark's rows, in the name table's order, each variant after its method; the methods
+    that give a latent no gradient (ReFL, DRaFT-LV: weights only) have none."""
     rows = []
-    for name in strategy_classes():
-        rows += [name, *(label for label, (base, _) in _VARIANTS.items() if base == name)]
+    for name, cls in strategy_classes().items():
+        if cls.gives_latent_gradient:  # the table times a latent's gradient
+            rows += [name, *(label for label, (base, _) in _VARIANTS.items() if base == name)]
     return tuple(rows)
 
 

@@ -165,9 +165,13 @@ class TrainingRun:
             conditions, x = conditions[rank], x[rank]
             with self.wrapped.record() as record:
                 x0 = self.method.rollout(self.chain(conditions), x, self.generators["noise"])
-            reward = self.task.reward(self.images(x0), conditions)
-            if tuple(reward.shape) != (len(conditions),):
-                raise UsageError(f"the reward returned shape {tuple(reward.shape)}; expected ({len(conditions)},)")
+            copies, rest = divmod(x0.shape[0], len(conditions))  # DRaFT-LV: several samples per condition
+            if rest or not copies:
+                raise UsageError(f"the method returned {x0.shape[0]} samples for {len(conditions)} conditions")
+            scored = conditions * copies  # copy by copy, as the samples are stacked
+            reward = self.task.reward(self.images(x0), scored)
+            if tuple(reward.shape) != (len(scored),):
+                raise UsageError(f"the reward returned shape {tuple(reward.shape)}; expected ({len(scored)},)")
             penalty = self.wrapped.penalty(record)
             penalty = reward.new_zeros(()) if penalty is None else penalty
             loss = -reward.float().mean() + cfg.regularizer * penalty

@@ -9,6 +9,7 @@ from .base import (
     ConstantMemory,
     Strategy,
     available_strategies,
+    check_latent_gradient,
     get_strategy,
     register_strategy,
     strategy_classes,
@@ -18,19 +19,25 @@ from .bptt import Checkpoint, Full, RandomTruncated, Truncated
 from .shortcut import Shortcut
 from .adjoint import Adjoint
 from .reversible import Reversible, edict_step
+from .drtune import DRTune
+from .onestep import DRaFTLV, ReFL
 # isort: on
 
 __all__ = [
     "Adjoint",
     "Checkpoint",
     "ConstantMemory",
+    "DRTune",
+    "DRaFTLV",
     "Full",
     "RandomTruncated",
+    "ReFL",
     "Reversible",
     "Shortcut",
     "Strategy",
     "Truncated",
     "available_strategies",
+    "check_latent_gradient",
     "edict_step",
     "get_strategy",
     "register_strategy",

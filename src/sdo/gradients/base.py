@@ -42,6 +42,7 @@ __all__ = [
     "ConstantMemory",
     "Strategy",
     "available_strategies",
+    "check_latent_gradient",
     "get_strategy",
     "randint",
     "register_strategy",
@@ -94,11 +95,23 @@ def strategy_for(name: str, *, weights: bool = False, steps: int, generator: tor
     truncation of the weights' DRaFT-K."""
     cls = _class(name)
     if not weights:
+        check_latent_gradient(cls)
         return cls.for_latents(steps=steps, generator=generator)
     if not cls.trains_weights:
         raise UsageError(f"{name!r} does not train weights in fine-tuning here; use one of "
                          f"{', '.join(available_strategies(for_weights=True))}", "strategy")
     return cls.for_weights(steps=steps, generator=generator, k=k)
+
+
+def check_latent_gradient(strategy: Strategy | type[Strategy]) -> None:
+    """A :class:`~sdo.UsageError` for a method whose latent gets no gradient by design (ReFL, DRaFT-LV: their
+    graph starts from a sample made without one), used where a latent's gradient is asked for."""
+    cls = strategy if isinstance(strategy, type) else type(strategy)
+    if not cls.gives_latent_gradient:
+        raise UsageError(f"{cls.name or cls.__name__!r} gives no gradient to the latent that starts the chain (its "
+                         "graph starts from a sample made without one): it trains weights (sdo.finetune); for a "
+                         f"latent use one of {', '.join(n for n, c in _REGISTRY.items() if c.gives_latent_gradient)}",
+                         "strategy")
 
 
 def _class(name: str) -> type[Strategy]:
@@ -118,6 +131,7 @@ class Strategy:
     name: ClassVar[str] = ""
     checkpoint: bool = False  # recompute the kept denoiser calls in backward instead of storing their activations
     trains_weights: ClassVar[bool] = True  # reward fine-tuning may train weights with it (see for_weights)
+    gives_latent_gradient: ClassVar[bool] = True  # False: the latent that starts the chain gets none by design
 
     @classmethod
     def for_latents(cls, *, steps: int, generator: torch.Generator | None = None) -> Strategy:

@@ -1,0 +1,153 @@
+"""The cheap reward gradients of issue #20 (ReFL, DRaFT-LV, DRTune), each against a hand-written loop of its own
+formula over a diffusers scheduler, in float64 (to the float32 round-off of diffusers' coefficient tables); and what
+a latent gets from the weights-only ones (a clear error)."""
+
+import pytest
+import torch
+from diffusers import DDIMScheduler
+from helpers import TinyNet
+
+import sdo
+from sdo.gradients import DRaFTLV, DRTune, ReFL
+from sdo.gradients.base import randint
+
+F64 = {"rtol": 1e-9, "atol": 1e-12}
+N = 8
+
+
+def _tol(reference):
+    """diffusers' DDIM computes its coefficients from float32 tables (sdo's solvers, in float64 from the same)."""
+    return {"rtol": 2e-5, "atol": 2e-5 * max(r.abs().max().item() for r in reference)}
+
+
+def _setup():
+    model = TinyNet().double()
+    chain = sdo.Chain.from_diffusers(model, DDIMScheduler(clip_sample=False), N)
+    x = torch.randn(2, 2, 4, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    weight = torch.randn(2, 2, 4, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
+    return model, chain, x, weight
+
+
+def _objective(x0, weight):
+    return (torch.sin(x0) * weight.repeat(x0.shape[0] // weight.shape[0], 1, 1, 1)).sum()
+
+
+def _scheduler():
+    scheduler = DDIMScheduler(clip_sample=False)
+    scheduler.set_timesteps(N)
+    return scheduler
+
+
+def _call(model, x, t):
+    return model(x, t.reshape(1).expand(x.shape[0]))
+
+
+def test_refl_is_the_one_step_prediction_at_a_late_step_of_a_graphless_run():
+    """ReFL: no graph up to a step t drawn from the last quarter, then x0_hat = the scheduler's
+    pred_original_sample of that step's call; its weight gradient is the hand-written loop's."""
+    model, chain, x, weight = _setup()
+    params = list(model.parameters())
+    ours = torch.autograd.grad(_objective(sdo.sample(chain, x, strategy=ReFL(generator=torch.Generator()
+                                                                               .manual_seed(3))), weight), params)
+    t_index = randint(N * 3 // 4, N - 1, torch.Generator().manual_seed(3))  # the same draw: steps 6..7 of 8
+    scheduler, y = _scheduler(), x.clone()
+    for i, t in enumerate(scheduler.timesteps):
+        if i < t_index:
+            with torch.no_grad():
+                y = scheduler.step(_call(model, y, t), t, y).prev_sample
+        else:
+            x0_hat = scheduler.step(_call(model, y, t), t, y).pred_original_sample
+            break
+    reference = torch.autograd.grad(_objective(x0_hat, weight), params)
+    for a, b in zip(ours, reference, strict=True):
+        torch.testing.assert_close(a, b, **_tol(reference))
+    assert sum(g.abs().sum() for g in ours) > 0
+    draws = {next(iter(ReFL(generator=torch.Generator().manual_seed(s)).select(range(40)))) for s in range(200)}
+    assert draws == set(range(30, 40))  # the paper's 40 steps: t in 30..39
+
+
+def test_draft_lv_renoises_the_sample_n_times_and_runs_the_last_step_with_a_graph():
+    """DRaFT-LV: x0 without a graph, then n times x1 = sqrt(abar) x0 + sqrt(1 - abar) eps at the last step's level
+    and that step with its graph; n copies stacked along the batch; weight gradient equal to the loop's."""
+    model, chain, x, weight = _setup()
+    params = list(model.parameters())
+    out = sdo.sample(chain, x, strategy=DRaFTLV(n=3, generator=torch.Generator().manual_seed(4)))
+    assert out.shape == (6, 2, 4, 4)
+    ours = torch.autograd.grad(_objective(out, weight), params)
+    scheduler, y = _scheduler(), x.clone()
+    with torch.no_grad():
+        for t in scheduler.timesteps:
+            y = scheduler.step(_call(model, y, t), t, y).prev_sample
+    last = scheduler.timesteps[-1]
+    abar = scheduler.alphas_cumprod[last].double()
+    generator, copies = torch.Generator().manual_seed(4), []
+    for _ in range(3):
+        eps = torch.randn(y.shape, generator=generator, dtype=torch.float32).double()
+        x1 = abar.sqrt() * y + (1 - abar).sqrt() * eps
+        copies.append(_scheduler().step(_call(model, x1, last), last, x1).prev_sample)
+    reference = torch.autograd.grad(_objective(torch.cat(copies), weight), params)
+    for a, b in zip(ours, reference, strict=True):
+        torch.testing.assert_close(a, b, **_tol(reference))
+    with pytest.raises(sdo.UsageError, match="draft-lv re-runs the last step.*DPMSolverPP"):
+        from diffusers import DPMSolverMultistepScheduler
+
+        dpm = sdo.Chain.from_diffusers(model, DPMSolverMultistepScheduler(), N)
+        sdo.sample(dpm, x, strategy=DRaFTLV())
+
+
+def test_drtune_stops_the_input_gradient_and_keeps_k_evenly_spaced_calls():
+    """DRTune: every call sees stop_grad(x_i); the calls of k steps N // k apart from a random offset keep their
+    graph; the latent's and the weights' gradients equal the loop's. With k = 1 its weight gradient is SDO's at the
+    same step (the kept call's input does not depend on the weights)."""
+    model, chain, x, weight = _setup()
+    params = list(model.parameters())
+    xg = x.clone().requires_grad_(True)
+    out = sdo.sample(chain, xg, strategy=DRTune(k=3, generator=torch.Generator().manual_seed(5)))
+    ours = torch.autograd.grad(_objective(out, weight), [xg, *params])
+    offset = randint(0, N // 3 - 1, torch.Generator().manual_seed(5))
+    keep = {offset + j * (N // 3) for j in range(3)}
+    assert DRTune(k=3, generator=torch.Generator().manual_seed(5)).select(range(N)) == keep
+    scheduler, y = _scheduler(), x.clone().requires_grad_(True)
+    start = y
+    for i, t in enumerate(scheduler.timesteps):
+        with torch.set_grad_enabled(i in keep):
+            eps = _call(model, y.detach(), t)
+        y = scheduler.step(eps, t, y).prev_sample
+    reference = torch.autograd.grad(_objective(y, weight), [start, *params])
+    for a, b in zip(ours, reference, strict=True):
+        torch.testing.assert_close(a, b, **_tol(reference))
+    assert ours[0].abs().sum() > 0  # the latent's gradient runs along the solver updates' skip path
+    one = DRTune(k=1, generator=torch.Generator().manual_seed(6))
+    (at,) = DRTune(k=1, generator=torch.Generator().manual_seed(6)).select(range(N))
+    drtune = torch.autograd.grad(_objective(sdo.sample(chain, x, strategy=one), weight), params)
+    shortcut = torch.autograd.grad(_objective(sdo.sample(chain, x, strategy=sdo.Shortcut(at=at)), weight), params)
+    for a, b in zip(drtune, shortcut, strict=True):
+        torch.testing.assert_close(a, b, **F64)
+
+
+@pytest.mark.parametrize("name", ["refl", "draft-lv"])
+def test_weights_only_methods_refuse_a_latent_and_stay_out_of_the_latent_benchmark(name):
+    from sdo.cli.bench import bench_rows
+
+    _, chain, x, _ = _setup()
+    with pytest.raises(sdo.UsageError, match=f"'{name}' gives no gradient to the latent.*sdo.finetune"):
+        sdo.sample(chain, x.clone().requires_grad_(True), strategy=name)
+    with pytest.raises(sdo.UsageError, match="gives no gradient to the latent"):
+        sdo.optimize_latent(chain, x, lambda x0: x0.sum(), strategy=name, iterations=1)
+    assert name not in bench_rows() and "drtune" in bench_rows()
+    assert name in sdo.finetuning.methods()
+
+
+@pytest.mark.parametrize("name", ["refl", "draft-lv", "drtune"])
+def test_each_method_fine_tunes_the_digits_model_by_name(digits, judge, tmp_path, name):
+    """finetune(..., strategy=NAME): two updates move the LoRA (DRaFT-LV scores its two copies of each sample)."""
+    import copy
+
+    from sdo.recipes.finetune_tasks import digits_task
+
+    models = copy.copy(digits)
+    models.unet = copy.deepcopy(digits.unet)
+    cfg = sdo.FinetuneConfig(output=tmp_path / name, strategy=name, steps=8, updates=2, batch_size=2, lr=1e-2,
+                             sample_every=0, eval_count=2, eval_scales=(1.0,), guard_every=0, progress=False, cpu=True)
+    result = sdo.finetune(digits_task(models=models, judge=judge), cfg)
+    assert result.skipped == 0 and all(m["grad_norm"] > 0 for m in result.metrics)
