@@ -151,3 +151,50 @@ def test_each_method_fine_tunes_the_digits_model_by_name(digits, judge, tmp_path
                              sample_every=0, eval_count=2, eval_scales=(1.0,), guard_every=0, progress=False, cpu=True)
     result = sdo.finetune(digits_task(models=models, judge=judge), cfg)
     assert result.skipped == 0 and all(m["grad_norm"] > 0 for m in result.metrics)
+
+
+def test_pretrain_loss_is_the_diffusion_training_loss_on_real_data(digits):
+    """diffusion_loss: t and eps drawn from the generator, x_t = DDPM's add_noise from the scheduler's config, and
+    mean((model(x_t, t) - eps)^2) for the digits' epsilon model, as a hand-written training step computes it."""
+    from diffusers import DDPMScheduler
+
+    from sdo.finetuning.pretrain import diffusion_loss
+
+    unet, scheduler = digits.unet, digits.scheduler
+    x0 = torch.rand(4, 1, 16, 16, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    labels = torch.tensor([1, 2, 3, 4])
+    ours = diffusion_loss(unet, scheduler, x0, {"class_labels": labels}, torch.Generator().manual_seed(7))
+    generator = torch.Generator().manual_seed(7)
+    t = torch.randint(0, 1000, (4,), generator=generator)
+    eps = torch.randn(x0.shape, generator=generator)
+    x_t = DDPMScheduler.from_config(scheduler.config).add_noise(x0, eps, t)
+    with torch.no_grad():
+        expected = ((unet(x_t, t, class_labels=labels).sample - eps) ** 2).mean()
+    torch.testing.assert_close(ours.detach(), expected, rtol=1e-6, atol=1e-7)
+
+
+def test_finetune_with_refls_pretrain_loss_logs_it_and_trains_on_it(digits, judge, tmp_path):
+    """pretrain_weight > 0: each update adds the diffusion loss on the digits' training images, logged as
+    pretrain_loss, and the LoRA moves differently than with the reward alone; a task without data refuses it."""
+    import copy
+
+    from sdo.finetuning.lora_files import read_lora
+    from sdo.recipes.finetune_tasks import digits_task
+
+    def run(weight, folder):
+        models = copy.copy(digits)
+        models.unet = copy.deepcopy(digits.unet)
+        cfg = sdo.FinetuneConfig(output=tmp_path / folder, strategy="refl", steps=8, updates=2, batch_size=2, lr=1e-2,
+                                 pretrain_weight=weight, sample_every=0, eval_count=2, eval_scales=(1.0,),
+                                 guard_every=0, progress=False, cpu=True)
+        task = digits_task(models=models, judge=judge, labels=[3, 5], target=None)
+        return sdo.finetune(task, cfg), read_lora(tmp_path / folder / "lora")[0], task
+
+    with_it, lora_with, task = run(1.0, "with")
+    without, lora_without, _ = run(0.0, "without")
+    assert all(m["pretrain_loss"] > 0 for m in with_it.metrics) and "pretrain_loss" not in without.metrics[0]
+    assert any(not torch.equal(lora_with[k], lora_without[k]) for k in lora_with)
+    assert with_it.metrics[0]["reward_mean"] == without.metrics[0]["reward_mean"]  # the same first samples
+    task.data = None
+    with pytest.raises(sdo.UsageError, match="pretrain_weight needs real data"):
+        sdo.finetune(task, sdo.FinetuneConfig(output=tmp_path / "no-data", pretrain_weight=1.0, cpu=True))

@@ -25,7 +25,7 @@ __all__ = ["add_finetune_parsers", "load_config", "run_finetune", "run_lora"]
 _INT = ("k", "segments", "steps", "updates", "batch_size", "accumulation", "rank", "warmup", "seed", "checkpoint_every",
         "keep_checkpoints", "sample_every", "sample_count", "eval_count", "max_nonfinite", "guard_every", "guard_count",
         "guard_patience")
-_FLOAT = ("eta", "lr", "weight_decay", "regularizer")
+_FLOAT = ("eta", "lr", "weight_decay", "regularizer", "pretrain_weight")
 _OPTIONAL_FLOAT = ("guidance_scale", "max_grad_norm", "alpha", "time_budget")
 _TUPLE = {"betas": float, "target_modules": str, "eval_scales": float}
 _CHOICES = {"base_dtype": ("float32", "bfloat16", "float16")}
@@ -60,6 +60,8 @@ _HELP = {
     "lr": "AdamW learning rate, > 0 (default 0.001)",
     "weight_decay": "AdamW weight decay, >= 0 (default 0.0001)",
     "regularizer": "weight of the penalty on the tuned model's drift from the base (DRaFT+), >= 0 (default 0)",
+    "pretrain_weight": "weight of ReFL's pre-training loss: the diffusion loss on the task's real data (the digits' "
+                       "training images) beside the reward, >= 0 (default 0)",
     "guidance_scale": "classifier-free guidance scale, or none: the conditional model alone (default none)",
     "max_grad_norm": "clip the gradient's global norm to this, or none: no clipping (default 1)",
     "alpha": "LoRA alpha, or none: the rank, a scale of 1 (default none)",

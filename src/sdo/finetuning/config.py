@@ -68,6 +68,7 @@ class FinetuneConfig:
     base_dtype: str = "float32"  # float32 | bfloat16 | float16: the frozen base weights; the LoRA stays float32
     block_checkpointing: bool = False  # the denoiser's own checkpointing inside its blocks (memory at SDXL/FLUX size)
     regularizer: float = 0.0  # DRaFT+: weight of mean ||eps_tuned - eps_base||^2 over the graph-keeping calls
+    pretrain_weight: float = 0.0  # ReFL: weight of the diffusion loss on the task's data beside the reward (0: off)
     seed: int = 0  # seeds the LoRA init, the noise, the conditions and the strategy's random steps
     checkpoint_every: int = 10  # updates between checkpoints (and at the end)
     keep_checkpoints: int = 2
@@ -101,7 +102,7 @@ class FinetuneConfig:
         self.guard_count = check_int("guard_count", self.guard_count, minimum=2 if self.guard_every else 1)
         self.lr = check_number("lr", self.lr, above=0, maximum=1e6)  # beyond, AdamW's float32 arithmetic overflows
         self.eta = check_number("eta", self.eta, minimum=0, maximum=1)  # DDIM's sigma_t needs eta <= 1
-        for name in ("weight_decay", "regularizer"):
+        for name in ("weight_decay", "regularizer", "pretrain_weight"):
             setattr(self, name, check_number(name, getattr(self, name), minimum=0))
         if self.guidance_scale is not None:
             self.guidance_scale = check_number("guidance_scale", self.guidance_scale, minimum=0)
@@ -159,6 +160,8 @@ class FinetuneTask:
     few_step: torch.nn.Module | None = None  # shortft: the frozen few-step model, called like ``model``
     # steps -> the scheduler's extra set_timesteps arguments (FLUX's mu and sigmas: sdo.backbones.flow_schedule)
     schedule: Callable[[int], dict] | None = None
+    # (n, generator) -> (n clean latents, their conditions): real data for ReFL's pre-training loss (pretrain_weight)
+    data: Callable[[int, torch.Generator], tuple[torch.Tensor, list]] | None = None
 
     def solver(self, steps: int, eta: float = 0.0) -> Solver:
         """The pure solver of ``scheduler`` over ``steps`` steps, with the task's ``schedule``."""

@@ -51,6 +51,7 @@ from .config import BASE_DTYPES, FinetuneConfig, FinetuneResult, FinetuneTask
 from .guard import Guard, GuardCheck
 from .lora import add_lora
 from .method import Method
+from .pretrain import diffusion_loss
 from .results import finish, keep_folder, plot_rewards, read_metrics, run_files, warn_hacking, write_metrics
 from .shortft import ShortFT
 
@@ -99,6 +100,9 @@ class TrainingRun:
             raise UsageError(f"batch_size={cfg.batch_size} must be divisible by the {acc.num_processes} processes")
         if not len(task.conditions):
             raise UsageError("the task has no conditions to draw from")
+        if cfg.pretrain_weight and task.data is None:
+            raise UsageError("pretrain_weight needs real data: this task has none (FinetuneTask.data); the digits task "
+                             "has the digits' training images", "pretrain_weight")
         self.local = cfg.batch_size // acc.num_processes
         model = task.model
         if cfg.base_dtype != "float32":
@@ -108,6 +112,8 @@ class TrainingRun:
         self.generators = {name: torch.Generator().manual_seed(cfg.seed * 1000 + i)
                            for i, name in enumerate(("data", "strategy", "noise"))}
         self.generators["noise"].manual_seed(cfg.seed * 1000 + 2 + 100 * acc.process_index)
+        if cfg.pretrain_weight:  # its own stream, so the other draws are those of a run without it
+            self.generators["pretrain"] = torch.Generator().manual_seed(cfg.seed * 1000 + 3 + 100 * acc.process_index)
         if cfg.block_checkpointing:  # the same gradient; the activations inside each block recomputed in backward
             checkpoint_blocks(model)
         self.method = _method(task, cfg, model, acc.device, self.generators["strategy"])
@@ -156,10 +162,10 @@ class TrainingRun:
     # -- one update -------------------------------------------------------------------------------------------
     def gradient(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """One update's micro-batches, backward included: (the trainable LoRA weights' gradient, flattened and
-        averaged over processes; every process's rewards; the mean loss and penalty)."""
+        averaged over processes; every process's rewards; the mean loss, penalty and pre-training loss)."""
         cfg, acc = self.cfg, self.acc
         rank = slice(acc.process_index * self.local, (acc.process_index + 1) * self.local)
-        rewards, losses, penalties = [], [], []
+        rewards, losses, penalties, pretrains = [], [], [], []
         for _ in range(cfg.accumulation):
             conditions, x = self.draw(cfg.batch_size, self.generators["data"])
             conditions, x = conditions[rank], x[rank]
@@ -175,13 +181,21 @@ class TrainingRun:
             penalty = self.wrapped.penalty(record)
             penalty = reward.new_zeros(()) if penalty is None else penalty
             loss = -reward.float().mean() + cfg.regularizer * penalty
+            if cfg.pretrain_weight:  # ReFL's pre-training loss on a batch of real data
+                data, data_conditions = self.task.data(len(conditions), self.generators["pretrain"])
+                cond = self.task.encode(data_conditions)[0]
+                pretrain = diffusion_loss(self.method.sampled, self.task.scheduler,
+                                          data.to(self.acc.device, self.dtype), cond, self.generators["pretrain"])
+                loss = loss + cfg.pretrain_weight * pretrain
+                pretrains.append(pretrain.detach().float())
             (loss / cfg.accumulation).backward()
             rewards.append(reward.detach().float())
             losses.append(loss.detach().float())
             penalties.append(penalty.detach().float())
         trainable = [p for p in self.method.params if p.requires_grad]
         grads = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).flatten() for p in trainable])
-        scalars = torch.stack([torch.stack(losses).mean(), torch.stack(penalties).mean()])
+        pretrain = torch.stack(pretrains).mean() if pretrains else torch.zeros(())
+        scalars = torch.stack([torch.stack(losses).mean(), torch.stack(penalties).mean(), pretrain])
         if acc.num_processes > 1:
             grads, scalars = acc.reduce(grads, "mean"), acc.reduce(scalars.to(acc.device), "mean")
         if not bool(grads.any()):  # not a zero step that AdamW would still move on momentum and weight decay
@@ -228,6 +242,7 @@ class TrainingRun:
                 "reward_mean": float(finite_rewards.mean()) if len(finite_rewards) else math.nan,
                 "reward_std": float(finite_rewards.std()) if len(finite_rewards) > 1 else 0.0,
                 "loss": float(scalars[0]), "penalty": float(scalars[1]), "grad_norm": norm,
+                **({"pretrain_loss": float(scalars[2])} if cfg.pretrain_weight else {}),
                 "lr": self.lr_scheduler.get_last_lr()[0], "seconds": seconds, "elapsed": self.seconds,
                 "skipped": not finite, "skipped_total": self.skipped}
 

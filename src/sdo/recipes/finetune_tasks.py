@@ -59,11 +59,20 @@ def digits_task(reward: str = "class", target: int | None = 3, labels: Sequence[
         judged = judge(images).cpu().tolist()
         return ["no digit" if j < 0 else f"judge {j}" for j in judged]
 
-    from ..embedded import load_digits_student
+    def data(n: int, generator: torch.Generator) -> tuple[torch.Tensor, list]:
+        """``n`` training digits drawn uniformly, conditioned as the task's samples are (their own class when the
+        task draws labels; the null class when it samples unconditionally): ReFL's pre-training data."""
+        index = torch.randint(len(train_labels), (n,), generator=generator)
+        own = [int(c) for c in train_labels[index]]
+        return train_images[index], own if labels is not None else [models.null_class] * n
 
+    from ..embedded import load_digits_student
+    from ..embedded.digits import load_dataset
+
+    train_images, train_labels = load_dataset("train")
     return FinetuneTask(unet, models.scheduler, conditions, encode, (1, models.image_size, models.image_size),
                         digits_reward(reward, models.classifier, target, ink_weight), describe=describe,
-                        caption=caption, few_step=load_digits_student(device))
+                        caption=caption, few_step=load_digits_student(device), data=data)
 
 
 def _stack(parts: list):
