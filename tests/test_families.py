@@ -358,3 +358,22 @@ def test_flux_schnell_takes_no_guidance_and_is_its_pipeline(tmp_path):
     expected = reference(PROMPT, num_inference_steps=STEPS, guidance_scale=3.5, height=size, width=size,
                          latents=_pack(x), output_type="latent").images
     torch.testing.assert_close(ours, _unpack(expected, *x.shape[1:]), rtol=1e-4, atol=1e-5)
+
+
+def test_pretrain_loss_on_a_flow_model_is_rectified_flows(folders):
+    """The pre-training loss on SD3's flow transformer: x_t = (1 - s) x0 + s eps at s = t / 1000, the target
+    eps - x0, the timestep s * 1000, as a hand-written flow-matching training step computes it."""
+    from sdo.finetuning.pretrain import diffusion_loss
+
+    pipe = backbones.load_pipeline(folders["sd3"])
+    cond = backbones.text_conditioning(pipe, PROMPT, 1.0)["cond"]
+    x0 = torch.randn(2, 16, 8, 8, generator=torch.Generator().manual_seed(0))
+    ours = diffusion_loss(pipe.denoiser, pipe.scheduler, x0, cond, torch.Generator().manual_seed(3))
+    generator = torch.Generator().manual_seed(3)
+    t = torch.randint(0, 1000, (2,), generator=generator)
+    eps = torch.randn(x0.shape, generator=generator)
+    s = (t.float() / 1000).view(-1, 1, 1, 1)
+    with torch.no_grad():
+        out = pipe.denoiser((1 - s) * x0 + s * eps, timestep=t.float(),
+                            **{k: v.expand(2, *v.shape[1:]) for k, v in cond.items()}).sample
+    torch.testing.assert_close(ours.detach(), ((out - (eps - x0)) ** 2).mean(), rtol=1e-6, atol=1e-7)
