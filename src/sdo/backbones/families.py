@@ -9,7 +9,6 @@ so that it is exactly what the pipeline feeds its denoiser:
   T5's along the sequence (``encoder_hidden_states``), the two pooled embeddings (``pooled_projections``); a
   pipeline saved without T5 (``text_encoder_3=None``) gets zeros in its place, as the pipeline does. Its timestep is
   the scheduler's (sigma * 1000), as :class:`~sdo.chain.Chain` passes it.
-
 * FLUX.1 (``FluxPipeline``): T5's hidden states (``encoder_hidden_states``) and CLIP's pooled embedding
   (``pooled_projections``); a guidance-distilled transformer (dev: ``guidance_embeds``) takes ``guidance_scale`` as
   its ``guidance`` input and runs no classifier-free guidance (schnell: neither). Its transformer sees latents
