@@ -354,6 +354,8 @@ CASES: list[Case] = [
          "2", *_OUT, names=["true_cfg_scale", "StableDiffusionPipeline"]),
     _cli("style-true-cfg-zero", "style", "a cat", *_P, "--reference", "{png}", "--true-cfg-scale", "0", *_OUT,
          names=["--true-cfg-scale"]),
+    _cli("style-drop-t5-on-stable-diffusion", "style", "a cat", *_P, "--reference", "{png}", "--drop-t5", *_OUT,
+         names=["drop_t5", "StableDiffusionPipeline"]),
     _cli("edit-pipeline-without-clip", "edit", "a cat", "--model", "{pipe}", "--image", "{png}", *_OUT,
          names=["--clip"]),
     _cli("edit-pipeline-missing", "edit", "a cat", "--model", "{missing}", "--clip", "{clip}", "--image", "{png}",

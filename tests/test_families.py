@@ -377,3 +377,27 @@ def test_pretrain_loss_on_a_flow_model_is_rectified_flows(folders):
         out = pipe.denoiser((1 - s) * x0 + s * eps, timestep=t.float(),
                             **{k: v.expand(2, *v.shape[1:]) for k, v in cond.items()}).sample
     torch.testing.assert_close(ours.detach(), ((out - (eps - x0)) ** 2).mean(), rtol=1e-6, atol=1e-7)
+
+
+def test_sd3_without_its_t5_is_its_pipeline(folders, tmp_path):
+    """load_pipeline(..., drop_t5=True) (``--drop-t5``): SD3 without T5, as its pipeline allows (zeros in T5's place):
+    the pipeline's sample loaded the same way, from the full folder and from one saved without T5; another family
+    refuses it by name."""
+    from diffusers import DiffusionPipeline
+
+    pipe = backbones.load_pipeline(folders["sd3"], drop_t5=True)
+    assert pipe.pipeline.text_encoder_3 is None
+    pipe.pipeline.save_pretrained(tmp_path / "sd3-no-t5")
+    for folder in (folders["sd3"], tmp_path / "sd3-no-t5"):
+        pipe = backbones.load_pipeline(folder, drop_t5=True)
+        chain = tasks._chain(pipe, PROMPT, STEPS, GUIDANCE["sd3"], None)
+        x = _latent(pipe)
+        with torch.no_grad():
+            ours = sample(chain, x)
+        reference = DiffusionPipeline.from_pretrained(folder, local_files_only=True, text_encoder_3=None,
+                                                      tokenizer_3=None)
+        expected = reference(PROMPT, num_inference_steps=STEPS, guidance_scale=GUIDANCE["sd3"], height=16,
+                             width=16, latents=x.clone(), output_type="latent").images
+        torch.testing.assert_close(ours, expected, rtol=1e-4, atol=1e-5)
+    with pytest.raises(sdo.UsageError, match="drop_t5 is SD3's"):
+        backbones.load_pipeline(folders["flux"], drop_t5=True)

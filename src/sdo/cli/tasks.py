@@ -103,6 +103,8 @@ def add_task_parsers(sub) -> None:
         t.add_argument("--true-cfg-scale", type=positive_float, default=None,
                        help="FLUX only: FluxPipeline's true classifier-free guidance on the empty prompt, beside "
                        "--guidance-scale (default: off)")
+        t.add_argument("--drop-t5", action="store_true",
+                       help="SD3 only: run without its T5 text encoder (zeros in its place, as its pipeline allows)")
         inverts = "; inverting a real image needs ddim or euler" if task in ("edit", "aesthetic") else ""
         t.add_argument("--scheduler", choices=TASK_SCHEDULERS, default=None, help="sampler, built from the pipeline "
                        f"scheduler's config (default: the pipeline's own where sdo supports it, else ddim){inverts}")
@@ -131,7 +133,7 @@ def run_task(args) -> None:
         _save(args, _edit_digits(args, strategy))
         return
     pipe = backbones.load_pipeline(args.model, args.device, getattr(torch, args.dtype),
-                                   true_cfg_scale=args.true_cfg_scale)
+                                   true_cfg_scale=args.true_cfg_scale, drop_t5=args.drop_t5)
     if args.command != "adversarial":
         clip, tokenizer = backbones.load_clip(args.clip, args.device, tokenizer=args.command == "edit")
     common = {"steps": args.steps, "iterations": args.iterations, "lr": args.lr, "strategy": strategy,
@@ -162,9 +164,11 @@ def _check(args):
     if args.command == "edit" and args.model is None:
         from ..embedded.digits import HELD_OUT
 
-        if args.dtype != "float32" or args.guidance_scale != 1 or args.checkpoint_vae or args.true_cfg_scale:
-            raise UsageError("the embedded digits edit runs in float32, unguided, without a VAE: drop --dtype, "
-                             "--guidance-scale, --true-cfg-scale and --checkpoint-vae, or pass --model")
+        if (args.dtype != "float32" or args.guidance_scale != 1 or args.checkpoint_vae or args.true_cfg_scale
+                or args.drop_t5):
+            raise UsageError("the embedded digits edit runs in float32, unguided, without a VAE or text encoders: "
+                             "drop --dtype, --guidance-scale, --true-cfg-scale, --drop-t5 and --checkpoint-vae, or "
+                             "pass --model")
         if args.digit is not None and args.digit >= HELD_OUT:
             raise UsageError(f"--digit must be in 0..{HELD_OUT - 1} (the held-out split), got {args.digit}", "digit")
         if args.image is not None and not Path(args.image).is_file():
