@@ -1,5 +1,5 @@
-"""ReFL's pre-training loss (Xu et al., 2023, Alg. 1: the reward loss is trained together with the model's own
-denoising loss on real data, "to avoid overfitting the reward"), usable beside every fine-tuning method:
+"""ReFL's pre-training loss (Xu et al., 2023: ReFL trains the reward loss together with the model's own denoising
+loss on real data, against overfitting the reward), usable beside every fine-tuning method:
 ``FinetuneConfig.pretrain_weight`` times the diffusion training loss of the tuned model on a batch of the task's data
 (``FinetuneTask.data``) per micro-batch.
 
