@@ -16,7 +16,14 @@ import torch
 
 from .checks import UsageError, check_finite, check_number
 
-__all__ = ["Denoiser", "checkpoint_blocks", "map_tensors"]
+__all__ = ["Denoiser", "checkpoint_blocks", "inner_model", "map_tensors"]
+
+
+def inner_model(model):
+    """The diffusers model inside ``model``: ``model.inner`` for a denoiser that wraps one to change how it is called
+    (:class:`sdo.backbones.families.FluxDenoiser`), else ``model`` itself. Its LoRA, its gradient checkpointing and
+    its files are the inner model's."""
+    return getattr(model, "inner", model)
 
 
 def checkpoint_blocks(model) -> None:
@@ -24,6 +31,7 @@ def checkpoint_blocks(model) -> None:
     a call that keeps a graph stores each block's input only and recomputes the rest in backward, the same gradient
     for less memory (what the one graph-keeping call of SDO needs at SDXL/FLUX size). A model without it is a
     :class:`~sdo.checks.UsageError`."""
+    model = inner_model(model)
     if not getattr(model, "_supports_gradient_checkpointing", False):
         raise UsageError(f"{type(model).__name__} has no gradient checkpointing of its own (diffusers' "
                          "enable_gradient_checkpointing); run without block checkpointing")

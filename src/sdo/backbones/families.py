@@ -43,26 +43,20 @@ class FluxDenoiser(torch.nn.Module):
     encoder_hidden_states=..., pooled_projections=..., guidance=...)`` with the scheduler's timestep t: the latents
     are packed into FLUX's sequence of 2x2 patches ``(B, hw/4, 4C)`` with their (0, row, column) position ids, the
     text's ids are zeros, the timestep goes in as t / 1000, and the predicted velocity is unpacked again, all as
-    ``FluxPipeline`` does. Its LoRA lives in the transformer (``lora_model``), filed under ``transformer.``."""
+    ``FluxPipeline`` does. Its LoRA lives in the transformer (``inner``), filed under ``transformer.``; its
+    ``config.patch_size`` is the 2x2 packing's."""
 
     def __init__(self, transformer: torch.nn.Module):
         super().__init__()
         self.transformer = transformer
         channels = transformer.config.in_channels // 4
-        self.config = SimpleNamespace(in_channels=channels, out_channels=channels,
+        self.config = SimpleNamespace(in_channels=channels, out_channels=channels, patch_size=2,
                                       guidance_embeds=bool(transformer.config.get("guidance_embeds", False)))
 
     @property
-    def lora_model(self) -> torch.nn.Module:
+    def inner(self) -> torch.nn.Module:
+        """The transformer (:func:`sdo.denoiser.inner_model`): its LoRA, checkpointing and files."""
         return self.transformer
-
-    @property
-    def _supports_gradient_checkpointing(self) -> bool:
-        return bool(getattr(self.transformer, "_supports_gradient_checkpointing", False))
-
-    def enable_gradient_checkpointing(self) -> None:
-        """The transformer's own checkpointing inside its blocks (:func:`sdo.denoiser.checkpoint_blocks`)."""
-        self.transformer.enable_gradient_checkpointing()
 
     def forward(self, sample, timestep=None, encoder_hidden_states=None, pooled_projections=None, guidance=None):
         b, c, h, w = sample.shape
@@ -93,13 +87,15 @@ def flow_schedule(pipe, steps: int, scheduler=None) -> dict:
     scheduler = pipe.scheduler if scheduler is None else scheduler
     if type(scheduler).__name__ != "FlowMatchEulerDiscreteScheduler":
         return {}
-    kind = family(pipe)
     side = pipe.image_size // 2 ** (len(pipe.vae.config.block_out_channels) - 1)
-    patch = 2 if kind == "flux" else int(getattr(pipe.denoiser.config, "patch_size", 1) or 1)
-    return _flow_extras(scheduler.config, steps, (side // patch) ** 2, flux=kind == "flux")
+    return _flow_extras(scheduler.config, steps, pipe.denoiser, side, side)
 
 
-def _flow_extras(config, steps: int, tokens: int, flux: bool) -> dict:
+def _flow_extras(config, steps: int, denoiser, height: int, width: int) -> dict:
+    """FLUX's sigmas, and ``mu`` from the image's token count (latent side / the denoiser's patch size, squared)."""
+    flux = isinstance(denoiser, FluxDenoiser)
+    patch = int(getattr(denoiser.config, "patch_size", 1) or 1)
+    tokens = (height // patch) * (width // patch)
     out = {}
     if flux and not config.get("use_flow_sigmas", False):
         out["sigmas"] = [1.0 - i * (1.0 - 1.0 / steps) / max(steps - 1, 1) for i in range(steps)]
@@ -186,10 +182,7 @@ class RandomBackbone:
         """The scheduler's extra ``set_timesteps`` arguments for ``steps`` steps (FLUX's sigmas and mu)."""
         if type(self.scheduler).__name__ != "FlowMatchEulerDiscreteScheduler":
             return {}
-        flux = isinstance(self.denoiser, FluxDenoiser)
-        patch = 2 if flux else int(getattr(self.denoiser.config, "patch_size", 1) or 1)
-        tokens = (self.latent_shape[1] // patch) * (self.latent_shape[2] // patch)
-        return _flow_extras(self.scheduler.config, steps, tokens, flux=flux)
+        return _flow_extras(self.scheduler.config, steps, self.denoiser, *self.latent_shape[1:])
 
 
 def random_backbone(config: dict, device="cpu", dtype: torch.dtype = torch.float32, seed: int = 0) -> RandomBackbone:

@@ -15,6 +15,7 @@ import numpy as np
 import torch
 
 from ..checks import UsageError, check_device, check_half_on_cpu, check_number, reading
+from ..denoiser import inner_model
 from .families import family_denoiser
 
 __all__ = ["ImageClassifier", "Pipeline", "load_clip", "load_denoiser", "load_image", "load_pipeline"]
@@ -100,7 +101,7 @@ def load_denoiser(pipe: Pipeline, folder: str | Path) -> torch.nn.Module:
     """A diffusers model folder of the same class as ``pipe``'s denoiser (ShortFT's few-step model: the pipeline's
     UNet or transformer with e.g. a Hyper-SD LoRA fused in and saved), frozen, on ``pipe``'s device and dtype, and
     wrapped as the family's chain calls it (FLUX: :class:`~sdo.backbones.families.FluxDenoiser`)."""
-    inner = getattr(pipe.denoiser, "lora_model", pipe.denoiser)
+    inner = inner_model(pipe.denoiser)
     if not Path(folder).is_dir():
         raise FileNotFoundError(f"{folder}: no such model folder (a diffusers {type(inner).__name__} folder)")
     parameter = next(inner.parameters())

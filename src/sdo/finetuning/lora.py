@@ -25,6 +25,7 @@ import torch
 from torch import nn
 
 from ..checks import UsageError
+from ..denoiser import inner_model
 from .lora_files import read_lora, write_lora
 
 __all__ = [
@@ -38,7 +39,6 @@ __all__ = [
     "lora_prefix",
     "lora_scale",
     "lora_state_dict",
-    "lora_target",
     "save_lora",
     "set_lora_scale",
 ]
@@ -47,22 +47,15 @@ __all__ = [
 DEFAULT_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
 
 
-def lora_target(model: nn.Module) -> nn.Module:
-    """The diffusers model that carries the LoRA of ``model``: ``model.lora_model`` for a denoiser that wraps one
-    (:class:`sdo.backbones.families.FluxDenoiser`), else ``model``. Every function here works on it, so the keys of
-    a wrapped model's LoRA are those of its pipeline's component."""
-    return getattr(model, "lora_model", model)
-
-
 def lora_prefix(model: nn.Module) -> str:
     """The component name a diffusers pipeline files ``model``'s LoRA keys under: ``transformer`` for a transformer
     (SD3, FLUX, PixArt, DiT: the pipelines' ``transformer_name``), ``unet`` for a UNet (``unet_name``)."""
-    return "transformer" if "Transformer" in type(lora_target(model)).__name__ else "unet"
+    return "transformer" if "Transformer" in type(inner_model(model)).__name__ else "unet"
 
 
 def lora_layers(model: nn.Module, adapter_name: str) -> list[tuple[str, nn.Module]]:
     """(module name, peft LoraLayer) of every module carrying ``adapter_name``."""
-    model = lora_target(model)
+    model = inner_model(model)
     from peft.tuners.lora import LoraLayer
 
     have = sorted(getattr(model, "peft_config", {}))
@@ -101,7 +94,7 @@ def _inject(model: nn.Module, config, adapter_name: str, *, trainable: bool, see
     """Inject ``config`` as ``adapter_name``: base frozen, LoRA at least float32 and requiring grad iff ``trainable``,
     active next to the other adapters (whose active sets and requires_grad are kept). Then ``load()``; if that
     raises, the adapter is removed again and the model restored."""
-    model = lora_target(model)
+    model = inner_model(model)
     from peft import NoMatchingPeftModuleError, inject_adapter_in_model
     from peft.tuners.tuners_utils import BaseTunerLayer
 
@@ -172,7 +165,7 @@ def add_lora(model: nn.Module, *, rank: int = 4, alpha: float | None = None,
 
 def lora_parameters(model: nn.Module, adapter_name: str = "default") -> list[nn.Parameter]:
     """The LoRA A and B weights of ``adapter_name``, in ``model.named_parameters()`` order (for the optimizer)."""
-    model = lora_target(model)
+    model = inner_model(model)
     ids = {id(p) for _, m in lora_layers(model, adapter_name) for d in (m.lora_A, m.lora_B)
            for p in d[adapter_name].parameters()}
     return [p for p in model.parameters() if id(p) in ids]
@@ -180,7 +173,7 @@ def lora_parameters(model: nn.Module, adapter_name: str = "default") -> list[nn.
 
 def lora_state_dict(model: nn.Module, adapter_name: str = "default") -> dict[str, torch.Tensor]:
     """peft's ``get_peft_model_state_dict``: keys ``<module>.lora_A.weight`` / ``.lora_B.weight``, no adapter name."""
-    model = lora_target(model)
+    model = inner_model(model)
     from peft import get_peft_model_state_dict
 
     lora_layers(model, adapter_name)
@@ -193,7 +186,7 @@ def save_lora(model: nn.Module, folder: str | os.PathLike, adapter_name: str = "
     """Save adapter ``adapter_name`` as a LoRA folder that the model's diffusers pipeline loads with
     ``pipe.load_lora_weights(folder)`` (keys under :func:`lora_prefix`); ``config``: the LoraConfig add_lora
     returned (default: the model's ``peft_config[adapter_name]``)."""
-    model = lora_target(model)
+    model = inner_model(model)
     state = lora_state_dict(model, adapter_name)
     write_lora(folder, state, model.peft_config[adapter_name] if config is None else config, lora_prefix(model))
 

@@ -65,33 +65,50 @@ def read_lora(folder: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict]
 
 
 def lora_file_prefix(folder: str | os.PathLike) -> str | None:
-    """The component name (``unet``, ``transformer``) the keys of a LoRA folder are filed under; None if none."""
-    return _read(folder)[2]
+    """The component name (``unet``, ``transformer``) the keys of a LoRA folder are filed under; None if none. Reads
+    the keys only."""
+    from safetensors import safe_open
+
+    path = _weights(folder)
+    with reading(path, "the LoRA weights"), safe_open(path, framework="pt") as f:
+        return _prefix(path, list(f.keys()))
+
+
+def _weights(folder: str | os.PathLike) -> Path:
+    path = Path(folder) / _WEIGHTS
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} not found: a LoRA folder holds {_WEIGHTS} "
+                                "(sdo.finetuning.lora.save_lora or diffusers' save_lora_weights write one)")
+    return path
+
+
+def _prefix(path: Path, keys: list[str]) -> str | None:
+    """The denoiser's component the keys are filed under (None: no prefix); a file of text-encoder LoRAs only is
+    refused, and one that also holds them is read for its denoiser part, with a warning."""
+    parts = sorted({k.split(".", 1)[0] for k in keys})
+    prefix = next((p for p in _COMPONENTS if p in parts), None)
+    if prefix is None and parts and set(parts) <= {"text_encoder", "text_encoder_2", "text_encoder_3"}:
+        raise UsageError(f"{path} holds text-encoder LoRA weights only ({', '.join(parts)}); sdo loads a "
+                         "denoiser's LoRA (keys under unet. or transformer.)")
+    if prefix is not None and len(parts) > 1:
+        warnings.warn(f"{path} also holds LoRA weights of {[p for p in parts if p != prefix]}; sdo reads its {prefix} "
+                      "part (it tunes the denoiser)", stacklevel=4)
+    return prefix
 
 
 def _read(folder: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict, str | None]:
     from safetensors import safe_open
 
     folder = Path(folder)
-    if not (folder / _WEIGHTS).is_file():
-        raise FileNotFoundError(f"{folder / _WEIGHTS} not found: a LoRA folder holds {_WEIGHTS} "
-                                "(sdo.finetuning.lora.save_lora or diffusers' save_lora_weights write one)")
-    with reading(folder / _WEIGHTS, "the LoRA weights"), safe_open(folder / _WEIGHTS, framework="pt") as f:
+    with reading(_weights(folder), "the LoRA weights"), safe_open(_weights(folder), framework="pt") as f:
         metadata = f.metadata() or {}
         state = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (a safetensors handle is not a dict)
     bad = [k for k, v in state.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
     if bad:
         raise UsageError(f"{folder / _WEIGHTS}: {bad[0]} has non-finite weights (NaN or inf; {len(bad)} tensors in "
                          "all); the training that wrote it diverged")
-    parts = sorted({k.split(".", 1)[0] for k in state})
-    prefix = next((p for p in _COMPONENTS if p in parts), None)
-    if prefix is None and parts and set(parts) <= {"text_encoder", "text_encoder_2", "text_encoder_3"}:
-        raise UsageError(f"{folder / _WEIGHTS} holds text-encoder LoRA weights only ({', '.join(parts)}); sdo "
-                         "loads a denoiser's LoRA (keys under unet. or transformer.)")
+    prefix = _prefix(folder / _WEIGHTS, list(state))
     if prefix is not None:
-        if len(parts) > 1:
-            warnings.warn(f"{folder / _WEIGHTS} also holds LoRA weights of {[p for p in parts if p != prefix]}; "
-                          f"sdo reads its {prefix} part (it tunes the denoiser)", stacklevel=3)
         state = {k.removeprefix(f"{prefix}."): v for k, v in state.items() if k.startswith(f"{prefix}.")}
     if _METADATA_KEY in metadata:
         with reading(folder / _WEIGHTS, "the LoRA config in its metadata"):

@@ -13,9 +13,10 @@ import torch
 
 from ..chain import Chain
 from ..checks import UsageError
+from ..denoiser import inner_model
 from ..gradients import Strategy
 from ..sampling import sample
-from .lora import lora_parameters, lora_scale, lora_state_dict, lora_target, save_lora
+from .lora import lora_parameters, lora_scale, lora_state_dict, save_lora
 
 __all__ = ["Method"]
 
@@ -66,7 +67,7 @@ class Method:
             if group not in tensors:
                 raise UsageError(f"{path}: the checkpoint holds no LoRA {group!r}; "
                                  "it was written by another kind of run")
-            result = set_peft_model_state_dict(lora_target(self.model), tensors[group], adapter_name=name)
+            result = set_peft_model_state_dict(inner_model(self.model), tensors[group], adapter_name=name)
             if getattr(result, "unexpected_keys", None):
                 raise UsageError(f"{path}: the checkpoint's LoRA does not fit this run ({result.unexpected_keys[:3]})")
 

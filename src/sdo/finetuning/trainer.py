@@ -61,9 +61,7 @@ GUARD_SEEDS = 30_000  # the base of the hacking guard's fixed seeds (TrainingRun
 
 
 def _strategy(cfg: FinetuneConfig, generator: torch.Generator):
-    """The gradient method as the name table sets it up for weights; ShortFT samples its own chain (None here)."""
-    if cfg.strategy == "shortft":
-        return None
+    """The gradient method as the name table sets it up for weights (ShortFT is a method of its own: _method)."""
     return strategy_for(cfg.strategy, weights=True, steps=cfg.steps, generator=generator, k=cfg.k)
 
 
