@@ -1,4 +1,4 @@
-"""The cheap reward gradients of issue #20 (ReFL, DRaFT-LV, DRTune), each against a hand-written loop of its own
+"""The cheap reward gradients of issue #20 (ReFL, DRaFT-LV, DRTune, Direct-Align), each against a hand-written loop of its own
 formula over a diffusers scheduler, in float64 (to the float32 round-off of diffusers' coefficient tables); and what
 a latent gets from the weights-only ones (a clear error)."""
 
@@ -8,7 +8,7 @@ from diffusers import DDIMScheduler
 from helpers import TinyNet
 
 import sdo
-from sdo.gradients import DRaFTLV, DRTune, ReFL
+from sdo.gradients import DirectAlign, DRaFTLV, DRTune, ReFL
 from sdo.gradients.base import randint
 
 F64 = {"rtol": 1e-9, "atol": 1e-12}
@@ -95,6 +95,66 @@ def test_draft_lv_renoises_the_sample_n_times_and_runs_the_last_step_with_a_grap
         sdo.sample(dpm, x, strategy=DRaFTLV())
 
 
+@pytest.mark.parametrize("seed", [8, 11])
+def test_direct_align_injects_known_noise_and_recovers_the_image_with_it(seed):
+    """Direct-Align: x0 without a graph; at a step t drawn uniformly over the whole chain, x_t = sqrt(abar_t) x0 +
+    sqrt(1 - abar_t) eps with known eps, one DDIM step with its graph, then x0_hat = (x_{t+1} - sqrt(1 - abar_{t+1})
+    eps) / sqrt(abar_{t+1}); the weight gradient equals the loop's (seeds 8 and 11 draw an early and a late t)."""
+    model, chain, x, weight = _setup()
+    params = list(model.parameters())
+    out = sdo.sample(chain, x, strategy=DirectAlign(generator=torch.Generator().manual_seed(seed)))
+    ours = torch.autograd.grad(_objective(out, weight), params)
+    scheduler, y = _scheduler(), x.clone()
+    with torch.no_grad():
+        for t in scheduler.timesteps:
+            y = scheduler.step(_call(model, y, t), t, y).prev_sample
+    generator = torch.Generator().manual_seed(seed)
+    t_index = randint(0, N - 1, generator)
+    eps = torch.randn(y.shape, generator=generator, dtype=torch.float32).double()
+    steps = scheduler.timesteps
+    abar = scheduler.alphas_cumprod[steps[t_index]].double()
+    abar_next = (scheduler.alphas_cumprod[steps[t_index + 1]] if t_index + 1 < N
+                 else scheduler.final_alpha_cumprod).double()
+    x_t = abar.sqrt() * y + (1 - abar).sqrt() * eps
+    x_next = scheduler.step(_call(model, x_t, steps[t_index]), steps[t_index], x_t).prev_sample
+    x0_hat = (x_next - (1 - abar_next).sqrt() * eps) / abar_next.sqrt()
+    reference = torch.autograd.grad(_objective(x0_hat, weight), params)
+    for a, b in zip(ours, reference, strict=True):
+        torch.testing.assert_close(a, b, **_tol(reference))
+    assert sum(g.abs().sum() for g in ours) > 0
+    draws = {next(iter(DirectAlign(generator=torch.Generator().manual_seed(s)).select(range(10)))) for s in range(200)}
+    assert draws == set(range(10))  # any step, the first (pure noise) included
+    late = {next(iter(DirectAlign(0.5, generator=torch.Generator().manual_seed(s)).select(range(10))))
+            for s in range(200)}
+    assert late == set(range(5, 10))
+    with pytest.raises(sdo.UsageError, match="need 0 <= low < high <= 1"):
+        DirectAlign(0.5, 0.5)
+
+
+def test_direct_align_on_a_flow_chain_recovers_with_the_flow_levels():
+    """On flow matching (x_t = (1 - s) x0 + s eps): one Euler step from the noised sample, then x0_hat =
+    (x_{t+1} - s_{t+1} eps) / (1 - s_{t+1}), by hand."""
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    model, _, x, weight = _setup()
+    chain = sdo.Chain.from_diffusers(model, FlowMatchEulerDiscreteScheduler(), N)
+    params = list(model.parameters())
+    ours = torch.autograd.grad(_objective(sdo.sample(chain, x, strategy=DirectAlign(
+        generator=torch.Generator().manual_seed(3))), weight), params)
+    with torch.no_grad():
+        y = sdo.sample(chain, x)
+    generator = torch.Generator().manual_seed(3)
+    t = randint(0, N - 1, generator)
+    eps = torch.randn(y.shape, generator=generator, dtype=torch.float32).double()
+    sigmas = chain.solver.sigmas
+    x_t = (1 - sigmas[t]) * y + sigmas[t] * eps
+    x_next = x_t + (sigmas[t + 1] - sigmas[t]) * _call(model, x_t, chain.solver.timesteps[t])
+    x0_hat = (x_next - sigmas[t + 1] * eps) / (1 - sigmas[t + 1])
+    reference = torch.autograd.grad(_objective(x0_hat, weight), params)
+    for a, b in zip(ours, reference, strict=True):
+        torch.testing.assert_close(a, b, **F64)
+
+
 def test_drtune_stops_the_input_gradient_and_keeps_k_evenly_spaced_calls():
     """DRTune: every call sees stop_grad(x_i); the calls of k steps N // k apart from a random offset keep their
     graph; the latent's and the weights' gradients equal the loop's. With k = 1 its weight gradient is SDO's at the
@@ -125,7 +185,7 @@ def test_drtune_stops_the_input_gradient_and_keeps_k_evenly_spaced_calls():
         torch.testing.assert_close(a, b, **F64)
 
 
-@pytest.mark.parametrize("name", ["refl", "draft-lv"])
+@pytest.mark.parametrize("name", ["refl", "draft-lv", "direct-align"])
 def test_weights_only_methods_refuse_a_latent_and_stay_out_of_the_latent_benchmark(name):
     from sdo.cli.bench import bench_rows
 
@@ -138,7 +198,7 @@ def test_weights_only_methods_refuse_a_latent_and_stay_out_of_the_latent_benchma
     assert name in sdo.finetuning.methods()
 
 
-@pytest.mark.parametrize("name", ["refl", "draft-lv", "drtune"])
+@pytest.mark.parametrize("name", ["refl", "draft-lv", "drtune", "direct-align"])
 def test_each_method_fine_tunes_the_digits_model_by_name(digits, judge, tmp_path, name):
     """finetune(..., strategy=NAME): two updates move the LoRA (DRaFT-LV scores its two copies of each sample)."""
     import copy

@@ -20,7 +20,7 @@ from .shortcut import Shortcut
 from .adjoint import Adjoint
 from .reversible import Reversible, edict_step
 from .drtune import DRTune
-from .onestep import DRaFTLV, ReFL
+from .onestep import DirectAlign, DRaFTLV, ReFL
 # isort: on
 
 __all__ = [
@@ -29,6 +29,7 @@ __all__ = [
     "ConstantMemory",
     "DRTune",
     "DRaFTLV",
+    "DirectAlign",
     "Full",
     "RandomTruncated",
     "ReFL",

@@ -1,8 +1,10 @@
 """Cheap reward gradients of one denoiser call on a sample made without a graph, for weights only (the latent that
-started the chain gets no gradient, by construction): ReFL (Xu et al., 2023) and DRaFT-LV (Clark et al., 2024)."""
+started the chain gets no gradient, by construction): ReFL (Xu et al., 2023), DRaFT-LV (Clark et al., 2024) and
+Direct-Align (Shen et al., 2025, SRPO)."""
 
 from __future__ import annotations
 
+import math
 from typing import ClassVar
 
 import torch
@@ -11,7 +13,7 @@ from ..checks import UsageError, check_int
 from ..solvers import DPMSolverPP
 from .base import Strategy, randint, register_strategy
 
-__all__ = ["DRaFTLV", "ReFL"]
+__all__ = ["DRaFTLV", "DirectAlign", "ReFL"]
 
 
 @register_strategy("refl")
@@ -83,3 +85,47 @@ class DRaFTLV(Strategy):
             eps = torch.randn(x.shape, generator=self.generator, dtype=torch.float32).to(x.device, x.dtype)
             copies.append(chain.step(last, a * x + s * eps, state)[0])
         return torch.cat(copies)
+
+
+@register_strategy("direct-align")
+class DirectAlign(Strategy):
+    """Direct-Align (Shen et al., 2025, "Directly Aligning the Full Diffusion Trajectory with Fine-Grained Human
+    Preference", the denoising branch of SRPO's Direct-Align): the whole chain runs without a graph to x0; a step
+    ``t`` is drawn uniformly among all of the chain's steps (or the share ``[low, high)`` of them), known noise eps
+    is injected at that step's input level, x_t = a_t x0 + s_t eps, and one deterministic step runs with its graph,
+    x_{t+1} = (the DDIM move, :meth:`~sdo.solvers.Solver.jump`, of the denoiser call at x_t); the image is then
+    recovered with the same known noise,
+
+        x0_hat = (x_{t+1} - s_{t+1} eps) / a_{t+1}        (the last step: s = 0, a = 1, x0_hat = x_{t+1}),
+
+    rather than from the model's own noise estimate as ReFL's x0 prediction does: SRPO's reason it trains early,
+    very noisy steps stably. Not implemented: SRPO's inversion branch, its discounted sum over several injections,
+    and its positive/negative prompt pair (a reward-side choice). ``generator``: the step and the noise."""
+
+    gives_latent_gradient: ClassVar[bool] = False
+
+    def __init__(self, low: float = 0.0, high: float = 1.0, generator: torch.Generator | None = None):
+        if not 0.0 <= float(low) < float(high) <= 1.0:
+            raise UsageError(f"need 0 <= low < high <= 1, got low={low}, high={high}")
+        self.low, self.high, self.generator = float(low), float(high), generator
+
+    @classmethod
+    def for_weights(cls, *, steps, generator=None, k=1):
+        return cls(generator=generator)
+
+    def select(self, steps):
+        first = steps.start + int(self.low * len(steps))
+        last = min(max(first, steps.start + math.ceil(self.high * len(steps)) - 1), steps.stop - 1)
+        return {randint(min(first, last), last, self.generator)}
+
+    def run(self, chain, x, state, steps):
+        (t,) = self.select(steps)
+        with torch.no_grad():
+            for i in range(steps.start, steps.stop):
+                x, state = chain.step(i, x, state)
+        solver = chain.solver
+        (a, s), (a_next, s_next) = solver.levels(t)
+        eps = torch.randn(x.shape, generator=self.generator, dtype=torch.float32).to(x.device, x.dtype)
+        noised = a * x + s * eps
+        moved = solver.jump(t, t + 1, noised, chain.denoise(t, noised))
+        return (moved - s_next * eps) / a_next
