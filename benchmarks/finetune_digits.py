@@ -1,5 +1,6 @@
 """Reward fine-tuning on the embedded digits model at equal wall-clock: SDO and ShortFT against AlignProp-uniform,
-AlignProp-1 and DRaFT-K (Sec. 5.2 of Dou et al., 2025; Guo et al., ICCV 2025; on a model that runs on a CPU).
+AlignProp-1 / DRaFT-1, DRaFT-K and the cheap one- or few-call gradients ReFL, DRaFT-LV, DRTune and Direct-Align
+(Sec. 5.2 of Dou et al., 2025; Guo et al., ICCV 2025; issue #20; on a model that runs on a CPU).
 
 The unconditional digits DDPM (N = 50 DDIM steps) gets a LoRA trained to make the classifier read every sample
 as a 3 (reward: log p(3 | x0)). Each method runs for the same seconds of updates, from the same seeds:
@@ -8,7 +9,14 @@ as a 3 (reward: log p(3 | x0)). Each method runs for the same seconds of updates
 - ``alignprop-uniform``: the last k ~ U{1..50} calls keep graphs, recomputed in backward, as AlignProp runs;
 - ``alignprop-1``: the last call only (DRaFT-1); ``draft-5``: the last 5 (DRaFT-K);
 - ``shortft``: four stacked per-segment LoRAs trained end to end through the chain shortened by the shipped
-  few-step student, in four progressive stages of a quarter of the budget each.
+  few-step student, in four progressive stages of a quarter of the budget each;
+- ``refl``: no graph to a step of the last quarter, its one-step prediction scored, with ReFL's pre-training loss
+  (weight 1, on the digits' training images); ``draft-lv``: DRaFT-1 on two re-noised copies of the sample;
+  ``drtune``: 5 evenly spaced calls kept, every call's input gradient stopped; ``direct-align``: known noise
+  injected at a step drawn over the whole chain, one step with its graph, the image recovered with that noise.
+
+``--seeds S`` runs every method from S seeds (the LoRA's init, the batches' noise and the method's draws); the table
+gives each figure's mean over the seeds with a 95% Student-t interval, and the plot every seed's curve.
 
 ``--variance-seeds S`` also measures, at the initial point (base model, fresh LoRAs), each method's LoRA gradient on
 S independent batches: its spread across seeds (relative variance, tr Cov / |mean|^2) and how well its mean points
@@ -24,6 +32,9 @@ reward hacking that the judge catches.
     python benchmarks/finetune_digits.py --budget 20 --output /tmp/quick
     python benchmarks/finetune_digits.py --methods shortft,sdo,draft-5,alignprop-uniform --unregularized '' \
         --variance-seeds 12 --output benchmarks/results/shortft_digits     # ShortFT's comparison: about 30 minutes
+    python benchmarks/finetune_digits.py --budget 60 --seeds 4 --unregularized '' --variance-seeds 8 \
+        --methods sdo,shortft,alignprop-1,draft-lv,refl,drtune,direct-align,alignprop-uniform \
+        --output benchmarks/results/cheap_gradients                        # issue #20's comparison: about 40 minutes
 """
 
 from __future__ import annotations
@@ -45,7 +56,9 @@ from sdo.embedded.judge import DigitJudge
 
 METHODS = {"sdo": dict(strategy="sdo"), "alignprop-uniform": dict(strategy="random-truncated"),
            "alignprop-1": dict(strategy="truncated", k=1), "draft-5": dict(strategy="truncated", k=5),
-           "shortft": dict(strategy="shortft"), "full": dict(strategy="checkpoint")}
+           "shortft": dict(strategy="shortft"), "full": dict(strategy="checkpoint"),
+           "refl": dict(strategy="refl", pretrain_weight=1.0), "draft-lv": dict(strategy="draft-lv"),
+           "drtune": dict(strategy="drtune"), "direct-align": dict(strategy="direct-align")}
 TARGETS = ("to_q", "to_k", "to_v", "to_out.0", "conv1", "conv2")
 
 
@@ -63,7 +76,8 @@ def main() -> None:
     parser.add_argument("--lr", type=float, default=3e-3)
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--steps", type=int, default=50)
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=int, default=0, help="the first seed")
+    parser.add_argument("--seeds", type=int, default=1, help="runs per method, from seeds seed, seed+1, ...")
     parser.add_argument("--variance-seeds", type=int, default=0, help="batches of the gradient-variance study (0: none)")
     args = parser.parse_args()
     args.output.mkdir(parents=True, exist_ok=True)
@@ -74,28 +88,34 @@ def main() -> None:
     plan += [(m, 0.0) for m in args.unregularized.split(",") if m]
     for method, reg in plan:
         name = method if reg == args.regularizer else f"{method} (no penalty)"
-        folder = args.output / "runs" / (method if reg == args.regularizer else f"{method}-no-penalty")
-        cfg = _config(args, method, folder, reg)
-        if folder.exists():  # a fresh run every time
-            shutil.rmtree(folder)
-        start = time.perf_counter()
-        result = finetune(digits_task("class", target=3, judge=judge), cfg)
-        kept = [m for m in result.metrics if not m["skipped"]]
-        runs[name] = {
-            "strategy": cfg.strategy, "k": cfg.k if cfg.strategy == "truncated" else None, "regularizer": reg,
-            "updates": result.updates, "skipped": result.skipped, "seconds_in_updates": result.seconds,
-            "seconds_per_update": result.seconds_per_update,
-            "final_train_reward": statistics.fmean(m["reward_mean"] for m in kept[-10:]),
-            "evaluation": result.evaluation, "wall": time.perf_counter() - start,
-        }
-        stages = sorted({m["stage"] for m in kept if "stage" in m})
-        if stages:  # ShortFT: the median seconds per update of each progressive stage
-            runs[name]["seconds_per_update_by_stage"] = {
-                s: statistics.median(m["seconds"] for m in kept if m.get("stage") == s) for s in stages}
-        shutil.copy(folder / "final.png", args.output / f"final_{folder.name}.png")  # rows: LoRA x0, x0.5, x1
-        curves[name] = _smooth([m["reward_mean"] for m in kept])
-        times[name] = [m["elapsed"] for m in kept]
-        print(json.dumps({name: runs[name]}, indent=1), flush=True)
+        runs[name], curves[name], times[name] = [], [], []
+        for seed in range(args.seed, args.seed + args.seeds):
+            slug = (method if reg == args.regularizer else f"{method}-no-penalty") + (f"-s{seed}" if args.seeds > 1
+                                                                                       else "")
+            folder = args.output / "runs" / slug
+            cfg = _config(args, method, folder, reg, seed=seed)
+            if folder.exists():  # a fresh run every time
+                shutil.rmtree(folder)
+            start = time.perf_counter()
+            result = finetune(digits_task("class", target=3, judge=judge), cfg)
+            kept = [m for m in result.metrics if not m["skipped"]]
+            run = {
+                "strategy": cfg.strategy, "k": cfg.k if cfg.strategy == "truncated" else None, "regularizer": reg,
+                "seed": seed, "updates": result.updates, "skipped": result.skipped,
+                "seconds_in_updates": result.seconds, "seconds_per_update": result.seconds_per_update,
+                "final_train_reward": statistics.fmean(m["reward_mean"] for m in kept[-10:]),
+                "evaluation": result.evaluation, "wall": time.perf_counter() - start,
+            }
+            stages = sorted({m["stage"] for m in kept if "stage" in m})
+            if stages:  # ShortFT: the median seconds per update of each progressive stage
+                run["seconds_per_update_by_stage"] = {
+                    s: statistics.median(m["seconds"] for m in kept if m.get("stage") == s) for s in stages}
+            if seed == args.seed:  # rows: LoRA x0, x0.5, x1
+                shutil.copy(folder / "final.png", args.output / f"final_{slug.removesuffix(f'-s{seed}')}.png")
+            runs[name].append(run)
+            curves[name].append(_smooth([m["reward_mean"] for m in kept]))
+            times[name].append([m["elapsed"] for m in kept])
+            print(json.dumps({name: run}, indent=1), flush=True)
     variance = _variance(args, judge) if args.variance_seeds else {}
     _report(args, runs, curves, times, variance)
 
@@ -119,7 +139,7 @@ def _variance(args, judge) -> dict:
         folder = args.output / "runs" / f"variance-{method}"
         shutil.rmtree(folder, ignore_errors=True)
         task = digits_task("class", target=3, judge=judge)
-        cfg = _config(args, method, folder, args.regularizer, time_budget=None)
+        cfg = _config(args, method, folder, args.regularizer, time_budget=None, pretrain_weight=0.0)  # the reward's
         run = TrainingRun(task, cfg)
         first = sum(p.numel() for p in lora_parameters(task.model, "segment_1" if cfg.strategy == "shortft" else "default"))
         rows, spent = [], []
@@ -147,11 +167,27 @@ def _variance(args, judge) -> dict:
     return out
 
 
+def _interval(values: list[float]) -> tuple[float, float]:
+    """The mean and the half-width of its 95% Student-t interval (0 for one value)."""
+    from scipy.stats import t
+
+    mean = statistics.fmean(values)
+    if len(values) < 2:
+        return mean, 0.0
+    return mean, float(t.ppf(0.975, len(values) - 1)) * statistics.stdev(values) / len(values) ** 0.5
+
+
+def _cell(values: list[float], digits: int = 2) -> str:
+    mean, half = _interval(values)
+    return f"{mean:.{digits}f}" + (f" ± {half:.{digits}f}" if len(values) > 1 else "")
+
+
 def _report(args, runs: dict, curves: dict, times: dict, variance: dict) -> None:
     plt = report._pyplot()
-    fig, ax = plt.subplots(figsize=(6.5, 4))
-    for name, values in curves.items():
-        ax.plot(times[name], values, label=name)
+    fig, ax = plt.subplots(figsize=(7.5, 4.5))
+    for n, (name, seeds) in enumerate(curves.items()):
+        for j, values in enumerate(seeds):
+            ax.plot(times[name][j], values, color=f"C{n}", alpha=0.8, lw=1, label=name if j == 0 else None)
     ax.set(title="reward fine-tuning of the digits DDPM toward 3 (N=50)", xlabel="seconds of updates",
            ylabel="log p(3 | x0), mean of the last 5 updates")
     ax.grid(alpha=0.3)
@@ -159,23 +195,28 @@ def _report(args, runs: dict, curves: dict, times: dict, variance: dict) -> None
     fig.tight_layout()
     fig.savefig(args.output / "reward_curves.png", dpi=110)
     plt.close(fig)
-    reference = next((r for n, r in runs.items() if r["strategy"] == "random-truncated"), None)
+    reference = next((r for r in runs.values() if r[0]["strategy"] == "random-truncated"), None)
     rows = []
-    for name, r in runs.items():
-        tuned = r["evaluation"]["1"]
-        ratio = r["seconds_per_update"] / reference["seconds_per_update"] if reference else float("nan")
-        rows.append([name, r["updates"], f"{r['seconds_per_update']:.2f}", f"{ratio:.2f}", f"{r['final_train_reward']:.3f}",
-                     f"{tuned['reward_mean']:.3f}", f"{tuned['classifier_target']:.2f}", f"{tuned['judge_target']:.2f}",
-                     f"{tuned['judge_rejected']:.2f}", f"{r['evaluation']['0.5']['judge_target']:.2f}",
-                     f"{tuned['diversity']:.3f}"])
-    base = next(iter(runs.values()))["evaluation"]["0"]
+    for name, seeds in runs.items():
+        tuned = [r["evaluation"]["1"] for r in seeds]
+        speed = statistics.fmean(r["seconds_per_update"] for r in seeds)
+        ratio = speed / statistics.fmean(r["seconds_per_update"] for r in reference) if reference else float("nan")
+        rows.append([name, _cell([r["updates"] for r in seeds], 0), f"{speed:.2f}", f"{ratio:.2f}",
+                     _cell([r["final_train_reward"] for r in seeds], 3), _cell([e["reward_mean"] for e in tuned], 3),
+                     _cell([e["classifier_target"] for e in tuned]), _cell([e["judge_target"] for e in tuned]),
+                     _cell([e["judge_rejected"] for e in tuned]),
+                     _cell([r["evaluation"]["0.5"]["judge_target"] for r in seeds]),
+                     _cell([e["diversity"] for e in tuned], 3)])
+    base = next(iter(runs.values()))[0]["evaluation"]["0"]
     header = ["run", "updates", "s/update", "vs AlignProp-uniform", "train reward (last 10)", "eval reward",
               "classifier: 3", "judge: 3", "judge: no digit", "judge: 3 at LoRA x0.5", "diversity"]
     table = report.format_table(header, rows)
+    seeds = f", seeds {args.seed}..{args.seed + args.seeds - 1} (mean ± 95% t-interval over them)" if args.seeds > 1 else ""
     text = (f"# Reward fine-tuning on the embedded digits model\n\n`python benchmarks/finetune_digits.py "
             f"--budget {args.budget:g} --methods {args.methods} --regularizer {args.regularizer:g} "
             f"--unregularized '{args.unregularized}' --output {args.output} --lr {args.lr:g} --batch {args.batch} "
-            f"--steps {args.steps} --variance-seeds {args.variance_seeds}`\n\n{args.budget:g} s of updates per run, batch {args.batch}, N={args.steps}, LoRA rank 4 on "
+            f"--steps {args.steps} --seed {args.seed} --seeds {args.seeds} --variance-seeds {args.variance_seeds}`"
+            f"\n\n{args.budget:g} s of updates per run{seeds}, batch {args.batch}, N={args.steps}, LoRA rank 4 on "
             f"{', '.join(TARGETS)}; eval: 64 fixed-seed samples at LoRA scale 1 (diversity: their mean pairwise RMS "
             f"distance in pixels of [-1, 1]). The base model (LoRA x0): reward {base['reward_mean']:.3f}, classifier "
             f"reads 3 in {base['classifier_target']:.2f}, judge in {base['judge_target']:.2f}, diversity "

@@ -15,8 +15,8 @@ def test_the_table_covers_every_command_and_is_large():
     ids = [case.id for case in CASES]
     assert len(ids) == len(set(ids)) and len(ids) >= 150
     commands = {case.argv[0] for case in CASES if case.argv}
-    assert commands == {"demo", "bench", "edit", "style", "aesthetic", "adversarial", "train", "lora", "finetune",
-                        "shortft", "nonsense"}
+    assert commands == {"demo", "bench", "edit", "style", "aesthetic", "adversarial", "noise", "train", "lora",
+                        "finetune", "shortft", "nonsense"}
     assert sum(case.call is not None for case in CASES) >= 70  # and the public functions
 
 

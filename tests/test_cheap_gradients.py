@@ -1,6 +1,6 @@
-"""The cheap reward gradients of issue #20 (ReFL, DRaFT-LV, DRTune, Direct-Align), each against a hand-written loop of its own
-formula over a diffusers scheduler, in float64 (to the float32 round-off of diffusers' coefficient tables); and what
-a latent gets from the weights-only ones (a clear error)."""
+"""The cheap reward gradients of issue #20 (ReFL, DRaFT-LV, DRTune, Direct-Align), each against a hand-written loop
+of its own formula over a diffusers scheduler, in float64 (to the float32 round-off of diffusers' coefficient
+tables); and what a latent gets from the weights-only ones (a clear error)."""
 
 import pytest
 import torch

@@ -273,8 +273,8 @@ def test_shortcut_latent_gradient_is_eq19_closed_form_flow():
 
 
 def test_registry():
-    assert sdo.available_strategies() == ["adjoint", "checkpoint", "direct-align", "draft-lv", "drtune", "full", "random-truncated",
-                                          "refl", "reversible", "sdo", "truncated"]
+    assert sdo.available_strategies() == ["adjoint", "checkpoint", "direct-align", "draft-lv", "drtune", "full",
+                                          "random-truncated", "refl", "reversible", "sdo", "truncated"]
     assert isinstance(sdo.get_strategy("sdo", at="random"), sdo.Shortcut)
     assert sdo.get_strategy("truncated", k=3).k == 3
     s = sdo.Full()

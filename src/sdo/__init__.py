@@ -13,8 +13,9 @@ The names here, by floor (``__all__``): the contracts (``Chain``, ``Denoiser``, 
 ``Reversible``, ``edict_step``, ``get_strategy``, ``register_strategy``, ``available_strategies``); the samplers
 (``sample``, ``invert``, ``round_trip_error``, ``guided_sample``/``Guidance``, ``picard_sample``/``Picard``/
 ``PicardResult``); the loops with their options and results (``optimize_latent``/``LatentResult``/``LinfBall``,
-``finetune``/``shortft``/``FinetuneConfig``/``FinetuneTask``/``FinetuneResult``, ShortFT's ``TimestepLoRA``,
-``load_shortft``, ``segment_ends``, ``short_chain``); measurement (``gradient_fidelity``/``GradientFidelity``,
+with the noise priors ``NormPrior``/``ProbabilityRegularizer``; ``finetune``/``shortft``/``FinetuneConfig``/
+``FinetuneTask``/``FinetuneResult``, ShortFT's ``TimestepLoRA``, ``load_shortft``, ``segment_ends``,
+``short_chain``); measurement (``gradient_fidelity``/``GradientFidelity``,
 ``gradient_norm_by_depth``); what a pipeline needs (``encode_prompts``, ``VAEDecoder``, ``decoded``); and the two
 errors (``UsageError``, ``NonFiniteError``). Everything else lives in its package (``sdo.objectives``,
 ``sdo.backbones``, ``sdo.recipes``, ``sdo.embedded``, ``sdo.finetuning``, ``sdo.measure``).
@@ -47,7 +48,7 @@ from .gradients import (
 )
 from .guidance import Guidance, guided_sample
 from .inversion import invert
-from .latent import LatentResult, LinfBall, optimize_latent
+from .latent import LatentResult, LinfBall, NormPrior, ProbabilityRegularizer, optimize_latent
 from .measure import GradientFidelity, gradient_fidelity, gradient_norm_by_depth
 from .picard import Picard, PicardResult, picard_sample
 from .sampling import round_trip_error, sample
@@ -74,8 +75,10 @@ __all__ = [
     "LatentResult",
     "LinfBall",
     "NonFiniteError",
+    "NormPrior",
     "Picard",
     "PicardResult",
+    "ProbabilityRegularizer",
     "RandomTruncated",
     "Reversible",
     "Shortcut",

@@ -1,8 +1,11 @@
 """``optimize_latent``: gradient descent on a chain's latent (the initial noise, or the latent at a later step)
-to lower ``objective(x0)`` (Eq. 10 of Dou et al., 2025, over x_N only; Sec. 5.1's tasks)."""
+to lower ``objective(x0)`` (Eq. 10 of Dou et al., 2025, over x_N only; Sec. 5.1's tasks), optionally with a penalty
+that keeps the noise Gaussian: ReNO's norm prior (:class:`NormPrior`) or DNO's probability regularizer
+(:class:`ProbabilityRegularizer`)."""
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -16,7 +19,7 @@ from .gradients import Shortcut, Strategy, check_latent_gradient, get_strategy
 from .picard import Picard
 from .sampling import sample
 
-__all__ = ["LatentResult", "LinfBall", "optimize_latent"]
+__all__ = ["LatentResult", "LinfBall", "NormPrior", "ProbabilityRegularizer", "optimize_latent"]
 
 _OPTIMIZERS = {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW, "sgd": torch.optim.SGD}
 
@@ -34,6 +37,70 @@ class LinfBall:
         return f"LinfBall({self.radius})"
 
 
+class NormPrior:
+    """ReNO's noise regularizer (Eyring et al., NeurIPS 2024, "ReNO", Sec. 3): the norm r = |z| of a standard
+    Gaussian z in d dimensions follows the chi distribution, so the penalty is ``weight`` times its negative
+    log-likelihood, r^2 / 2 - (d - 1) log r, shifted to 0 at its minimum r = sqrt(d - 1); one value per item (d: the
+    item's size). ReNO's weight: 0.01."""
+
+    def __init__(self, weight: float = 0.01):
+        self.weight = check_number("weight", weight, minimum=0)
+
+    def __call__(self, latent: torch.Tensor) -> torch.Tensor:
+        d = latent[0].numel()
+        r2 = latent.flatten(1).double().square().sum(1)
+        nll = r2 / 2 - (d - 1) / 2 * r2.log()
+        lowest = (d - 1) / 2 - (d - 1) / 2 * math.log(d - 1)
+        return (self.weight * (nll - lowest)).to(latent.dtype)
+
+    def __repr__(self) -> str:
+        return f"NormPrior(weight={self.weight})"
+
+
+class ProbabilityRegularizer:
+    """DNO's probability regularization (Tang et al., ICML 2025, "Inference-Time Alignment of Diffusion Models with
+    Direct Noise Optimization", Sec. 5): if z ~ N(0, I), its D elements cut into n = D // ``block`` blocks are n
+    draws of N(0, I_block), whose mean m and second moment C = (1/n) sum_k b_k b_k^T concentrate:
+
+        log P(mean this far)       <= -n |m|^2 / (2 block)
+        log P(moment this far)     <= -n max(sqrt(1 + |C - I|_2) - 1 - sqrt(block / n), 0)^2 / 2,
+
+    each capped at -log 2, so that a typical z pays nothing. The penalty is ``weight`` times minus the two log-bounds,
+    averaged over the stored order and ``shuffles`` random permutations of the elements (drawn anew at every call,
+    from ``seed``), shifted to 0 for a typical z; one value per item. An optimized noise that leaves the Gaussian
+    shell (DNO's out-of-distribution reward hacking) pays for it."""
+
+    def __init__(self, weight: float = 1.0, block: int = 4, shuffles: int = 20, seed: int = 0):
+        self.weight = check_number("weight", weight, minimum=0)
+        self.block, self.shuffles = check_int("block", block, minimum=2), check_int("shuffles", shuffles, minimum=0)
+        self.generator = torch.Generator().manual_seed(int(seed))
+
+    def _log_bounds(self, flat: torch.Tensor) -> torch.Tensor:
+        """(B, D) -> (B,): the two capped log-bounds of each row's blocks, summed."""
+        n = flat.shape[1] // self.block
+        blocks = flat[:, : n * self.block].reshape(flat.shape[0], n, self.block)
+        mean = blocks.mean(1)
+        moment = blocks.transpose(1, 2) @ blocks / n
+        spread = torch.linalg.matrix_norm(moment - torch.eye(self.block, dtype=flat.dtype), ord=2)
+        cap = -math.log(2)
+        log_mean = (-n * mean.square().sum(1) / (2 * self.block)).clamp(max=cap)
+        excess = ((1 + spread).sqrt() - 1 - math.sqrt(self.block / n)).clamp(min=0)
+        return log_mean + (-n * excess.square() / 2).clamp(max=cap)
+
+    def __call__(self, latent: torch.Tensor) -> torch.Tensor:
+        flat = latent.flatten(1).double()
+        if flat.shape[1] < 2 * self.block:
+            raise UsageError(f"the probability regularizer needs at least 2 blocks of {self.block} elements per item, "
+                             f"got {flat.shape[1]}")
+        orders = [flat] + [flat[:, torch.randperm(flat.shape[1], generator=self.generator)]
+                           for _ in range(self.shuffles)]
+        log_bound = torch.stack([self._log_bounds(o) for o in orders]).mean(0)
+        return (self.weight * (-log_bound - 2 * math.log(2))).to(latent.dtype)
+
+    def __repr__(self) -> str:
+        return f"ProbabilityRegularizer(weight={self.weight}, block={self.block}, shuffles={self.shuffles})"
+
+
 @dataclass
 class LatentResult:
     """What :func:`optimize_latent` found. Losses are per batch item unless the objective returned a scalar."""
@@ -47,6 +114,7 @@ class LatentResult:
     item_losses: torch.Tensor | None = None  # (iterations, items): every loss seen
     seconds: float = 0.0  # wall time of the whole optimization
     picard_runs: list[tuple[int, int]] = field(default_factory=list)  # with picard: (sweeps, calls) per iteration
+    penalties: list[float] = field(default_factory=list)  # with a regularizer: its mean at each iteration
 
 
 def _make_optimizer(optimizer, params, lr):
@@ -104,6 +172,7 @@ def optimize_latent(
     progress: bool = True,
     generator: torch.Generator | None = None,
     picard: bool | Picard = False,
+    regularizer: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> LatentResult:
     """Optimize the latent ``x`` at step ``start`` so that ``objective(sample(chain, x))`` decreases.
 
@@ -121,6 +190,12 @@ def optimize_latent(
     :class:`~sdo.Picard` to choose the window, tolerance or warm start. The strategy must be ``"sdo"``. The
     iterations' losses (and ``best_sample``) come from those forward passes, within the tolerance of the
     sequential ones; ``sample`` and ``final_loss`` are sequential.
+
+    ``regularizer(latent)``: a penalty of the latent itself, one value per item, whose gradient is added to the
+    objective's (:class:`NormPrior`, ReNO's; :class:`ProbabilityRegularizer`, DNO's); the losses recorded (and
+    ``best_sample``) are the objective's, the penalties are in ``penalties``. Several rewards with weights (ReNO's
+    multi-reward objective) are one objective: :class:`~sdo.objectives.WeightedSum`, or a
+    :class:`~sdo.objectives.rewards.WeightedReward` negated.
     """
     steps = step_range(chain, start)
     if step_rule not in ("plain", "sign"):
@@ -159,7 +234,7 @@ def optimize_latent(
     latent = origin.clone().requires_grad_(True)
     opt = _make_optimizer(optimizer, [latent], lr)
     batch = x.shape[0]
-    history, best_loss, best_sample = [], None, None
+    history, best_loss, best_sample, penalties = [], None, None, []
 
     def track(x0, loss):
         nonlocal best_loss, best_sample
@@ -195,6 +270,13 @@ def optimize_latent(
                              "not change with x0 (it rounds, thresholds or multiplies it by zero), so nothing would "
                              "be optimized; use a differentiable objective")
         _check_gradient_path(grad, grad_x0, strategy)
+        if regularizer is not None:
+            penalty = regularizer(latent)
+            if not torch.is_tensor(penalty) or tuple(penalty.shape) != (batch,):
+                raise UsageError(f"regularizer returned {getattr(penalty, 'shape', type(penalty).__name__)}: expected "
+                                 f"one penalty per item, shape ({batch},)")
+            grad = grad + torch.autograd.grad(penalty.sum(), latent)[0]
+            penalties.append(penalty.detach().mean().item())
         if not torch.isfinite(grad).all():
             raise UsageError(f"non-finite gradient at iteration {it}; lower lr or use strategy='sdo'")
         items = items.detach()
@@ -223,4 +305,5 @@ def optimize_latent(
         item_losses=stacked,
         seconds=time.perf_counter() - began,
         picard_runs=[(r.sweeps, r.calls) for r in sweeps],
+        penalties=penalties,
     )

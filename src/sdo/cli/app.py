@@ -1,6 +1,7 @@
 """The ``sdo`` command: ``sdo demo`` (the main job), ``sdo bench``, ``sdo edit | style | aesthetic | adversarial``
-(:mod:`sdo.cli.tasks`), ``sdo finetune``, ``sdo shortft``, ``sdo lora scale | merge`` (:mod:`sdo.cli.finetune`) and
-``sdo train digits | digit-clip | student`` (:mod:`sdo.cli.train`): the parser and one error path."""
+(:mod:`sdo.cli.tasks`), ``sdo noise`` (:mod:`sdo.cli.noise`), ``sdo finetune``, ``sdo shortft``, ``sdo lora
+scale | merge`` (:mod:`sdo.cli.finetune`) and ``sdo train digits | digit-clip | student`` (:mod:`sdo.cli.train`):
+the parser and one error path."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import sys
 
 from ..checks import NonFiniteError, UsageError, check_half_on_cpu
 from .finetune import add_finetune_parsers, run_finetune, run_lora
+from .noise import add_noise_parser, run_noise
 from .options import (
     Parser,
     bench_strategies,
@@ -107,6 +109,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--no-progress", action="store_true", help="no progress bars")
 
     add_task_parsers(sub)
+    add_noise_parser(sub)
     add_train_parsers(sub)
     add_finetune_parsers(sub)
     return parser
@@ -166,6 +169,8 @@ def main(argv: list[str] | None = None) -> int:
             _bench(args)
         elif args.command in ("edit", "style", "aesthetic", "adversarial"):
             run_task(args)
+        elif args.command == "noise":
+            run_noise(args)
         elif args.command in ("finetune", "shortft"):
             run_finetune(args)
         elif args.command == "lora":

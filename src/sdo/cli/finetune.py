@@ -30,7 +30,8 @@ _OPTIONAL_FLOAT = ("guidance_scale", "max_grad_norm", "alpha", "time_budget")
 _TUPLE = {"betas": float, "target_modules": str, "eval_scales": float}
 _CHOICES = {"base_dtype": ("float32", "bfloat16", "float16")}
 _FLAGS = ("resume", "tensorboard", "cpu", "stop_on_hacking", "block_checkpointing")
-_TASK_KEYS = ("task", "reward", "target", "labels", "ink_weight", "model", "prompts", "clip", "head", "few_step")
+_TASK_KEYS = ("task", "reward", "target", "labels", "ink_weight", "model", "prompts", "clip", "pickscore", "head",
+              "few_step")
 # diffusers.optimization.SchedulerType's names, spelled out so that parsing imports no torch (a test keeps them equal)
 _LR_SCHEDULERS = ("linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup",
                   "piecewise_constant")
@@ -160,14 +161,16 @@ def _finetune_arguments(ft) -> None:
                     help="shortft: train every LoRA on the stage-1 chain throughout (default: progressive stages)")
     task = ft.add_argument_group("task")
     task.add_argument("--task", choices=("digits", "pipeline"), help="default: digits without --model")
-    task.add_argument("--reward", help="digits: class | ink | class+ink (default class); pipeline: clip | aesthetic")
+    task.add_argument("--reward", help="NAME[:weight],... summed: digits: class, ink (default class); pipeline: clip, "
+                      "pickscore, aesthetic (default clip; hpsv2 and imagereward say why not)")
     task.add_argument("--target", type=int, help="digits: the class rewarded (default 3)")
     task.add_argument("--labels", type=_tuple(int), help="digits: classes to condition on (default: unconditional)")
     task.add_argument("--ink-weight", dest="ink_weight", type=_number, help="digits: weight of the ink term of "
                       "--reward class+ink (default 0.1)")
     task.add_argument("--model", help="a local diffusers pipeline folder")
     task.add_argument("--prompts", help="pipeline: a text file, one prompt per line, or prompts separated by |")
-    task.add_argument("--clip", help="pipeline: a local CLIP model folder (the reward's)")
+    task.add_argument("--clip", help="pipeline: a local CLIP model folder (--reward clip; CLIP ViT-L/14 for aesthetic)")
+    task.add_argument("--pickscore", help="pipeline: the PickScore model's local folder (--reward pickscore)")
     task.add_argument("--head", help="pipeline: aesthetic head (safetensors) for --reward aesthetic")
     task.add_argument("--few-step", dest="few_step", help="shortft, pipeline: a diffusers folder of the few-step "
                       "model (the pipeline's denoiser with e.g. a Hyper-SD LoRA fused in and saved)")
@@ -219,9 +222,10 @@ def _check_task_options(options: dict) -> None:
     """The task's options, checked before anything is written or loaded."""
     kind = _task_kind(options)
     check_choice("task", kind, ("digits", "pipeline"))
-    rewards = ("class", "ink", "class+ink") if kind == "digits" else ("clip", "aesthetic")
-    check_choice("reward", options.get("reward", rewards[0]), rewards)
     if kind == "digits":
+        from ..objectives.rewards import digits_reward_terms
+
+        digits_reward_terms(options.get("reward", "class"), options.get("ink_weight", 0.1))
         if options.get("model") or options.get("prompts") or options.get("few_step"):
             raise UsageError("--model, --prompts and --few-step are for --task pipeline", "model")
         if options.get("target") is not None:
@@ -230,16 +234,18 @@ def _check_task_options(options: dict) -> None:
             check_int("labels", label, minimum=0, maximum=10)  # 10: the null class
         check_number("ink_weight", options.get("ink_weight", 0.1), minimum=0)
         return
-    for key in ("model", "prompts", "clip"):
+    from ..backbones.rewards import check_reward
+
+    for key in ("model", "prompts"):
         if not options.get(key):
             raise UsageError(f"--task pipeline needs --{key}", key)
-    if options.get("reward") == "aesthetic" and not options.get("head"):
-        raise UsageError("--reward aesthetic needs --head (a LAION-style aesthetic head in safetensors)", "head")
-    for key in ("model", "clip", "few_step"):
+    for key in ("model", "clip", "pickscore", "few_step"):
         if options.get(key) and not Path(str(options[key])).is_dir():
             raise UsageError(f"--{key.replace('_', '-')} {options[key]}: no such folder", key)
     if options.get("head") and not Path(str(options["head"])).is_file():
         raise UsageError(f"--head {options['head']}: no such file", "head")
+    check_reward(options.get("reward", "clip"), clip=options.get("clip"), pickscore=options.get("pickscore"),
+                 head=options.get("head"))
     _prompts(options["prompts"])
 
 
@@ -266,26 +272,11 @@ def _task(options: dict, cfg):
     if kind == "digits":  # the options were checked by _check_task_options
         return digits_task(options.get("reward", "class"), options.get("target", 3), options.get("labels"),
                            options.get("ink_weight", 0.1), device=device)
-    from transformers import CLIPModel, CLIPTokenizer
-
     from .. import backbones
-    from ..objectives.clip import AestheticScore, CLIPTextSimilarity
 
     pipe = backbones.load_pipeline(options["model"], device)
-    clip = CLIPModel.from_pretrained(options["clip"], local_files_only=True).to(device).eval().requires_grad_(False)
-    name = options.get("reward", "clip")
-    if name == "aesthetic":
-        reward = ("objective", AestheticScore(clip, AestheticScore.load_head(options["head"])))
-    elif name == "clip":
-        tokenizer = CLIPTokenizer.from_pretrained(options["clip"], local_files_only=True)
-        prompts = _prompts(options["prompts"])
-        embeds = CLIPTextSimilarity(clip, prompts, tokenizer).text_embeds  # the prompt set, encoded once
-        row = {p: i for i, p in enumerate(prompts)}
-
-        def reward(images, batch):  # CLIP similarity of each image to its own prompt
-            return 1 - CLIPTextSimilarity(clip, text_embeds=embeds[[row[p] for p in batch]])(images)
-    else:
-        raise UsageError(f"unknown pipeline reward {name!r}; use clip or aesthetic")
+    reward = backbones.load_reward(options.get("reward", "clip"), clip=options.get("clip"),
+                                   pickscore=options.get("pickscore"), head=options.get("head"), device=device)
     gs = cfg.guidance_scale if cfg.guidance_scale is not None else 1.0
     few_step = backbones.load_denoiser(pipe, options["few_step"]) if options.get("few_step") else None
     return pipeline_task(pipe, _prompts(options["prompts"]), reward, guidance_scale=gs, few_step=few_step)

@@ -31,23 +31,60 @@ class ClipPreprocess:
     """Images in [-1, 1] (B, 1 or 3, H, W) -> CLIP pixel values: grey to RGB, shorter side resized to
     ``size`` (bilinear), center crop, CLIP's mean/std. ``cutouts > 0``: that many random square crops (side
     ``min_fraction``..1 of the shorter side, from ``generator``) per image, each resized to ``size``, stacked
-    along the batch (B * cutouts, 3, size, size)."""
+    along the batch (B * cutouts, 3, size, size).
+
+    ``crop``: the image processor's own order instead (:meth:`from_processor`, what ``CLIPImageProcessor`` does to
+    an image): the shorter side resized to ``size`` with the aspect ratio kept (bicubic with antialiasing, PIL's
+    kernel), clipped to [0, 1] as PIL's 8-bit result is, then the center ``crop`` x ``crop``."""
 
     def __init__(self, size: int, mean=CLIP_MEAN, std=CLIP_STD, cutouts: int = 0, min_fraction: float = 0.5,
-                 generator: torch.Generator | None = None):
-        if size < 1 or cutouts < 0 or not 0 < min_fraction <= 1:
-            raise UsageError(f"need size >= 1, cutouts >= 0 and 0 < min_fraction <= 1, "
-                             f"got {size}, {cutouts}, {min_fraction}")
+                 generator: torch.Generator | None = None, crop: int | None = None):
+        if size < 1 or cutouts < 0 or not 0 < min_fraction <= 1 or (crop is not None and not 1 <= crop <= size):
+            raise UsageError(f"need size >= 1, cutouts >= 0, 0 < min_fraction <= 1 and 1 <= crop <= size, "
+                             f"got {size}, {cutouts}, {min_fraction}, {crop}")
+        if crop is not None and cutouts:
+            raise UsageError("cutouts are random crops of their own: give crop or cutouts, not both")
         self.size, self.cutouts, self.min_fraction, self.generator = (int(size), int(cutouts), float(min_fraction),
                                                                       generator)
+        self.crop = None if crop is None else int(crop)
         self.mean, self.std = torch.tensor(mean).view(1, 3, 1, 1), torch.tensor(std).view(1, 3, 1, 1)
 
     @classmethod
     def for_model(cls, model, **kwargs) -> ClipPreprocess:
         return cls(model.config.vision_config.image_size, **kwargs)
 
+    @classmethod
+    def from_processor(cls, processor) -> ClipPreprocess:
+        """The preprocessing of a transformers CLIP image processor (``size={"shortest_edge": S}``,
+        ``crop_size``, ``image_mean``, ``image_std``, bicubic resampling), done differentiably."""
+
+        def read(value, *keys):
+            if isinstance(value, int):
+                return value
+            get = value.get if hasattr(value, "get") else lambda key: getattr(value, key, None)
+            return next((get(k) for k in keys if get(k)), None)
+
+        size = read(processor.size, "shortest_edge", "height") if getattr(processor, "do_resize", True) else None
+        crop = read(processor.crop_size, "height") if getattr(processor, "do_center_crop", True) else None
+        resample = int(getattr(processor, "resample", 3))
+        if not size or not crop or resample != 3 or not getattr(processor, "do_normalize", True):
+            raise UsageError(f"{type(processor).__name__}: expected a CLIP image processor that resizes the shorter "
+                             "side (bicubic), center-crops and normalizes; got size={processor.size!r}, "
+                             f"crop_size={getattr(processor, 'crop_size', None)!r}, resample={resample}")
+        return cls(size, processor.image_mean, processor.image_std, crop=crop)
+
     def _resize(self, x: torch.Tensor) -> torch.Tensor:
         return F.interpolate(x, size=(self.size, self.size), mode="bilinear", align_corners=False)
+
+    def _processor_order(self, x: torch.Tensor) -> torch.Tensor:
+        h, w = x.shape[-2:]
+        short, long = sorted((h, w))
+        shape = (self.size, int(self.size * long / short))  # transformers' get_resize_output_image_size
+        shape = shape if h <= w else shape[::-1]
+        if shape != (h, w):
+            x = F.interpolate(x, size=shape, mode="bicubic", align_corners=False, antialias=True).clamp(0, 1)
+        top, left = (shape[0] - self.crop) // 2, (shape[1] - self.crop) // 2
+        return x[..., top : top + self.crop, left : left + self.crop]
 
     def __call__(self, images: torch.Tensor) -> torch.Tensor:
         if images.ndim != 4 or images.shape[1] not in (1, 3):
@@ -57,7 +94,9 @@ class ClipPreprocess:
             x = x.expand(-1, 3, -1, -1)
         h, w = x.shape[-2:]
         side = min(h, w)
-        if self.cutouts:
+        if self.crop is not None:
+            x = self._processor_order(x)
+        elif self.cutouts:
             crops = []
             for _ in range(self.cutouts):
                 s = max(1, int(side * (self.min_fraction

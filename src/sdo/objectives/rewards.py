@@ -10,13 +10,22 @@ their reward, so that reward hacking shows.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 
 import torch
 
 from ..checks import UsageError
 
-__all__ = ["ClassLogProb", "InkReward", "WeightedReward", "digits_reward", "from_objective"]
+__all__ = [
+    "ClassLogProb",
+    "InkReward",
+    "WeightedReward",
+    "digits_reward",
+    "digits_reward_terms",
+    "from_objective",
+    "parse_rewards",
+]
 
 
 def _check(reward: torch.Tensor, images: torch.Tensor, name: str) -> torch.Tensor:
@@ -77,13 +86,39 @@ def from_objective(objective: Callable[[torch.Tensor], torch.Tensor]) -> Callabl
     return reward
 
 
-def digits_reward(name: str, classifier: torch.nn.Module, target: int | None = None, ink_weight: float = 0.1):
-    """A digits reward by name: ``"class"`` (:class:`ClassLogProb`), ``"ink"`` (:class:`InkReward`) or
-    ``"class+ink"`` (their sum, the ink term weighted by ``ink_weight``)."""
-    if name == "class":
-        return ClassLogProb(classifier, target)
-    if name == "ink":
-        return InkReward()
-    if name == "class+ink":
-        return WeightedReward([(ClassLogProb(classifier, target), 1.0), (InkReward(), ink_weight)])
-    raise UsageError(f"unknown digits reward {name!r}; use 'class', 'ink' or 'class+ink'")
+def digits_reward(spec: str, classifier: torch.nn.Module, target: int | None = None, ink_weight: float = 0.1):
+    """A digits reward by ``NAME[:weight],...`` (:func:`parse_rewards`): ``"class"`` (:class:`ClassLogProb`),
+    ``"ink"`` (:class:`InkReward`), or a weighted sum such as ``"class:1,ink:0.1"``; ``"class+ink"`` is the older
+    spelling of ``"class:1,ink:ink_weight"``."""
+    terms = digits_reward_terms(spec, ink_weight)
+    parts = {"class": lambda: ClassLogProb(classifier, target), "ink": InkReward}
+    if len(terms) == 1 and terms[0][1] == 1.0:
+        return parts[terms[0][0]]()
+    return WeightedReward([(parts[name](), weight) for name, weight in terms])
+
+
+def digits_reward_terms(spec: str, ink_weight: float = 0.1) -> list[tuple[str, float]]:
+    """The ``(name, weight)`` terms of a digits ``--reward``, checked (what :func:`digits_reward` builds)."""
+    return parse_rewards(f"class:1,ink:{ink_weight}" if spec == "class+ink" else spec, ("class", "ink"))
+
+
+def parse_rewards(spec: str, names: Sequence[str]) -> list[tuple[str, float]]:
+    """``"pickscore:1,clip:0.5"`` -> ``[("pickscore", 1.0), ("clip", 0.5)]`` (the command line's ``--reward``), each
+    name one of ``names``; a name without a weight weighs 1.
+    A :class:`~sdo.UsageError` for an unknown or repeated name, or a weight that is not a finite number."""
+    terms = []
+    for part in str(spec).split(","):
+        name, _, weight = part.strip().partition(":")
+        if name not in names:
+            raise UsageError(f"unknown reward {name!r} in {spec!r}; use NAME[:weight],... with NAME one of "
+                             f"{', '.join(names)}", "reward")
+        try:
+            value = float(weight) if weight else 1.0
+        except ValueError:
+            value = float("nan")
+        if not math.isfinite(value):
+            raise UsageError(f"reward weight {weight!r} of {name!r} is not a finite number", "reward")
+        if name in (n for n, _ in terms):
+            raise UsageError(f"reward {name!r} appears twice in {spec!r}", "reward")
+        terms.append((name, value))
+    return terms
