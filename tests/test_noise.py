@@ -15,7 +15,8 @@ from sdo.cli import main
 
 
 def _noise(batch=2, shape=(4, 8, 8), scale=1.0, shift=0.0, seed=0):
-    return torch.randn(batch, *shape, dtype=torch.float64, generator=torch.Generator().manual_seed(seed)) * scale + shift
+    z = torch.randn(batch, *shape, dtype=torch.float64, generator=torch.Generator().manual_seed(seed))
+    return z * scale + shift
 
 
 def test_norm_prior_is_the_chi_negative_log_likelihood():
