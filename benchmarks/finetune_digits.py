@@ -34,7 +34,7 @@ reward hacking that the judge catches.
         --variance-seeds 12 --output benchmarks/results/shortft_digits     # ShortFT's comparison: about 30 minutes
     python benchmarks/finetune_digits.py --budget 60 --seeds 4 --unregularized '' --variance-seeds 8 \
         --methods sdo,shortft,alignprop-1,draft-lv,refl,drtune,direct-align,alignprop-uniform \
-        --output benchmarks/results/cheap_gradients                        # issue #20's comparison: about 40 minutes
+        --output benchmarks/results/cheap_gradients                        # issue #20's comparison: about 50 minutes
 """
 
 from __future__ import annotations
@@ -167,19 +167,8 @@ def _variance(args, judge) -> dict:
     return out
 
 
-def _interval(values: list[float]) -> tuple[float, float]:
-    """The mean and the half-width of its 95% Student-t interval (0 for one value)."""
-    from scipy.stats import t
-
-    mean = statistics.fmean(values)
-    if len(values) < 2:
-        return mean, 0.0
-    return mean, float(t.ppf(0.975, len(values) - 1)) * statistics.stdev(values) / len(values) ** 0.5
-
-
 def _cell(values: list[float], digits: int = 2) -> str:
-    mean, half = _interval(values)
-    return f"{mean:.{digits}f}" + (f" ± {half:.{digits}f}" if len(values) > 1 else "")
+    return report.mean_interval(values, digits)
 
 
 def _report(args, runs: dict, curves: dict, times: dict, variance: dict) -> None:

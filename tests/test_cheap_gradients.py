@@ -258,3 +258,30 @@ def test_finetune_with_refls_pretrain_loss_logs_it_and_trains_on_it(digits, judg
     task.data = None
     with pytest.raises(sdo.UsageError, match="pretrain_weight needs real data"):
         sdo.finetune(task, sdo.FinetuneConfig(output=tmp_path / "no-data", pretrain_weight=1.0, cpu=True))
+
+
+def test_the_pipeline_comparison_runs_on_the_tiny_pipeline(pipeline_folder, clip, tokenizer, tmp_path):
+    """benchmarks/cheap_gradients_pipeline.py (the comparison ready for a GPU) end to end on the tiny Stable Diffusion:
+    two methods, one update each, tuned on PickScore and judged by CLIP score (each `sdo finetune --judge`)."""
+    import importlib.util
+    import json
+    from pathlib import Path
+
+    clip.save_pretrained(tmp_path / "clip")
+    tokenizer.save_pretrained(tmp_path / "clip")
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "cheap_gradients_pipeline.py"
+    spec = importlib.util.spec_from_file_location("cheap_gradients_pipeline", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    module.main(["--model", str(pipeline_folder), "--prompts", "a red square|a blue circle", "--reward", "pickscore",
+                 "--pickscore", str(tmp_path / "clip"), "--judge", "clip", "--clip", str(tmp_path / "clip"),
+                 "--methods", "sdo,refl,shortft", "--budget", "0.001", "--seeds", "1",
+                 "--output", str(tmp_path / "out"), "--", "--steps", "2", "--batch-size", "2", "--eval-count", "2",
+                 "--eval-scales", "0,1", "--sample-every", "0", "--guard-every", "0", "--cpu"])
+    runs = json.loads((tmp_path / "out" / "results.json").read_text())
+    assert sorted(runs) == ["refl", "sdo"]  # ShortFT needs --few-step
+    for seeds in runs.values():
+        evaluation = seeds[0]["summary"]["evaluation"]
+        assert all(abs(evaluation[s]["judge_reward"]) <= 100 for s in ("0", "1"))
+    table = (tmp_path / "out" / "results.md").read_text()
+    assert all(line in table for line in ("sdo ", "refl ", "judge, tuned"))

@@ -1,4 +1,5 @@
-"""Report pieces: image grids and curves as PNG (matplotlib), and one self-contained ``index.html``."""
+"""Report pieces: image grids and curves as PNG (matplotlib), one self-contained ``index.html``, and a mean with
+its interval for tables over seeds."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ from pathlib import Path
 
 import torch
 
-__all__ = ["format_table", "plot_bars", "plot_curves", "save_grid", "write_index"]
+__all__ = ["format_table", "mean_interval", "plot_bars", "plot_curves", "save_grid", "write_index"]
 
 
 def _pyplot():
@@ -117,6 +118,20 @@ def format_table(header: Sequence[str], rows: Sequence[Sequence[object]]) -> str
     lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)) for r in table]
     lines.insert(1, "  ".join("-" * w for w in widths))
     return "\n".join(lines)
+
+
+def mean_interval(values: Sequence[float], digits: int = 3) -> str:
+    """``"mean ± h"``: the mean of ``values`` (e.g. one figure per seed) and the half-width of its 95% Student-t
+    interval; the mean alone for one value."""
+    import statistics
+
+    from scipy.stats import t
+
+    mean = statistics.fmean(values)
+    if len(values) < 2:
+        return f"{mean:.{digits}f}"
+    half = float(t.ppf(0.975, len(values) - 1)) * statistics.stdev(values) / len(values) ** 0.5
+    return f"{mean:.{digits}f} ± {half:.{digits}f}"
 
 
 def _html_table(header: Sequence[str], rows: Sequence[Sequence[object]]) -> str:

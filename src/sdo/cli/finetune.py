@@ -30,8 +30,8 @@ _OPTIONAL_FLOAT = ("guidance_scale", "max_grad_norm", "alpha", "time_budget")
 _TUPLE = {"betas": float, "target_modules": str, "eval_scales": float}
 _CHOICES = {"base_dtype": ("float32", "bfloat16", "float16")}
 _FLAGS = ("resume", "tensorboard", "cpu", "stop_on_hacking", "block_checkpointing")
-_TASK_KEYS = ("task", "reward", "target", "labels", "ink_weight", "model", "prompts", "clip", "pickscore", "head",
-              "few_step")
+_TASK_KEYS = ("task", "reward", "judge", "target", "labels", "ink_weight", "model", "prompts", "clip", "pickscore",
+              "head", "few_step")
 # diffusers.optimization.SchedulerType's names, spelled out so that parsing imports no torch (a test keeps them equal)
 _LR_SCHEDULERS = ("linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup",
                   "piecewise_constant")
@@ -163,6 +163,9 @@ def _finetune_arguments(ft) -> None:
     task.add_argument("--task", choices=("digits", "pipeline"), help="default: digits without --model")
     task.add_argument("--reward", help="NAME[:weight],... summed: digits: class, ink (default class); pipeline: clip, "
                       "pickscore, aesthetic (default clip; hpsv2 and imagereward say why not)")
+    task.add_argument("--judge", help="pipeline: NAME[:weight],... of rewards read on the final samples beside the "
+                      "reward (judge_reward in summary.json), e.g. clip when tuning on pickscore; the digits have "
+                      "their k-NN judge")
     task.add_argument("--target", type=int, help="digits: the class rewarded (default 3)")
     task.add_argument("--labels", type=_tuple(int), help="digits: classes to condition on (default: unconditional)")
     task.add_argument("--ink-weight", dest="ink_weight", type=_number, help="digits: weight of the ink term of "
@@ -226,8 +229,8 @@ def _check_task_options(options: dict) -> None:
         from ..objectives.rewards import digits_reward_terms
 
         digits_reward_terms(options.get("reward", "class"), options.get("ink_weight", 0.1))
-        if options.get("model") or options.get("prompts") or options.get("few_step"):
-            raise UsageError("--model, --prompts and --few-step are for --task pipeline", "model")
+        if options.get("model") or options.get("prompts") or options.get("few_step") or options.get("judge"):
+            raise UsageError("--model, --prompts, --few-step and --judge are for --task pipeline", "model")
         if options.get("target") is not None:
             check_int("target", options["target"], minimum=0, maximum=9)
         for label in options.get("labels") or ():
@@ -244,8 +247,10 @@ def _check_task_options(options: dict) -> None:
             raise UsageError(f"--{key.replace('_', '-')} {options[key]}: no such folder", key)
     if options.get("head") and not Path(str(options["head"])).is_file():
         raise UsageError(f"--head {options['head']}: no such file", "head")
-    check_reward(options.get("reward", "clip"), clip=options.get("clip"), pickscore=options.get("pickscore"),
-                 head=options.get("head"))
+    folders = {"clip": options.get("clip"), "pickscore": options.get("pickscore"), "head": options.get("head")}
+    check_reward(options.get("reward", "clip"), **folders)
+    if options.get("judge"):
+        check_reward(options["judge"], **folders)
     _prompts(options["prompts"])
 
 
@@ -275,11 +280,13 @@ def _task(options: dict, cfg):
     from .. import backbones
 
     pipe = backbones.load_pipeline(options["model"], device)
-    reward = backbones.load_reward(options.get("reward", "clip"), clip=options.get("clip"),
-                                   pickscore=options.get("pickscore"), head=options.get("head"), device=device)
+    folders = {"clip": options.get("clip"), "pickscore": options.get("pickscore"), "head": options.get("head")}
+    reward = backbones.load_reward(options.get("reward", "clip"), device=device, **folders)
+    judge = backbones.load_reward(options["judge"], device=device, **folders) if options.get("judge") else None
     gs = cfg.guidance_scale if cfg.guidance_scale is not None else 1.0
     few_step = backbones.load_denoiser(pipe, options["few_step"]) if options.get("few_step") else None
-    return pipeline_task(pipe, _prompts(options["prompts"]), reward, guidance_scale=gs, few_step=few_step)
+    return pipeline_task(pipe, _prompts(options["prompts"]), reward, guidance_scale=gs, few_step=few_step,
+                         judge=judge)
 
 
 def _saved_options(output: Path, given: dict, defaults: dict) -> dict:

@@ -69,7 +69,7 @@ class ClipPreprocess:
         resample = int(getattr(processor, "resample", 3))
         if not size or not crop or resample != 3 or not getattr(processor, "do_normalize", True):
             raise UsageError(f"{type(processor).__name__}: expected a CLIP image processor that resizes the shorter "
-                             "side (bicubic), center-crops and normalizes; got size={processor.size!r}, "
+                             f"side (bicubic), center-crops and normalizes; got size={processor.size!r}, "
                              f"crop_size={getattr(processor, 'crop_size', None)!r}, resample={resample}")
         return cls(size, processor.image_mean, processor.image_std, crop=crop)
 

@@ -86,7 +86,8 @@ def _stack(parts: list):
 
 
 def pipeline_task(pipe, prompts: Sequence[str], reward, guidance_scale: float = 7.5, scheduler: str | None = None,
-                  vae_checkpoint: bool = True, few_step=None, vae_slicing: bool = False) -> FinetuneTask:
+                  vae_checkpoint: bool = True, few_step=None, vae_slicing: bool = False,
+                  judge=None) -> FinetuneTask:
     """A text-to-image pipeline (:func:`sdo.backbones.load_pipeline`) tuned over ``prompts`` on ``reward``: a
     ``reward(images, prompts)`` callable, or an objective ``objective(images)`` (a loss, e.g.
     :class:`sdo.objectives.clip.AestheticScore`) wrapped by passing ``("objective", objective)``. Images are decoded by
@@ -95,7 +96,8 @@ def pipeline_task(pipe, prompts: Sequence[str], reward, guidance_scale: float = 
     LCM-distilled UNet embeds it); give the same value to :class:`FinetuneConfig`, which runs the guidance.
     ``few_step``: ShortFT's frozen few-step model, called like the pipeline's denoiser (e.g. its UNet with a
     Hyper-SD/TCD/PCM LoRA fused in). ``vae_slicing``: decode one image at a time, each checkpointed (1024 px
-    batches)."""
+    batches). ``judge``: a second ``reward(images, prompts)`` that was not the reward (e.g. CLIP score beside
+    PickScore), read on the final samples as ``judge_reward``, so that a reward climbing alone shows."""
     from ..backbones.vae import VAEDecoder
 
     if getattr(pipe, "true_cfg_scale", None) is not None:
@@ -120,6 +122,11 @@ def pipeline_task(pipe, prompts: Sequence[str], reward, guidance_scale: float = 
     channels = pipe.denoiser.config.in_channels
     side = pipe.image_size // 2 ** (len(pipe.vae.config.block_out_channels) - 1)
     chosen = task_scheduler(pipe.scheduler, scheduler)
+    def describe(images: torch.Tensor, batch: list) -> dict:
+        with torch.no_grad():
+            return {"judge_reward": float(judge(images, list(batch)).float().mean())}
+
     return FinetuneTask(pipe.denoiser, chosen, prompts, encode, (channels, side, side), reward,
+                        describe=describe if judge is not None else None,
                         decode=VAEDecoder(pipe.vae, checkpoint=vae_checkpoint, slicing=vae_slicing), few_step=few_step,
                         schedule=lambda steps: flow_schedule(pipe, steps, chosen))

@@ -67,7 +67,8 @@ def optimize_noise_digits(reward: str = "class", target: int = 3, *, count: int 
     """``count`` initial noises of the unconditional digits DDPM at ``steps`` DDIM steps, optimized with Adam for
     ``iterations`` to raise ``reward`` (``NAME[:weight],...`` of ``class``, the classifier's log p(``target``), and
     ``ink``). Metrics: the reward, the classifier's and the judge's reading (share of ``target``, share the judge
-    calls no digit) before and after, and :func:`noise_statistics` of the noise before and after."""
+    calls no digit) of the first sample and of each noise's best one, and :func:`noise_statistics` of the noise before
+    the first update and after the last."""
     from ..embedded import load_digits
     from ..embedded.judge import DigitJudge
 
@@ -110,7 +111,8 @@ def optimize_noise(pipe: Pipeline, reward: Callable, prompt: str, *, steps: int 
                    checkpoint_vae: bool = False, progress: bool = True) -> TaskResult:
     """The initial noise of ``pipe`` at ``steps`` steps (one image of ``prompt``), optimized with Adam to raise
     ``reward(images, prompts)`` (e.g. :func:`sdo.backbones.load_reward`'s weighted sum), decoded through the VAE
-    in the graph. Metrics: the reward before and after, and :func:`noise_statistics` of the noise."""
+    in the graph. Metrics: the reward of the first sample and of the best one, and :func:`noise_statistics` of the
+    noise before the first update and after the last."""
     _common(iterations, lr, 1)
     chain = _chain(pipe, prompt, check_int("steps", steps, minimum=1), guidance_scale, scheduler)
     scale = float(chain.init_noise_sigma)
