@@ -519,6 +519,10 @@ CASES: list[Case] = [
     _cli("shortft-eta", "shortft", "--steps", "4", "--eta", "0.5", "--output", "{new}", names=["eta"]),
     _cli("shortft-other-strategy", "shortft", "--strategy", "sdo", "--output", "{new}", names=["shortft"]),
     _cli("finetune-tensorboard-value", *_FT, "--tensorboard=yes", names=["--tensorboard"]),
+    # sdo ui (refused before a server starts)
+    _cli("ui-port-too-large", "ui", "--port", "70000", names=["--port"]),
+    _cli("ui-port-zero", "ui", "--port", "0", names=["--port"]),
+    _cli("ui-output-holds-files", "ui", "--output", "{full}", names=["{full}", "--overwrite"]),
     # sdo noise
     _cli("noise-reg-weight-without-regularizer", "noise", "--reg-weight", "0.1", *_OUT, names=["--reg-weight"]),
     _cli("noise-regularizer-unknown", "noise", "--regularizer", "kl", *_OUT, names=["--regularizer", "kl"]),

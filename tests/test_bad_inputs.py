@@ -16,7 +16,7 @@ def test_the_table_covers_every_command_and_is_large():
     assert len(ids) == len(set(ids)) and len(ids) >= 150
     commands = {case.argv[0] for case in CASES if case.argv}
     assert commands == {"demo", "bench", "edit", "style", "aesthetic", "adversarial", "noise", "train", "lora",
-                        "finetune", "shortft", "nonsense"}
+                        "finetune", "shortft", "ui", "nonsense"}
     assert sum(case.call is not None for case in CASES) >= 70  # and the public functions
 
 

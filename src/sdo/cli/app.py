@@ -1,7 +1,7 @@
 """The ``sdo`` command: ``sdo demo`` (the main job), ``sdo bench``, ``sdo edit | style | aesthetic | adversarial``
 (:mod:`sdo.cli.tasks`), ``sdo noise`` (:mod:`sdo.cli.noise`), ``sdo finetune``, ``sdo shortft``, ``sdo lora
-scale | merge`` (:mod:`sdo.cli.finetune`) and ``sdo train digits | digit-clip | student`` (:mod:`sdo.cli.train`):
-the parser and one error path."""
+scale | merge`` (:mod:`sdo.cli.finetune`), ``sdo train digits | digit-clip | student`` (:mod:`sdo.cli.train`) and
+``sdo ui`` (:mod:`sdo.cli.ui`): the parser and one error path."""
 
 from __future__ import annotations
 
@@ -30,6 +30,7 @@ from .options import (
 )
 from .tasks import add_task_parsers, run_task
 from .train import add_train_parsers, run_train
+from .ui import add_ui_parser, run_ui
 
 __all__ = ["build_parser", "main"]
 
@@ -112,6 +113,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_noise_parser(sub)
     add_train_parsers(sub)
     add_finetune_parsers(sub)
+    add_ui_parser(sub)
     return parser
 
 
@@ -171,6 +173,8 @@ def main(argv: list[str] | None = None) -> int:
             run_task(args)
         elif args.command == "noise":
             run_noise(args)
+        elif args.command == "ui":
+            run_ui(args)
         elif args.command in ("finetune", "shortft"):
             run_finetune(args)
         elif args.command == "lora":

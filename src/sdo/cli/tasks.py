@@ -217,19 +217,9 @@ def _edit_digits(args, strategy):
 
 
 def _save(args, result) -> None:
-    from .. import report
-
-    out = args.output  # settled by run_task before any work
-    report.save_grid([("before", result.before), ("after", result.after)], out / "before_after.png", title=args.prompt)
-    report.plot_curves({args.strategy: result.optimization.losses}, out / "loss.png", f"sdo {args.command}",
-                       "iteration", "loss")
     settings = ("strategy", "steps", "iterations", "lr", "optimizer", "step_rule", "tau", "target", "start_t",
                 "guidance_scale", "true_cfg_scale", "scheduler", "seed", "lam", "dtype")
-    metrics = {"command": args.command, "prompt": args.prompt, **result.metrics, "losses": result.optimization.losses,
-               "seconds": result.optimization.seconds,
-               "settings": {k: getattr(args, k) for k in settings if k in vars(args)}}
-    if result.optimization.picard_runs:
-        metrics["picard_sweeps"] = [sweeps for sweeps, _ in result.optimization.picard_runs]
-    (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+    metrics = result.save(args.output, args.command, args.prompt, args.strategy,
+                          {k: getattr(args, k) for k in settings if k in vars(args)})
     print(json.dumps({k: v for k, v in metrics.items() if k != "losses"}, indent=2))
-    print(f"wrote {out}/before_after.png, loss.png and metrics.json")
+    print(f"wrote {args.output}/before_after.png, loss.png and metrics.json")

@@ -59,6 +59,23 @@ class TaskResult:
     optimization: LatentResult
     metrics: dict = field(default_factory=dict)
 
+    def save(self, out: Path, command: str, title: str, curve: str, settings: dict) -> dict:
+        """Write what a task command writes into the folder ``out``: ``before_after.png`` (titled ``title``),
+        ``loss.png`` (the loss curve, labelled ``curve``) and ``metrics.json`` (the metrics, the losses, the seconds
+        and ``settings``); returns those metrics."""
+        import json
+
+        from .. import report
+
+        report.save_grid([("before", self.before), ("after", self.after)], out / "before_after.png", title=title)
+        report.plot_curves({curve: self.optimization.losses}, out / "loss.png", f"sdo {command}", "iteration", "loss")
+        metrics = {"command": command, "prompt": title, **self.metrics, "losses": self.optimization.losses,
+                   "seconds": self.optimization.seconds, "settings": settings}
+        if self.optimization.picard_runs:
+            metrics["picard_sweeps"] = [sweeps for sweeps, _ in self.optimization.picard_runs]
+        (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+        return metrics
+
 
 def _chain(pipe: Pipeline, prompt: str, steps: int, guidance_scale: float, scheduler: str | None) -> Chain:
     """The task's chain: ``scheduler`` (see :func:`sdo.backbones.task_scheduler`) over the pipeline's backbone,
@@ -249,11 +266,12 @@ def load_digit_image(path: str | Path) -> torch.Tensor:
 
 def edit_digits(image: torch.Tensor, prompt: str | Sequence[str], *, lam: float = 0.5, start_t: int = 600,
                 steps: int = 50, scheduler: str | None = None, strategy="sdo", iterations: int = 50, lr: float = 0.01,
-                device="cpu", models=None, clip=None, progress: bool = True) -> TaskResult:
+                device="cpu", models=None, clip=None, progress: bool = True, callback=None) -> TaskResult:
     """Text-guided editing (Eq. 23) of digits (B, 1, 16, 16) in [-1, 1] with the embedded models, offline: the
     unconditional branch of the digits DDPM, DDIM-inverted to the step nearest ``start_t``, and the embedded
     image-text model (``sdo.embedded.load_digit_clip``); lambda = 0.5 as the paper's attribute edits.
-    ``models`` (``load_digits()``) and ``clip`` (``(model, tokenizer)``) may be passed to skip loading.
+    ``models`` (``load_digits()``) and ``clip`` (``(model, tokenizer)``) may be passed to skip loading;
+    ``callback(iteration, x0, loss)``: :func:`~sdo.optimize_latent`'s (True stops early).
 
     Besides the CLIP score and the L1 fidelity, the metrics measure the edit on the pixels, independently of the
     model that drove it: ink mass and slant (``sdo.embedded.digit_clip.ink_statistics``) and the embedded
@@ -276,7 +294,8 @@ def edit_digits(image: torch.Tensor, prompt: str | Sequence[str], *, lam: float 
     objective = WeightedSum([(1.0, clip_term), (lam, fidelity)])
     identity = lambda x: x
     before_x0, before = _before(chain, latent, start, identity)
-    after, result = _optimize(chain, latent, start, objective, identity, strategy, iterations, lr, progress)
+    after, result = _optimize(chain, latent, start, objective, identity, strategy, iterations, lr, progress,
+                              callback=callback)
     with torch.no_grad():
         labels = {name: models.classifier(x.clamp(-1, 1)).argmax(-1).tolist()
                   for name, x in (("image", image), ("before", before), ("after", after))}

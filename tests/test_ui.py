@@ -1,0 +1,80 @@
+"""sdo ui's handlers without a browser: the Edit tab's run writes what `sdo edit` writes (the same metrics), refuses
+bad input with the command line's messages before any work, stops when cancelled, and two runs at once keep to their
+own folders."""
+
+import json
+import threading
+
+import pytest
+
+import sdo
+from sdo.cli import main
+from sdo.ui import EditRequest, Job, check_edit, run_edit
+from sdo.ui.page import run_folder
+
+
+def _metrics(folder):
+    m = json.loads((folder / "metrics.json").read_text())
+    m.pop("seconds")
+    m.pop("settings")
+    return m
+
+
+def test_edit_writes_what_sdo_edit_writes(tmp_path):
+    """Two strategies from the same held-out digit; each folder's metrics (the losses, the CLIP scores, ink, labels)
+    equal `sdo edit --digit 3 --strategy NAME`'s, and the run is zipped."""
+    events = []
+    out = run_folder(tmp_path / "ui", "edit")
+    finished = run_edit(EditRequest("a thick 8", ["sdo", "full"], digit=3, iterations=3), out, report=events.append)
+    assert [f["strategy"] for f in finished] == ["sdo", "full"]
+    assert [e["iteration"] for e in events if e.get("strategy") == "sdo" and "iteration" in e] == [0, 1, 2]
+    assert (out.parent / f"{out.name}.zip").is_file()
+    for name in ("sdo", "full"):
+        assert main(["edit", "a thick 8", "--digit", "3", "--strategy", name, "--iterations", "3", "--no-progress",
+                     "--output", str(tmp_path / f"cli-{name}")]) == 0
+        assert _metrics(out / name) == _metrics(tmp_path / f"cli-{name}")
+        assert {p.name for p in (out / name).iterdir()} == {"before_after.png", "loss.png", "metrics.json"}
+
+
+@pytest.mark.parametrize(("change", "message"), [
+    ({"prompt": " "}, "prompt"), ({"strategies": []}, "at least one strategy"), ({"strategies": ["bogus"]}, "bogus"),
+    ({"strategies": ["refl"]}, "gives no gradient to the latent"), ({"iterations": 0}, "iterations"),
+    ({"lr": -1.0}, "lr"), ({"digit": 400}, "digit"), ({"digit": None}, "pick a held-out digit"),
+    ({"start_t": 1000}, "start_t"), ({"image": "/nonexistent.png"}, "/nonexistent.png"),
+])
+def test_bad_input_is_refused_before_any_work(change, message, tmp_path):
+    req = EditRequest(**{"prompt": "a thick 8", "strategies": ["sdo"], **change})
+    with pytest.raises((sdo.UsageError, FileNotFoundError), match=message):
+        check_edit(req)
+    with pytest.raises((sdo.UsageError, FileNotFoundError), match=message):
+        run_edit(req, tmp_path / "never")
+    assert not (tmp_path / "never").exists()
+
+
+def test_cancel_stops_the_run_at_its_next_iteration(tmp_path):
+    """A job cancelled after its second iteration ends within one more, runs no later strategy, writes no zip."""
+    seen = threading.Event()
+
+    def watch(event):
+        if event.get("iteration") == 1:
+            seen.set()
+
+    out = tmp_path / "run"
+    job = Job(lambda req, out, report, stop: run_edit(req, out, lambda e: (report(e), watch(e)), stop),
+              EditRequest("a thick 8", ["sdo", "full"], iterations=500), out)
+    assert seen.wait(120)
+    job.cancel()
+    assert job.done and job.error is None
+    iterations = [e["iteration"] for e in job.events(0) if "iteration" in e]
+    assert max(iterations) <= 3 and job.result == []
+    assert not (tmp_path / "run.zip").exists() and not (out / "full").exists()
+
+
+def test_two_runs_at_once_keep_to_their_own_folders(tmp_path):
+    a, b = run_folder(tmp_path, "edit"), run_folder(tmp_path, "edit")
+    assert a != b
+    jobs = [Job(run_edit, EditRequest(prompt, ["sdo"], digit=digit, iterations=2), folder)
+            for prompt, digit, folder in (("a thick 8", 3, a), ("a slanted 4", 7, b))]
+    assert all(job.wait(300) and job.error is None for job in jobs)
+    assert json.loads((a / "sdo" / "metrics.json").read_text())["prompt"] == "a thick 8"
+    assert json.loads((b / "sdo" / "metrics.json").read_text())["settings"]["digit"] == 7

@@ -1,0 +1,119 @@
+"""sdo ui in a real browser: Debian's headless Chromium driven by Selenium (no browser download), on the page served
+on 127.0.0.1. An edit by two strategies shows both results and their metrics rows; a bad input shows the command
+line's message; cancel stops the run. With SDO_UI_SCREENSHOTS=DIR the screenshots are written there (docs/ui.md:
+`SDO_UI_SCREENSHOTS=docs/ui python -m pytest tests/test_ui_browser.py`)."""
+
+import os
+import socket
+import threading
+import time
+from pathlib import Path
+
+import pytest
+from selenium import webdriver
+from selenium.webdriver.chrome.service import Service
+from selenium.webdriver.common.by import By
+from selenium.webdriver.common.keys import Keys
+
+os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+
+
+@pytest.fixture(scope="module")
+def page(tmp_path_factory):
+    from sdo.ui.page import build_app
+
+    out = tmp_path_factory.mktemp("ui")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    app = build_app(out)
+    app.queue().launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, share=False, quiet=True)
+    options = webdriver.ChromeOptions()
+    options.binary_location = "/usr/bin/chromium"
+    for arg in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--window-size=1400,1700"):
+        options.add_argument(arg)
+    driver = webdriver.Chrome(service=Service("/usr/bin/chromedriver"), options=options)
+    try:
+        yield driver, f"http://127.0.0.1:{port}/", out
+    finally:
+        driver.quit()
+        app.close()
+
+
+def _open(driver, url):
+    driver.get(url)
+    _wait(lambda: driver.find_elements(By.ID, "edit-run"), 60, "the page to load")
+
+
+def _wait(condition, seconds, what):
+    end = time.monotonic() + seconds
+    while time.monotonic() < end:
+        found = condition()
+        if found:
+            return found
+        time.sleep(0.3)
+    raise AssertionError(f"timed out after {seconds} s waiting for {what}")
+
+
+def _type(driver, selector, text):
+    field = driver.find_element(By.CSS_SELECTOR, selector)
+    field.send_keys(Keys.CONTROL, "a")
+    field.send_keys(Keys.DELETE)
+    if text:
+        field.send_keys(text)
+    field.send_keys(Keys.TAB)
+
+
+def _status(driver):
+    return driver.find_element(By.ID, "edit-status").text
+
+
+def _shot(driver, name, tmp_path):
+    folder = Path(os.environ.get("SDO_UI_SCREENSHOTS") or tmp_path)
+    folder.mkdir(parents=True, exist_ok=True)
+    driver.save_screenshot(str(folder / f"{name}.png"))
+
+
+def test_an_edit_by_two_strategies_shows_both_results(page, tmp_path):
+    driver, url, out = page
+    _open(driver, url)
+    _type(driver, "#edit-iterations input", "3")
+    driver.find_element(By.ID, "edit-run").click()
+    _wait(lambda: _status(driver).startswith("running"), 120, "the run to report progress")
+    _wait(lambda: _status(driver).startswith(("done", "error")), 300, "the run to finish")
+    assert _status(driver).startswith("done: 2 strategies"), _status(driver)
+    _wait(lambda: len(driver.find_elements(By.CSS_SELECTOR, "#edit-images img")) == 3, 30, "before + 2 afters")
+    table = driver.find_element(By.ID, "edit-metrics").text
+    assert "sdo" in table and "full" in table
+    runs = sorted(out.glob("edit-*.zip"))
+    assert runs and {p.name for p in runs[-1].with_suffix("").iterdir()} == {"sdo", "full"}
+    _shot(driver, "edit", tmp_path)
+
+
+def test_a_bad_input_shows_the_command_lines_message(page):
+    driver, url, out = page
+    _open(driver, url)
+    before = set(out.iterdir())
+    _type(driver, "#edit-prompt textarea", "")
+    driver.find_element(By.ID, "edit-run").click()
+    status = _wait(lambda: _status(driver) if _status(driver).startswith("error") else None, 60, "the error")
+    assert "prompt" in status and "\n" not in status
+    _type(driver, "#edit-prompt textarea", "a thick 8")
+    _type(driver, "#edit-lr input", "-1")
+    driver.find_element(By.ID, "edit-run").click()
+    status = _wait(lambda: _status(driver) if "lr" in _status(driver) else None, 60, "the lr error")
+    assert status.startswith("error:")
+    assert set(out.iterdir()) == before  # refused before any work: no run folder
+
+
+def test_cancel_stops_a_run(page):
+    driver, url, out = page
+    _open(driver, url)
+    _type(driver, "#edit-iterations input", "400")
+    driver.find_element(By.ID, "edit-run").click()
+    _wait(lambda: "iteration" in _status(driver), 120, "the run to iterate")
+    driver.find_element(By.ID, "edit-cancel").click()
+    _wait(lambda: _status(driver) == "cancelled", 30, "the page to say cancelled")
+    _wait(lambda: not any(t.name == "sdo-job" for t in threading.enumerate()), 60, "the job's thread to end")
+    newest = max(out.glob("edit-*"), key=lambda p: p.stat().st_mtime)
+    assert not newest.with_suffix(".zip").exists() and not (newest / "full").exists()
