@@ -4,6 +4,7 @@ own folders."""
 
 import json
 import threading
+import time
 
 import pytest
 
@@ -78,3 +79,50 @@ def test_two_runs_at_once_keep_to_their_own_folders(tmp_path):
     assert all(job.wait(300) and job.error is None for job in jobs)
     assert json.loads((a / "sdo" / "metrics.json").read_text())["prompt"] == "a thick 8"
     assert json.loads((b / "sdo" / "metrics.json").read_text())["settings"]["digit"] == 7
+
+
+def test_tune_command_checks_its_options_before_any_work(tmp_path):
+    from sdo.ui.tune import TuneRequest, tune_command
+
+    args = tune_command(TuneRequest("drtune", 7, 10.0, 30.0, 1e-3), tmp_path / "run")
+    assert args[:2] == ["finetune", "--output"] and args[args.index("--strategy") + 1] == "drtune"
+    assert args[args.index("--checkpoint-every") + 1] == "1"  # stopping keeps the last update
+    for req, message in ((TuneRequest("bogus"), "bogus"), (TuneRequest(target=12), "target"),
+                         (TuneRequest(regularizer=-1.0), "regularizer"), (TuneRequest(seconds=0.0), "time_budget"),
+                         (TuneRequest(lr=0.0), "lr")):
+        with pytest.raises(sdo.UsageError, match=message):
+            tune_command(req, tmp_path / "never")
+    assert not (tmp_path / "never").exists()
+
+
+def test_a_stopped_training_keeps_its_checkpoint_and_resumes(tmp_path):
+    """`sdo finetune` run by the page's CommandJob, interrupted after its second update as Ctrl-C does: the process
+    ends, the checkpoint of its last update is on disk, read_run reads the folder, and `--resume` continues it."""
+    from sdo.ui.jobs import CommandJob
+    from sdo.ui.tune import TuneRequest, read_run, tune_command
+
+    folder = tmp_path / "run"
+    job = CommandJob([*tune_command(TuneRequest(seconds=600.0, sample_every=1), folder), "--steps", "10"],
+                     tmp_path / "run.log")
+    deadline = time.monotonic() + 180
+    while not (folder / "metrics.jsonl").is_file() or len(read_run(folder)["records"]) < 2:
+        assert not job.done, (tmp_path / "run.log").read_text()[-2000:]
+        assert time.monotonic() < deadline
+        job.wait(0.5)
+    job.cancel()
+    assert job.done and job.error is None
+    run = read_run(folder)
+    assert run["checkpoint"] and run["summary"] is None and run["samples"] is not None
+    updates = len(run["records"])
+    assert main(["finetune", "--output", str(folder), "--resume", "--time-budget", "600", "--updates",
+                 str(updates + 1), "--no-progress"]) == 0
+    assert read_run(folder)["summary"]["updates"] == updates + 1
+
+
+def test_read_run_refuses_a_folder_that_is_not_a_run(tmp_path):
+    from sdo.ui.tune import read_run
+
+    with pytest.raises(sdo.UsageError, match="no such run folder"):
+        read_run(tmp_path / "missing")
+    with pytest.raises(sdo.UsageError, match="holds no sdo finetune run"):
+        read_run(tmp_path)

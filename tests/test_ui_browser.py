@@ -117,3 +117,52 @@ def test_cancel_stops_a_run(page):
     _wait(lambda: not any(t.name == "sdo-job" for t in threading.enumerate()), 60, "the job's thread to end")
     newest = max(out.glob("edit-*"), key=lambda p: p.stat().st_mtime)
     assert not newest.with_suffix(".zip").exists() and not (newest / "full").exists()
+
+
+def _tab(driver, name):
+    next(t for t in driver.find_elements(By.CSS_SELECTOR, "button[role=tab]") if t.text == name).click()
+
+
+def _running(folder_name: str) -> bool:
+    """Whether a process whose command line names ``folder_name`` is alive (an `sdo finetune` of the page)."""
+    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+        try:
+            if folder_name in cmdline.read_bytes().decode(errors="replace"):
+                return True
+        except OSError:
+            continue
+    return False
+
+
+def test_fine_tune_shows_the_reward_and_samples_as_it_trains(page, tmp_path):
+    driver, url, out = page
+    _open(driver, url)
+    _tab(driver, "Fine-tune")
+    _type(driver, "#tune-seconds input", "6")
+    driver.find_element(By.ID, "tune-start").click()
+    status = lambda: driver.find_element(By.ID, "tune-status").text
+    _wait(lambda: status().startswith("update"), 180, "the first update")
+    _wait(lambda: status().startswith(("done", "error")), 180, "the run to end")
+    assert status().startswith("done:"), status()
+    assert driver.find_elements(By.CSS_SELECTOR, "#tune-samples img")
+    assert driver.find_element(By.ID, "tune-guard").text.startswith(("guard:", "no guard"))
+    _shot(driver, "finetune", tmp_path)
+    folder = max((p for p in out.glob("finetune-*") if p.is_dir()), key=lambda p: p.stat().st_mtime)
+    _type(driver, "#tune-folder textarea", str(folder))  # open it again, as an existing run
+    driver.find_element(By.ID, "tune-open").click()
+    _wait(lambda: status().startswith("done:") and str(folder) in status(), 30, "the opened run")
+
+
+def test_stop_ends_a_training_and_keeps_its_checkpoint(page):
+    driver, url, out = page
+    _open(driver, url)
+    _tab(driver, "Fine-tune")
+    _type(driver, "#tune-seconds input", "600")
+    driver.find_element(By.ID, "tune-start").click()
+    status = lambda: driver.find_element(By.ID, "tune-status").text
+    _wait(lambda: status().startswith("update"), 180, "the first update")
+    folder = max((p for p in out.glob("finetune-*") if p.is_dir()), key=lambda p: p.stat().st_mtime)
+    driver.find_element(By.ID, "tune-stop").click()
+    _wait(lambda: status().startswith("stopped"), 30, "the page to say stopped")
+    _wait(lambda: not _running(folder.name), 60, "the training process to end")
+    assert any((folder / "checkpoints").iterdir()) and not (folder / "summary.json").exists()

@@ -5,11 +5,15 @@ stops its job instead of leaving it running."""
 from __future__ import annotations
 
 import queue
+import signal
+import subprocess
+import sys
 import threading
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
-__all__ = ["Job"]
+__all__ = ["CommandJob", "Job"]
 
 
 class Job:
@@ -54,3 +58,45 @@ class Job:
         """Ask the job to stop and wait (up to ``wait`` seconds) for its thread to end."""
         self.stop.set()
         self._thread.join(wait)
+
+
+class CommandJob:
+    """``CommandJob(["finetune", ...], log)``: ``python -m sdo <args>`` in a process of its own (the command line's
+    own code, its files written as it writes them), its output to the file ``log``. :meth:`cancel` interrupts it as
+    Ctrl-C does (the command stops cleanly), then kills it if it has not ended; :attr:`error` is the last line it
+    printed when it failed."""
+
+    def __init__(self, args: list[str], log):
+        self.log = log
+        with open(log, "w") as out:
+            self._process = subprocess.Popen([sys.executable, "-m", "sdo", *args], stdout=out,
+                                             stderr=subprocess.STDOUT)
+        self.cancelled = False
+
+    @property
+    def done(self) -> bool:
+        return self._process.poll() is not None
+
+    @property
+    def error(self) -> str | None:
+        code = self._process.poll()
+        if code in (None, 0) or self.cancelled:
+            return None
+        lines = [line for line in Path(self.log).read_text().splitlines() if line.strip()]
+        return lines[-1] if lines else f"exit code {code}"
+
+    def wait(self, timeout: float | None = None) -> bool:
+        try:
+            self._process.wait(timeout)
+        except subprocess.TimeoutExpired:
+            pass
+        return self.done
+
+    def cancel(self, wait: float = 30.0) -> None:
+        if self.done:
+            return
+        self.cancelled = True
+        self._process.send_signal(signal.SIGINT)
+        if not self.wait(wait):
+            self._process.kill()
+            self._process.wait()

@@ -16,13 +16,20 @@ import torch
 from .. import report
 from ..checks import UsageError
 from .edit import EditRequest, check_edit, digit_choices, run_edit
-from .jobs import Job
+from .jobs import CommandJob, Job
+from .tune import TuneRequest, read_run, tune_command
 
 __all__ = ["build_app", "run_folder"]
 
 _STRATEGIES = ["sdo", "full", "checkpoint", "truncated", "adjoint", "reversible", "drtune"]
 _METRICS = ["strategy", "CLIP before", "CLIP after", "L1 to image", "ink before", "ink after", "label before",
             "label after", "seconds"]
+
+
+def _tune_methods() -> tuple[str, ...]:
+    from ..finetuning.config import methods
+
+    return methods()
 
 
 def run_folder(root: Path, kind: str) -> Path:
@@ -64,8 +71,44 @@ def _curves(points: list[dict]):
     return fig
 
 
+def _one_line(err: BaseException | str) -> str:
+    return "error: " + " ".join(str(err).split())
+
+
+def _rewards(records: list[dict], title: str):
+    """The reward of every update against the seconds spent, as a matplotlib figure."""
+    plt = report._pyplot()
+    fig, ax = plt.subplots(figsize=(5, 3))
+    kept = [r for r in records if not r.get("skipped")]
+    ax.plot([r["elapsed"] for r in kept], [r["reward_mean"] for r in kept])
+    ax.set(xlabel="seconds of updates", ylabel="reward (mean over the batch)", title=title)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    plt.close(fig)
+    return fig
+
+
+def _run_view(folder: Path) -> tuple:
+    """(status, reward figure, latest sample grid, guard text) of a fine-tuning run folder."""
+    run = read_run(folder)
+    records = run["records"]
+    guard = run["guard"]
+    signal = ("no guard check yet" if guard is None else
+              "guard: passed" if not guard.get("failed") else f"guard: FAILED ({'; '.join(guard['failed'])})")
+    if run["summary"] is not None:
+        status = f"done: {run['summary']['updates']} updates in {folder}"
+        if run["summary"].get("keep"):
+            status += f"; keep {run['summary']['keep']}"
+    elif records:
+        status = f"update {records[-1]['update']}: reward {records[-1]['reward_mean']:.3f}"
+    else:
+        status = "starting (loading the models)…"
+    picture = run["final"] if run["summary"] is not None and run["final"] else run["samples"]
+    return status, _rewards(records, folder.name), str(picture) if picture else None, signal
+
+
 def build_app(output: Path, device: str = "cpu"):
-    """The page: tab Edit (the embedded digits). ``output``: the folder the runs write into."""
+    """The page: tabs Edit and Fine-tune (the embedded digits). ``output``: the folder the runs write into."""
     output = Path(output)
     choices = digit_choices()
 
@@ -107,6 +150,37 @@ def build_app(output: Path, device: str = "cpu"):
             if not job.done:
                 job.cancel()
 
+    def tune(method, target, regularizer, seconds, lr):
+        folder = output / f"finetune-{datetime.datetime.now():%Y%m%d-%H%M%S}-{uuid.uuid4().hex[:6]}"
+        try:
+            args = tune_command(TuneRequest(method, int(target), float(regularizer), float(seconds), float(lr)),
+                                folder)
+        except (UsageError, OSError, TypeError, ValueError) as err:
+            yield _one_line(err), gr.skip(), gr.skip(), gr.skip()
+            return
+        output.mkdir(parents=True, exist_ok=True)
+        job = CommandJob(args, output / f"{folder.name}.log")
+        try:
+            while not job.done:
+                job.wait(1.0)
+                try:
+                    yield _run_view(folder)
+                except UsageError:  # the command has not written its first file yet
+                    yield "starting (loading the models)…", gr.skip(), gr.skip(), gr.skip()
+            if job.error is not None:
+                yield _one_line(job.error), gr.skip(), gr.skip(), gr.skip()
+                return
+            yield _run_view(folder)
+        finally:
+            if not job.done:
+                job.cancel()
+
+    def open_run(path):
+        try:
+            return _run_view(Path(str(path or "").strip()))
+        except (UsageError, OSError) as err:
+            return _one_line(err), gr.skip(), gr.skip(), gr.skip()
+
     with gr.Blocks(title="sdo") as app:
         gr.Markdown("# sdo: backpropagation through diffusion sampling\nLocal and offline: the embedded digits "
                     "models. Each run writes a folder of its own under `" + str(output) + "`.")
@@ -136,6 +210,26 @@ def build_app(output: Path, device: str = "cpu"):
                 images = gr.Gallery(label="before and after", columns=4, height=300, elem_id="edit-images")
             table = gr.Dataframe(headers=_METRICS, label="metrics", elem_id="edit-metrics", interactive=False)
             download = gr.File(label="the result folder (as sdo edit writes it)", elem_id="edit-download")
+        with gr.Tab("Fine-tune", elem_id="tab-tune"):
+            with gr.Row():
+                method = gr.Dropdown(list(_tune_methods()), value="sdo", label="method (--strategy)",
+                                     elem_id="tune-method")
+                target = gr.Number(3, label="target digit", precision=0, elem_id="tune-target")
+                regularizer = gr.Number(30, label="DRaFT+ penalty weight", elem_id="tune-regularizer")
+                seconds = gr.Number(60, label="seconds of updates", elem_id="tune-seconds")
+                tune_lr = gr.Number(3e-3, label="lr", elem_id="tune-lr")
+            with gr.Row():
+                start = gr.Button("Start", variant="primary", elem_id="tune-start")
+                stop = gr.Button("Stop (keeps the checkpoint)", elem_id="tune-stop")
+            with gr.Row():
+                folder_box = gr.Textbox(label="or open an existing run folder", elem_id="tune-folder")
+                open_button = gr.Button("Open", elem_id="tune-open")
+            tune_status = gr.Markdown("", elem_id="tune-status")
+            guard = gr.Markdown("", elem_id="tune-guard")
+            with gr.Row():
+                reward_plot = gr.Plot(label="reward", elem_id="tune-reward")
+                grid = gr.Image(type="filepath", label="fixed-seed samples (the latest grid; final.png at the end)",
+                                elem_id="tune-samples", height=320)
         def pick(event: gr.SelectData) -> int:
             return event.index
 
@@ -143,4 +237,8 @@ def build_app(output: Path, device: str = "cpu"):
         started = run.click(edit, [digit, upload, prompt, strategies, iterations, lr, lam, start_t],
                             [status, curves, images, table, download])
         cancel.click(lambda: "cancelled", None, status, cancels=[started])
+        training = start.click(tune, [method, target, regularizer, seconds, tune_lr],
+                               [tune_status, reward_plot, grid, guard])
+        stop.click(lambda: "stopped: the last update's checkpoint is kept", None, tune_status, cancels=[training])
+        open_button.click(open_run, folder_box, [tune_status, reward_plot, grid, guard])
     return app

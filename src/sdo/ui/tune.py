@@ -1,0 +1,73 @@
+"""The page's Fine-tune tab without the page: a short reward fine-tuning run of the embedded digits model toward a
+digit, run as ``sdo finetune`` itself in a process of its own (:class:`~sdo.ui.jobs.CommandJob`: the command's code
+and files; a checkpoint after every update, so that stopping keeps the last one), and what a run folder holds, read
+while it trains or after."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from ..checks import UsageError, check_int
+from ..finetuning.config import FinetuneConfig, methods
+
+__all__ = ["TARGET_MODULES", "TuneRequest", "read_run", "tune_command"]
+
+TARGET_MODULES = "to_q,to_k,to_v,to_out.0,conv1,conv2"  # the digits runs of docs/finetune.md
+
+
+@dataclass
+class TuneRequest:
+    """A short run: ``method`` (any ``sdo finetune --strategy``), the ``target`` digit, the DRaFT+ penalty weight
+    ``regularizer``, ``seconds`` of updates, ``lr``, and a grid of fixed-seed samples every ``sample_every``
+    updates."""
+
+    method: str = "sdo"
+    target: int = 3
+    regularizer: float = 30.0
+    seconds: float = 60.0
+    lr: float = 3e-3
+    sample_every: int = 5
+
+
+def tune_command(req: TuneRequest, output: Path) -> list[str]:
+    """The ``sdo finetune`` arguments of ``req`` into the new folder ``output``, every option checked first (the
+    command line's messages: :class:`~sdo.FinetuneConfig` checks them)."""
+    if req.method not in methods():
+        raise UsageError(f"unknown method {req.method!r}; use one of {', '.join(methods())}", "strategy")
+    check_int("target", req.target, minimum=0, maximum=9)
+    FinetuneConfig(output=output, strategy=req.method, regularizer=req.regularizer, time_budget=req.seconds,
+                   lr=req.lr, sample_every=req.sample_every)
+    return ["finetune", "--output", str(output), "--strategy", req.method, "--target", str(int(req.target)),
+            "--regularizer", repr(float(req.regularizer)), "--time-budget", repr(float(req.seconds)),
+            "--updates", "100000", "--lr", repr(float(req.lr)), "--target-modules", TARGET_MODULES,
+            "--checkpoint-every", "1", "--sample-every", str(int(req.sample_every)), "--sample-count", "8",
+            "--no-progress"]
+
+
+def read_run(folder: str | Path) -> dict:
+    """What a run folder holds so far: ``records`` (``metrics.jsonl``), ``samples`` (the latest fixed-seed grid, or
+    None), ``guard`` (the latest hacking-guard check, or None), ``summary`` (``summary.json`` once the run ended)
+    and ``checkpoint`` (whether one is kept). A folder that is not a run is a :class:`~sdo.UsageError`."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise UsageError(f"{folder}: no such run folder", "folder")
+    metrics = folder / "metrics.jsonl"
+    records = []
+    if metrics.is_file():
+        for line in metrics.read_text().splitlines():
+            try:
+                records.append(json.loads(line))
+            except ValueError:  # a line being written
+                break
+    grids = sorted((folder / "samples").glob("step-*.png")) if (folder / "samples").is_dir() else []
+    summary = folder / "summary.json"
+    if not records and not (folder / "config.json").is_file() and not summary.is_file():
+        raise UsageError(f"{folder} holds no sdo finetune run (no metrics.jsonl, config.json or summary.json)",
+                         "folder")
+    guard = next((r["guard"] for r in reversed(records) if "guard" in r), None)
+    return {"records": records, "samples": grids[-1] if grids else None, "guard": guard,
+            "summary": json.loads(summary.read_text()) if summary.is_file() else None,
+            "final": folder / "final.png" if (folder / "final.png").is_file() else None,
+            "checkpoint": (folder / "checkpoints").is_dir() and any((folder / "checkpoints").iterdir())}
