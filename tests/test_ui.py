@@ -126,3 +126,42 @@ def test_read_run_refuses_a_folder_that_is_not_a_run(tmp_path):
         read_run(tmp_path / "missing")
     with pytest.raises(sdo.UsageError, match="holds no sdo finetune run"):
         read_run(tmp_path)
+
+
+def test_attack_rows_match_the_recipe_and_cancel_skips_the_rest(tmp_path):
+    """The Adversarial tab's run: each method at its tuned lr with the recipe's own success and interval; a stop
+    during the first method ends it and runs no other (nothing written)."""
+    from sdo.recipes.attack import TUNED_LR, attack, correct_samples
+    from sdo.ui.attack import AttackRequest, check_attack, run_attack
+    from sdo.ui.edit import _models
+
+    req = AttackRequest(["sdo", "full"], samples=3, steps=8, iterations=3)
+    rows = run_attack(req, tmp_path / "a")
+    models = _models()[0]
+    labels, x_T, originals = correct_samples(models, 3, 8, 0)
+    for row in rows:
+        run = attack(models, labels, x_T, originals, row["method"], "plain", TUNED_LR[(row["method"], "plain")],
+                     steps=8, iterations=3)
+        assert row["success"] == run.rate and row["interval"] == list(run.interval())
+    assert json.loads((tmp_path / "a" / "results.json").read_text())["results"][1]["method"] == "full"
+    stop = threading.Event()
+    cut = run_attack(req, tmp_path / "b", report=lambda e: stop.set() if e.get("iteration") == 1 else None, stop=stop)
+    assert cut == [] and not (tmp_path / "b").exists()
+    for bad, message in ((AttackRequest([]), "at least one"), (AttackRequest(["drtune"]), "drtune"),
+                         (AttackRequest(rule="pgd"), "rule"), (AttackRequest(tau=0.0), "tau"),
+                         (AttackRequest(samples=0), "samples")):
+        with pytest.raises(sdo.UsageError, match=message):
+            check_attack(bad)
+
+
+def test_cost_command_is_sdo_bench_and_its_folder_is_read(tmp_path):
+    from sdo.ui.cost import CostRequest, bench_command, read_bench
+
+    args = bench_command(CostRequest(["sdo", "full"], steps=4, sweep="2,4", batch=1), tmp_path / "b")
+    assert main(args) == 0
+    found = read_bench(tmp_path / "b")
+    assert [p.name for p in found["images"]] == ["cost.png", "sweep_time.png", "sweep_memory.png"]
+    assert "x sdo" in found["table"]
+    with pytest.raises(SystemExit) as exit_:  # argparse's own answer: usage and one error line, exit code 2
+        main(bench_command(CostRequest(["sdo"], sweep="2,x"), tmp_path / "c"))
+    assert exit_.value.code == 2

@@ -166,3 +166,38 @@ def test_stop_ends_a_training_and_keeps_its_checkpoint(page):
     _wait(lambda: status().startswith("stopped"), 30, "the page to say stopped")
     _wait(lambda: not _running(folder.name), 60, "the training process to end")
     assert any((folder / "checkpoints").iterdir()) and not (folder / "summary.json").exists()
+
+
+def test_the_attack_tab_compares_two_methods(page, tmp_path):
+    driver, url, _ = page
+    _open(driver, url)
+    _tab(driver, "Adversarial")
+    _type(driver, "#attack-samples input", "3")
+    _type(driver, "#attack-iterations input", "3")
+    driver.find_element(By.ID, "attack-run").click()
+    status = lambda: driver.find_element(By.ID, "attack-status").text
+    _wait(lambda: status().startswith(("done", "error")), 300, "the attack to finish")
+    assert status().startswith("done: 2 methods on 3 samples"), status()
+    table = driver.find_element(By.ID, "attack-table").text
+    assert "sdo" in table and "full" in table and "[" in table  # the success with its Wilson interval
+    assert driver.find_elements(By.CSS_SELECTOR, "#attack-images img")
+    _shot(driver, "adversarial", tmp_path)
+
+
+def test_the_cost_tab_runs_sdo_bench_and_shows_its_message_for_a_bad_value(page, tmp_path):
+    driver, url, _ = page
+    _open(driver, url)
+    _tab(driver, "Cost")
+    _type(driver, "#cost-steps input", "5")
+    _type(driver, "#cost-sweep textarea", "2,5")
+    driver.find_element(By.ID, "cost-run").click()
+    status = lambda: driver.find_element(By.ID, "cost-status").text
+    _wait(lambda: status().startswith(("done", "error")), 300, "sdo bench to finish")
+    assert status().startswith("done:"), status()
+    _wait(lambda: len(driver.find_elements(By.CSS_SELECTOR, "#cost-images img")) == 3, 30, "the three plots")
+    assert "x sdo" in driver.find_element(By.ID, "cost-table").text
+    _shot(driver, "cost", tmp_path)
+    _type(driver, "#cost-sweep textarea", "2,x")
+    driver.find_element(By.ID, "cost-run").click()
+    _wait(lambda: status().startswith("error"), 120, "the command line's message")
+    assert "--sweep" in status() and "\n" not in status()

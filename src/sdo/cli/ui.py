@@ -11,10 +11,10 @@ __all__ = ["add_ui_parser", "run_ui"]
 
 
 def add_ui_parser(sub) -> None:
-    t = sub.add_parser("ui", help="a local web page: edit a digit by several strategies side by side, live",
-                       description="Serve sdo's page (Gradio) on this machine only: edit a held-out digit by several "
-                       "strategies one after another, with live loss curves, the images, the metrics and the result "
-                       "folder to download. Needs the ui extra: pip install -e '.[ui]'.")
+    t = sub.add_parser("ui", help="a local web page: edit, attack, cost and fine-tune, the methods side by side, live",
+                       description="Serve sdo's page (Gradio) on this machine only, on the embedded digits models: "
+                       "Edit (several strategies side by side, live), Adversarial, Cost (sdo bench) and Fine-tune "
+                       "(a short run, live; Stop keeps the checkpoint). Needs the ui extra: pip install -e '.[ui]'.")
     t.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
     t.add_argument("--port", type=positive_int, default=7860, help="port (default 7860)")
     t.add_argument("--output", type=folder, default=None, help="folder the runs write into (default: a fresh "

@@ -94,9 +94,9 @@ class AttackRun:
 
 def attack(models, labels: torch.Tensor, x_T: torch.Tensor, originals: torch.Tensor, method: str, rule: str,
            lr: float, *, steps: int = 30, iterations: int = 30, tau: float = 0.1, progress: bool = False,
-           return_samples: bool = False):
+           return_samples: bool = False, callback=None):
     """One method's attack on every sample (module docstring); returns an :class:`AttackRun` (and the reported
-    samples with ``return_samples``)."""
+    samples with ``return_samples``). ``callback(iteration, mean loss)`` at every iteration; True stops early."""
     if method not in METHODS:
         raise UsageError(f"unknown method {method!r}; use one of {', '.join(METHODS)}")
     name, options = METHODS[method]
@@ -106,6 +106,7 @@ def attack(models, labels: torch.Tensor, x_T: torch.Tensor, originals: torch.Ten
 
     def record(iteration, x0, loss):
         misread.append((_read(models.classifier, x0) != labels).tolist())
+        return callback(iteration, float(loss.mean())) if callback is not None else None
 
     began = time.perf_counter()
     result = optimize_latent(chain, x_T, objective, strategy=get_strategy(name, **options), iterations=iterations,

@@ -5,6 +5,7 @@ stops its job instead of leaving it running."""
 from __future__ import annotations
 
 import queue
+import re
 import signal
 import subprocess
 import sys
@@ -64,7 +65,7 @@ class CommandJob:
     """``CommandJob(["finetune", ...], log)``: ``python -m sdo <args>`` in a process of its own (the command line's
     own code, its files written as it writes them), its output to the file ``log``. :meth:`cancel` interrupts it as
     Ctrl-C does (the command stops cleanly), then kills it if it has not ended; :attr:`error` is the last line it
-    printed when it failed."""
+    printed when it failed (its one-line message, without the ``sdo <command>: error:`` prefix)."""
 
     def __init__(self, args: list[str], log):
         self.log = log
@@ -83,7 +84,7 @@ class CommandJob:
         if code in (None, 0) or self.cancelled:
             return None
         lines = [line for line in Path(self.log).read_text().splitlines() if line.strip()]
-        return lines[-1] if lines else f"exit code {code}"
+        return re.sub(r"^sdo [a-z-]+: error: ", "", lines[-1]) if lines else f"exit code {code}"
 
     def wait(self, timeout: float | None = None) -> bool:
         try:

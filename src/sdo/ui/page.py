@@ -15,6 +15,9 @@ import torch
 
 from .. import report
 from ..checks import UsageError
+from ..recipes.attack import METHODS as ATTACK_METHODS
+from .attack import AttackRequest, check_attack, run_attack
+from .cost import CostRequest, bench_command, read_bench
 from .edit import EditRequest, check_edit, digit_choices, run_edit
 from .jobs import CommandJob, Job
 from .tune import TuneRequest, read_run, tune_command
@@ -22,6 +25,7 @@ from .tune import TuneRequest, read_run, tune_command
 __all__ = ["build_app", "run_folder"]
 
 _STRATEGIES = ["sdo", "full", "checkpoint", "truncated", "adjoint", "reversible", "drtune"]
+_COST_STRATEGIES = ["sdo", "full", "checkpoint", "truncated", "adjoint", "reversible", "drtune"]
 _METRICS = ["strategy", "CLIP before", "CLIP after", "L1 to image", "ink before", "ink after", "label before",
             "label after", "seconds"]
 
@@ -32,12 +36,22 @@ def _tune_methods() -> tuple[str, ...]:
     return methods()
 
 
+def _fresh(root: Path, kind: str) -> Path:
+    """The name of a fresh folder for one run: ``<root>/<kind>-<time>-<random>``."""
+    return root / f"{kind}-{datetime.datetime.now():%Y%m%d-%H%M%S}-{uuid.uuid4().hex[:6]}"
+
+
 def run_folder(root: Path, kind: str) -> Path:
-    """A fresh folder for one run: ``<root>/<kind>-<time>-<random>``; never an existing one."""
-    stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
-    folder = root / f"{kind}-{stamp}-{uuid.uuid4().hex[:6]}"
+    """A fresh folder for one run, created; never an existing one."""
+    folder = _fresh(root, kind)
     folder.mkdir(parents=True)
     return folder
+
+
+def _command(root: Path, folder: Path, args: list[str]) -> CommandJob:
+    """``python -m sdo <args>``, which writes into ``folder`` (it creates it), its output in ``<folder>.log``."""
+    root.mkdir(parents=True, exist_ok=True)
+    return CommandJob(args, root / f"{folder.name}.log")
 
 
 def _picture(images: torch.Tensor, scale: int = 8) -> np.ndarray:
@@ -108,7 +122,8 @@ def _run_view(folder: Path) -> tuple:
 
 
 def build_app(output: Path, device: str = "cpu"):
-    """The page: tabs Edit and Fine-tune (the embedded digits). ``output``: the folder the runs write into."""
+    """The page: tabs Edit, Adversarial, Cost and Fine-tune (the embedded digits). ``output``: the folder the runs
+    write into."""
     output = Path(output)
     choices = digit_choices()
 
@@ -151,15 +166,14 @@ def build_app(output: Path, device: str = "cpu"):
                 job.cancel()
 
     def tune(method, target, regularizer, seconds, lr):
-        folder = output / f"finetune-{datetime.datetime.now():%Y%m%d-%H%M%S}-{uuid.uuid4().hex[:6]}"
+        folder = _fresh(output, "finetune")
         try:
             args = tune_command(TuneRequest(method, int(target), float(regularizer), float(seconds), float(lr)),
                                 folder)
         except (UsageError, OSError, TypeError, ValueError) as err:
             yield _one_line(err), gr.skip(), gr.skip(), gr.skip()
             return
-        output.mkdir(parents=True, exist_ok=True)
-        job = CommandJob(args, output / f"{folder.name}.log")
+        job = _command(output, folder, args)
         try:
             while not job.done:
                 job.wait(1.0)
@@ -171,6 +185,59 @@ def build_app(output: Path, device: str = "cpu"):
                 yield _one_line(job.error), gr.skip(), gr.skip(), gr.skip()
                 return
             yield _run_view(folder)
+        finally:
+            if not job.done:
+                job.cancel()
+
+    def adversarial(methods, rule, samples, iterations, tau):
+        req = AttackRequest(list(methods or []), rule, int(samples), iterations=int(iterations), tau=float(tau))
+        try:
+            check_attack(req)
+        except (UsageError, TypeError, ValueError) as err:
+            yield _one_line(err), gr.skip(), gr.skip(), gr.skip()
+            return
+        folder = run_folder(output, "attack")
+        job = Job(run_attack, req, folder)
+        points = []
+        try:
+            while not job.done:
+                for event in job.events(0.3):
+                    if "iteration" in event:
+                        points.append({"strategy": event["method"], "iteration": event["iteration"],
+                                       "loss": event["loss"]})
+                latest = points[-1] if points else None
+                yield (f"attacking with {latest['strategy']}: iteration {latest['iteration'] + 1} of "
+                       f"{req.iterations}" if latest else "sampling correctly read digits…"), _curves(points), \
+                    gr.skip(), gr.skip()
+            if job.error is not None:
+                yield _one_line(job.error), gr.skip(), gr.skip(), gr.skip()
+                return
+            rows = [[r["method"], r["rule"], r["lr"], f"{r['success']:.2f}",
+                     f"[{r['interval'][0]:.2f}, {r['interval'][1]:.2f}]", round(r["change"], 4), round(r["seconds"], 1)]
+                    for r in job.result]
+            yield (f"done: {len(rows)} methods on {req.samples} samples in {folder}", _curves(points),
+                   str(folder / "samples.png"), rows)
+        finally:
+            if not job.done:
+                job.cancel()
+
+    def cost(strategies, steps, sweep, batch):
+        folder = _fresh(output, "cost")
+        try:
+            args = bench_command(CostRequest(list(strategies or []), int(steps), str(sweep), int(batch)), folder)
+        except (TypeError, ValueError) as err:
+            yield _one_line(err), gr.skip(), gr.skip()
+            return
+        job = _command(output, folder, args)
+        try:
+            while not job.done:
+                job.wait(1.0)
+                yield "measuring (sdo bench)…", gr.skip(), gr.skip()
+            if job.error is not None:
+                yield _one_line(job.error), gr.skip(), gr.skip()
+                return
+            found = read_bench(folder)
+            yield f"done: {folder}", [str(p) for p in found["images"]], found["table"]
         finally:
             if not job.done:
                 job.cancel()
@@ -210,6 +277,40 @@ def build_app(output: Path, device: str = "cpu"):
                 images = gr.Gallery(label="before and after", columns=4, height=300, elem_id="edit-images")
             table = gr.Dataframe(headers=_METRICS, label="metrics", elem_id="edit-metrics", interactive=False)
             download = gr.File(label="the result folder (as sdo edit writes it)", elem_id="edit-download")
+        with gr.Tab("Adversarial", elem_id="tab-attack"):
+            with gr.Row():
+                attack_methods = gr.CheckboxGroup(list(ATTACK_METHODS), value=["sdo", "full"], label="methods",
+                                                  elem_id="attack-methods")
+                rule = gr.Radio(["plain", "sign"], value="plain", label="step rule (each method at its tuned lr)",
+                                elem_id="attack-rule")
+                samples = gr.Number(8, label="samples", precision=0, elem_id="attack-samples")
+                attack_iterations = gr.Number(30, label="iterations", precision=0, elem_id="attack-iterations")
+                tau = gr.Number(0.1, label="tau (L-inf radius on x_T)", elem_id="attack-tau")
+            with gr.Row():
+                attack_run = gr.Button("Attack", variant="primary", elem_id="attack-run")
+                attack_cancel = gr.Button("Cancel", elem_id="attack-cancel")
+            attack_status = gr.Markdown("", elem_id="attack-status")
+            with gr.Row():
+                attack_curves = gr.Plot(_curves([]), label="margin loss per iteration", elem_id="attack-curves")
+                attack_images = gr.Image(type="filepath", label="originals; each method's samples and change x5",
+                                         elem_id="attack-images")
+            attack_table = gr.Dataframe(headers=["method", "rule", "lr", "success", "95% Wilson", "mean change",
+                                                 "seconds"], label="success", elem_id="attack-table",
+                                        interactive=False)
+        with gr.Tab("Cost", elem_id="tab-cost"):
+            with gr.Row():
+                cost_strategies = gr.CheckboxGroup(_COST_STRATEGIES, value=["sdo", "full", "adjoint"],
+                                                   label="strategies", elem_id="cost-strategies")
+                cost_steps = gr.Number(20, label="N (steps)", precision=0, elem_id="cost-steps")
+                cost_sweep = gr.Textbox("5,10,20", label="sweep over N", elem_id="cost-sweep")
+                cost_batch = gr.Number(2, label="batch", precision=0, elem_id="cost-batch")
+            with gr.Row():
+                cost_run = gr.Button("Measure", variant="primary", elem_id="cost-run")
+                cost_cancel = gr.Button("Cancel", elem_id="cost-cancel")
+            cost_status = gr.Markdown("", elem_id="cost-status")
+            cost_images = gr.Gallery(label="time and memory of one latent gradient; the sweep over N", columns=3,
+                                     object_fit="contain", height=380, elem_id="cost-images")
+            cost_table = gr.Markdown("", elem_id="cost-table")
         with gr.Tab("Fine-tune", elem_id="tab-tune"):
             with gr.Row():
                 method = gr.Dropdown(list(_tune_methods()), value="sdo", label="method (--strategy)",
@@ -237,6 +338,12 @@ def build_app(output: Path, device: str = "cpu"):
         started = run.click(edit, [digit, upload, prompt, strategies, iterations, lr, lam, start_t],
                             [status, curves, images, table, download])
         cancel.click(lambda: "cancelled", None, status, cancels=[started])
+        attacking = attack_run.click(adversarial, [attack_methods, rule, samples, attack_iterations, tau],
+                                     [attack_status, attack_curves, attack_images, attack_table])
+        attack_cancel.click(lambda: "cancelled", None, attack_status, cancels=[attacking])
+        measuring = cost_run.click(cost, [cost_strategies, cost_steps, cost_sweep, cost_batch],
+                                   [cost_status, cost_images, cost_table])
+        cost_cancel.click(lambda: "cancelled", None, cost_status, cancels=[measuring])
         training = start.click(tune, [method, target, regularizer, seconds, tune_lr],
                                [tune_status, reward_plot, grid, guard])
         stop.click(lambda: "stopped: the last update's checkpoint is kept", None, tune_status, cancels=[training])
