@@ -3,6 +3,7 @@ on 127.0.0.1. An edit by two strategies shows both results and their metrics row
 line's message; cancel stops the run. With SDO_UI_SCREENSHOTS=DIR the screenshots are written there (docs/ui.md:
 `SDO_UI_SCREENSHOTS=docs/ui python -m pytest tests/test_ui_browser.py`)."""
 
+import json
 import os
 import socket
 import threading
@@ -201,3 +202,30 @@ def test_the_cost_tab_runs_sdo_bench_and_shows_its_message_for_a_bad_value(page,
     driver.find_element(By.ID, "cost-run").click()
     _wait(lambda: status().startswith("error"), 120, "the command line's message")
     assert "--sweep" in status() and "\n" not in status()
+
+
+def test_two_browser_tabs_run_their_own_edits(page):
+    """Two tabs of the same page start an edit each; both finish (the second waits in the page's queue), each in a
+    folder of its own whose metrics hold its own prompt."""
+    driver, url, _ = page
+    prompts = ("a thick 8", "a slanted 4")
+    handles = []
+    for n, prompt in enumerate(prompts):
+        if n:
+            driver.switch_to.new_window("tab")
+        _open(driver, url)
+        _type(driver, "#edit-prompt textarea", prompt)
+        _type(driver, "#edit-iterations input", "3")
+        driver.find_element(By.ID, "edit-run").click()
+        handles.append(driver.current_window_handle)
+    folders = []
+    for handle in handles:
+        driver.switch_to.window(handle)
+        _wait(lambda: _status(driver).startswith(("done", "error")), 300, "both edits to finish")
+        assert _status(driver).startswith("done"), _status(driver)
+        folders.append(Path(_status(driver).rsplit(" in ", 1)[1]))
+    driver.close()
+    driver.switch_to.window(handles[0])
+    assert folders[0] != folders[1]
+    for folder, prompt in zip(folders, prompts, strict=True):
+        assert json.loads((folder / "sdo" / "metrics.json").read_text())["prompt"] == prompt
