@@ -1,7 +1,8 @@
 """The local web page (Gradio): :func:`build_app` lays it out; the work is done by the tab modules' handlers
-(:mod:`sdo.ui.edit`), each run in a :class:`~sdo.ui.jobs.Job` so that the page streams its progress and a cancel
-stops it. Every run writes into a fresh folder of its own under the page's output folder, so two browser tabs never
-share one."""
+(:mod:`sdo.ui.edit`, :mod:`sdo.ui.attack`, :mod:`sdo.ui.cost`, :mod:`sdo.ui.tune`), each run in a
+:class:`~sdo.ui.jobs.Job` (or, for ``sdo bench`` and ``sdo finetune``, a :class:`~sdo.ui.jobs.CommandJob`) so that the
+page streams its progress and a cancel stops it. Every run writes into a fresh folder of its own under the page's
+output folder, so two browser tabs never share one."""
 
 from __future__ import annotations
 
@@ -15,6 +16,8 @@ import torch
 
 from .. import report
 from ..checks import UsageError
+from ..finetuning.config import methods as tune_methods
+from ..gradients import strategy_classes
 from ..recipes.attack import METHODS as ATTACK_METHODS
 from .attack import AttackRequest, check_attack, run_attack
 from .cost import CostRequest, bench_command, read_bench
@@ -24,16 +27,10 @@ from .tune import TuneRequest, read_run, tune_command
 
 __all__ = ["build_app", "run_folder"]
 
-_STRATEGIES = ["sdo", "full", "checkpoint", "truncated", "adjoint", "reversible", "drtune"]
-_COST_STRATEGIES = ["sdo", "full", "checkpoint", "truncated", "adjoint", "reversible", "drtune"]
+# every method of the name table that gives a latent a gradient (what Edit and Cost can compare)
+_STRATEGIES = [name for name, cls in strategy_classes().items() if cls.gives_latent_gradient]
 _METRICS = ["strategy", "CLIP before", "CLIP after", "L1 to image", "ink before", "ink after", "label before",
             "label after", "seconds"]
-
-
-def _tune_methods() -> tuple[str, ...]:
-    from ..finetuning.config import methods
-
-    return methods()
 
 
 def _fresh(root: Path, kind: str) -> Path:
@@ -299,7 +296,7 @@ def build_app(output: Path, device: str = "cpu"):
                                         interactive=False)
         with gr.Tab("Cost", elem_id="tab-cost"):
             with gr.Row():
-                cost_strategies = gr.CheckboxGroup(_COST_STRATEGIES, value=["sdo", "full", "adjoint"],
+                cost_strategies = gr.CheckboxGroup(_STRATEGIES, value=["sdo", "full", "adjoint"],
                                                    label="strategies", elem_id="cost-strategies")
                 cost_steps = gr.Number(20, label="N (steps)", precision=0, elem_id="cost-steps")
                 cost_sweep = gr.Textbox("5,10,20", label="sweep over N", elem_id="cost-sweep")
@@ -313,7 +310,7 @@ def build_app(output: Path, device: str = "cpu"):
             cost_table = gr.Markdown("", elem_id="cost-table")
         with gr.Tab("Fine-tune", elem_id="tab-tune"):
             with gr.Row():
-                method = gr.Dropdown(list(_tune_methods()), value="sdo", label="method (--strategy)",
+                method = gr.Dropdown(list(tune_methods()), value="sdo", label="method (--strategy)",
                                      elem_id="tune-method")
                 target = gr.Number(3, label="target digit", precision=0, elem_id="tune-target")
                 regularizer = gr.Number(30, label="DRaFT+ penalty weight", elem_id="tune-regularizer")
