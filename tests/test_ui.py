@@ -165,3 +165,27 @@ def test_cost_command_is_sdo_bench_and_its_folder_is_read(tmp_path):
     with pytest.raises(SystemExit) as exit_:  # argparse's own answer: usage and one error line, exit code 2
         main(bench_command(CostRequest(["sdo"], sweep="2,x"), tmp_path / "c"))
     assert exit_.value.code == 2
+
+
+def test_edit_on_a_pipeline_writes_what_sdo_edit_model_writes(pipeline_folder, clip, tokenizer, tmp_path):
+    """`sdo ui --model --clip`: the Edit tab edits an uploaded image with the pipeline; its folder's metrics equal
+    `sdo edit --model --clip --image`'s; without an image it says to upload one."""
+    import numpy as np
+    from PIL import Image
+
+    from sdo import backbones
+
+    clip.save_pretrained(tmp_path / "clip")
+    tokenizer.save_pretrained(tmp_path / "clip")
+    picture = tmp_path / "in.png"
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (16, 16, 3), dtype=np.uint8)).save(picture)
+    pipeline = (backbones.load_pipeline(pipeline_folder), *backbones.load_clip(tmp_path / "clip"))
+    req = EditRequest("a red square", ["sdo"], image=str(picture), iterations=2, lam=0.7, steps=10)
+    out = run_folder(tmp_path / "ui", "edit")
+    run_edit(req, out, pipeline=pipeline)
+    assert main(["edit", "a red square", "--model", str(pipeline_folder), "--clip", str(tmp_path / "clip"), "--image",
+                 str(picture), "--strategy", "sdo", "--iterations", "2", "--steps", "10", "--no-progress",
+                 "--output", str(tmp_path / "cli")]) == 0
+    assert _metrics(out / "sdo") == _metrics(tmp_path / "cli")
+    with pytest.raises(sdo.UsageError, match="needs an image: upload one"):
+        check_edit(EditRequest("a red square"), pipeline=True)

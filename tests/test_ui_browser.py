@@ -19,23 +19,28 @@ from selenium.webdriver.common.keys import Keys
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 
 
-@pytest.fixture(scope="module")
-def page(tmp_path_factory):
+def _serve(out, **options):
+    """The page on a free port of 127.0.0.1 and a headless Chromium: (driver, url, app)."""
     from sdo.ui.page import build_app
 
-    out = tmp_path_factory.mktemp("ui")
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    app = build_app(out)
+    app = build_app(out, **options)
     app.queue().launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, share=False, quiet=True)
-    options = webdriver.ChromeOptions()
-    options.binary_location = "/usr/bin/chromium"
+    chrome = webdriver.ChromeOptions()
+    chrome.binary_location = "/usr/bin/chromium"
     for arg in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--window-size=1400,1700"):
-        options.add_argument(arg)
-    driver = webdriver.Chrome(service=Service("/usr/bin/chromedriver"), options=options)
+        chrome.add_argument(arg)
+    return webdriver.Chrome(service=Service("/usr/bin/chromedriver"), options=chrome), f"http://127.0.0.1:{port}/", app
+
+
+@pytest.fixture(scope="module")
+def page(tmp_path_factory):
+    out = tmp_path_factory.mktemp("ui")
+    driver, url, app = _serve(out)
     try:
-        yield driver, f"http://127.0.0.1:{port}/", out
+        yield driver, url, out
     finally:
         driver.quit()
         app.close()
@@ -229,3 +234,28 @@ def test_two_browser_tabs_run_their_own_edits(page):
     assert folders[0] != folders[1]
     for folder, prompt in zip(folders, prompts, strict=True):
         assert json.loads((folder / "sdo" / "metrics.json").read_text())["prompt"] == prompt
+
+
+def test_a_pipeline_page_edits_an_uploaded_image(pipeline_folder, clip, tokenizer, tmp_path):
+    """`sdo ui --model --clip`: the Edit tab edits an uploaded image with the tiny Stable Diffusion."""
+    import numpy as np
+    from PIL import Image
+
+    clip.save_pretrained(tmp_path / "clip")
+    tokenizer.save_pretrained(tmp_path / "clip")
+    picture = tmp_path / "in.png"
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (16, 16, 3), dtype=np.uint8)).save(picture)
+    driver, url, app = _serve(tmp_path / "ui", model=str(pipeline_folder), clip=str(tmp_path / "clip"))
+    try:
+        _open(driver, url)
+        driver.find_element(By.CSS_SELECTOR, "#edit-upload input[type=file]").send_keys(str(picture))
+        _wait(lambda: driver.find_elements(By.CSS_SELECTOR, "#edit-upload img"), 30, "the upload")
+        _type(driver, "#edit-iterations input", "2")
+        driver.find_element(By.ID, "edit-run").click()
+        _wait(lambda: _status(driver).startswith(("done", "error")), 300, "the edit")
+        assert _status(driver).startswith("done: 2 strategies"), _status(driver)
+        table = driver.find_element(By.ID, "edit-metrics").text
+        assert "sdo" in table and "full" in table
+    finally:
+        driver.quit()
+        app.close()

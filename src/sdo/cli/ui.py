@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 from ..checks import UsageError
-from .options import folder, output_folder, positive_int
+from .options import device, folder, output_folder, positive_int
 
 __all__ = ["add_ui_parser", "run_ui"]
 
@@ -20,11 +21,23 @@ def add_ui_parser(sub) -> None:
     t.add_argument("--output", type=folder, default=None, help="folder the runs write into (default: a fresh "
                    "sdo-ui-<time>)")
     t.add_argument("--overwrite", action="store_true", help="use an --output that is not empty")
+    t.add_argument("--model", default=None, help="a local diffusers pipeline folder: the Edit tab edits an uploaded "
+                   "image with it, as sdo edit --model does (needs --clip); the other tabs stay on the digits")
+    t.add_argument("--clip", default=None, help="with --model: a local transformers CLIPModel folder, with its "
+                   "tokenizer")
+    t.add_argument("--device", type=device, default="cpu", help="torch device (default cpu)")
 
 
 def run_ui(args) -> None:
     if args.port > 65535:
         raise UsageError(f"--port must be 1-65535, got {args.port}", "port")
+    if (args.model is None) != (args.clip is None):
+        raise UsageError("--model and --clip go together: the Edit tab edits with the pipeline and scores with CLIP",
+                         "model" if args.model is None else "clip")
+    for name in ("model", "clip"):
+        path = getattr(args, name)
+        if path is not None and not Path(path).is_dir():
+            raise FileNotFoundError(f"--{name} {path}: no such folder")
     try:
         import gradio  # noqa: F401 - the extra's presence, checked before any work
     except ImportError:
@@ -33,7 +46,7 @@ def run_ui(args) -> None:
     from ..ui.page import build_app
 
     out = output_folder(args, "sdo-ui")
-    app = build_app(out)
+    app = build_app(out, args.device, args.model, args.clip)
     print(f"sdo ui: http://{args.host}:{args.port} (runs write into {out}); Ctrl-C stops it", flush=True)
     app.queue().launch(server_name=args.host, server_port=args.port, share=False, inbrowser=False,
                        show_error=True, quiet=True)

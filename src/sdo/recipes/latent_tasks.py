@@ -149,10 +149,11 @@ def _noise_latent(pipe: Pipeline, chain: Chain, start: int, generator: torch.Gen
 def edit(pipe: Pipeline, clip, clip_tokenizer, image: torch.Tensor, prompt: str, *, lam: float = 0.7,
          start_t: int = 600, steps: int = 50, guidance_scale: float = 1.0, scheduler: str | None = None,
          strategy="sdo", iterations: int = 50, lr: float = 0.01, checkpoint_vae: bool = False,
-         progress: bool = True) -> TaskResult:
+         progress: bool = True, callback=None) -> TaskResult:
     """Text-guided editing of a real image (Eq. 23): invert it to the step nearest ``start_t``, then minimize
     ``CLIP(x0, prompt) + lam * |x0 - image|_1`` over that latent. The inversion needs a deterministic one-step
-    scheduler: a ValueError says to pass ``scheduler="ddim"`` for LCM or 2nd-order DPM-Solver++."""
+    scheduler: a ValueError says to pass ``scheduler="ddim"`` for LCM or 2nd-order DPM-Solver++.
+    ``callback(iteration, x0, loss)``: :func:`~sdo.optimize_latent`'s (True stops early)."""
     chain = _chain(pipe, prompt, steps, guidance_scale, scheduler)
     start = step_at(chain, start_t)
     decode = VAEDecoder(pipe.vae, checkpoint=checkpoint_vae)
@@ -162,7 +163,8 @@ def edit(pipe: Pipeline, clip, clip_tokenizer, image: torch.Tensor, prompt: str,
     clip_term = CLIPTextSimilarity(clip, prompt, clip_tokenizer)
     objective = WeightedSum([(1.0, clip_term), (lam, Fidelity(image.float()))])
     x0_before, before = _before(chain, latent, start, decode)
-    after, result = _optimize(chain, latent, start, objective, decode, strategy, iterations, lr, progress)
+    after, result = _optimize(chain, latent, start, objective, decode, strategy, iterations, lr, progress,
+                              callback=callback)
     round_trip = (x0_before - latents).flatten(1).norm(dim=1) / latents.flatten(1).norm(dim=1)
     metrics = {
         **_where(chain, start),

@@ -36,8 +36,9 @@ class EditRequest:
     steps: int = 50
 
 
-def check_edit(req: EditRequest) -> list:
-    """Every option, before any work, with the one-line messages of the command line; returns the strategies."""
+def check_edit(req: EditRequest, pipeline: bool = False) -> list:
+    """Every option, before any work, with the one-line messages of the command line; returns the strategies.
+    ``pipeline``: the page edits a local pipeline's image (an uploaded image is needed, no digit)."""
     from ..embedded.digits import HELD_OUT
     from ..gradients import check_latent_gradient, get_strategy
 
@@ -52,6 +53,8 @@ def check_edit(req: EditRequest) -> list:
     check_number("lam", req.lam, minimum=0)
     check_int("start_t", req.start_t, minimum=0, maximum=999)
     check_int("steps", req.steps, minimum=1)
+    if pipeline and req.image is None:
+        raise UsageError("editing a pipeline's image needs an image: upload one", "image")
     if req.image is None:
         if req.digit is None:
             raise UsageError("pick a held-out digit or upload an image", "digit")
@@ -79,17 +82,25 @@ def digit_choices(count: int = 40) -> torch.Tensor:
 
 
 def run_edit(req: EditRequest, out: Path, report: Callable[[dict], None] = lambda event: None,
-             stop: threading.Event | None = None, device: str = "cpu") -> list[dict]:
+             stop: threading.Event | None = None, device: str = "cpu", pipeline: tuple | None = None) -> list[dict]:
     """Run the edit of ``req`` by each strategy into ``out/<strategy>/`` (``before_after.png``, ``loss.png``,
     ``metrics.json``) and zip ``out`` as ``out.zip``. ``report`` gets ``{"strategy", "iteration", "loss"}`` at every
     iteration and ``{"strategy", "done": metrics}`` after each; a set ``stop`` ends the current strategy at its next
-    iteration and skips the rest (``{"cancelled": True}``). Returns the metrics of the strategies that finished."""
-    from ..recipes.latent_tasks import edit_digits, load_digit_image
+    iteration and skips the rest (``{"cancelled": True}``). Returns the metrics of the strategies that finished.
+    ``pipeline``: ``(pipe, clip, tokenizer)`` of a local pipeline and CLIP folder (``sdo edit --model --clip``'s
+    edit of the uploaded image) instead of the embedded digits."""
+    from ..recipes.latent_tasks import edit, edit_digits, load_digit_image
 
-    strategies = check_edit(req)
-    models, clip = _models(device)
-    image = (load_digit_image(req.image) if req.image is not None
-             else digit_choices(req.digit + 1)[req.digit : req.digit + 1])
+    strategies = check_edit(req, pipeline is not None)
+    if pipeline is not None:
+        from ..backbones import load_image
+
+        pipe, clip_model, tokenizer = pipeline
+        image = load_image(req.image, pipe.image_size)
+    else:
+        models, clip = _models(device)
+        image = (load_digit_image(req.image) if req.image is not None
+                 else digit_choices(req.digit + 1)[req.digit : req.digit + 1])
     stop = stop or threading.Event()
     finished = []
     for name, strategy in zip(req.strategies, strategies, strict=True):
@@ -100,9 +111,12 @@ def run_edit(req: EditRequest, out: Path, report: Callable[[dict], None] = lambd
             report({"strategy": name, "iteration": iteration, "loss": float(loss.mean())})
             return stop.is_set()
 
-        result = edit_digits(image, req.prompt, lam=req.lam, start_t=req.start_t, steps=req.steps,
-                             strategy=strategy, iterations=req.iterations, lr=req.lr, device=device, models=models,
-                             clip=clip, progress=False, callback=callback)
+        common = {"lam": req.lam, "start_t": req.start_t, "steps": req.steps, "strategy": strategy,
+                  "iterations": req.iterations, "lr": req.lr, "progress": False, "callback": callback}
+        if pipeline is not None:
+            result = edit(pipe, clip_model, tokenizer, image, req.prompt, **common)
+        else:
+            result = edit_digits(image, req.prompt, device=device, models=models, clip=clip, **common)
         if stop.is_set():
             break
         folder = out / name

@@ -51,8 +51,10 @@ def _command(root: Path, folder: Path, args: list[str]) -> CommandJob:
     return CommandJob(args, root / f"{folder.name}.log")
 
 
-def _picture(images: torch.Tensor, scale: int = 8) -> np.ndarray:
-    """The first image of a batch in [-1, 1] as 8-bit pixels, enlarged ``scale`` times (digits are 16x16)."""
+def _picture(images: torch.Tensor, scale: int | None = None) -> np.ndarray:
+    """The first image of a batch in [-1, 1] as 8-bit pixels, enlarged ``scale`` times (default: to about 128
+    pixels wide; digits are 16x16)."""
+    scale = scale or max(1, 128 // images.shape[-1])
     x = ((images[0].detach().float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
     x = x.repeat_interleave(scale, -1).repeat_interleave(scale, -2)
     return (x.expand(3, -1, -1) if x.shape[0] == 1 else x).permute(1, 2, 0).numpy()
@@ -60,9 +62,13 @@ def _picture(images: torch.Tensor, scale: int = 8) -> np.ndarray:
 
 def _row(name: str, m: dict) -> list:
     first = lambda v: v[0] if isinstance(v, list) else v
-    return [name, round(first(m["clip_similarity_before"]), 3), round(first(m["clip_similarity_after"]), 3),
-            round(first(m["l1_to_image_after"]), 3), round(first(m["ink_mass_before"]), 1),
-            round(first(m["ink_mass_after"]), 1), first(m["label_before"]), first(m["label_after"]),
+    def cell(key, digits=None):  # the digits' ink and labels are not measured on a pipeline's image
+        if key not in m:
+            return "-"
+        return round(first(m[key]), digits) if digits is not None else first(m[key])
+
+    return [name, cell("clip_similarity_before", 3), cell("clip_similarity_after", 3), cell("l1_to_image_after", 3),
+            cell("ink_mass_before", 1), cell("ink_mass_after", 1), cell("label_before"), cell("label_after"),
             round(m["seconds"], 1)]
 
 
@@ -118,10 +124,19 @@ def _run_view(folder: Path) -> tuple:
     return status, _rewards(records, folder.name), str(picture) if picture else None, signal
 
 
-def build_app(output: Path, device: str = "cpu"):
+def build_app(output: Path, device: str = "cpu", model: str | None = None, clip: str | None = None):
     """The page: tabs Edit, Adversarial, Cost and Fine-tune (the embedded digits). ``output``: the folder the runs
-    write into."""
+    write into. ``model`` and ``clip``: a local pipeline and CLIP folder, loaded once, that the Edit tab edits an
+    uploaded image with (as ``sdo edit --model --clip``); the other tabs stay on the digits."""
+    import functools
+
     output = Path(output)
+    pipeline = None
+    if model is not None:
+        from .. import backbones
+
+        pipeline = (backbones.load_pipeline(model, device), *backbones.load_clip(clip, device))
+    editing = functools.partial(run_edit, device=device, pipeline=pipeline)
     choices = digit_choices()
 
     def edit(digit, upload, prompt, strategies, iterations, lr, lam, start_t):
@@ -129,12 +144,12 @@ def build_app(output: Path, device: str = "cpu"):
                           image=upload or None, iterations=int(iterations), lr=float(lr), lam=float(lam),
                           start_t=int(start_t))
         try:
-            check_edit(req)
+            check_edit(req, pipeline is not None)
         except (UsageError, OSError, TypeError, ValueError) as err:
             yield f"error: {' '.join(str(err).split())}", gr.skip(), gr.skip(), gr.skip(), gr.skip()
             return
         folder = run_folder(output, "edit")
-        job = Job(run_edit, req, folder)
+        job = Job(editing, req, folder)
         points, pictures, rows = [], [], []
         try:
             while True:
@@ -246,8 +261,10 @@ def build_app(output: Path, device: str = "cpu"):
             return _one_line(err), gr.skip(), gr.skip(), gr.skip()
 
     with gr.Blocks(title="sdo") as app:
-        gr.Markdown("# sdo: backpropagation through diffusion sampling\nLocal and offline: the embedded digits "
-                    "models. Each run writes a folder of its own under `" + str(output) + "`.")
+        where = ("the embedded digits models" if pipeline is None else
+                 f"the pipeline {model} with CLIP {clip} (Edit: upload an image), the embedded digits (the other tabs)")
+        gr.Markdown("# sdo: backpropagation through diffusion sampling\nLocal and offline: " + where + ". Each run "
+                    "writes a folder of its own under `" + str(output) + "`.")
         with gr.Tab("Edit", elem_id="tab-edit"):
             with gr.Row():
                 with gr.Column(scale=1):
@@ -263,7 +280,7 @@ def build_app(output: Path, device: str = "cpu"):
                     with gr.Row():
                         iterations = gr.Number(50, label="iterations", precision=0, elem_id="edit-iterations")
                         lr = gr.Number(0.01, label="lr", elem_id="edit-lr")
-                        lam = gr.Number(0.5, label="λ (fidelity)", elem_id="edit-lam")
+                        lam = gr.Number(0.5 if pipeline is None else 0.7, label="λ (fidelity)", elem_id="edit-lam")
                         start_t = gr.Number(600, label="start t", precision=0, elem_id="edit-start-t")
                     with gr.Row():
                         run = gr.Button("Run", variant="primary", elem_id="edit-run")
