@@ -38,11 +38,11 @@ def run_ui(args) -> None:
         path = getattr(args, name)
         if path is not None and not Path(path).is_dir():
             raise FileNotFoundError(f"--{name} {path}: no such folder")
+    os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # offline: no usage reports (read at import)
     try:
         import gradio  # noqa: F401 - the extra's presence, checked before any work
     except ImportError:
         raise UsageError("sdo ui needs Gradio: pip install -e '.[ui]'") from None
-    os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # offline: no usage reports
     from ..ui.page import build_app
 
     out = output_folder(args, "sdo-ui")
