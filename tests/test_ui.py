@@ -133,11 +133,11 @@ def test_attack_rows_match_the_recipe_and_cancel_skips_the_rest(tmp_path):
     during the first method ends it and runs no other (nothing written)."""
     from sdo.recipes.attack import TUNED_LR, attack, correct_samples
     from sdo.ui.attack import AttackRequest, check_attack, run_attack
-    from sdo.ui.edit import _models
+    from sdo.ui.edit import embedded_models
 
     req = AttackRequest(["sdo", "full"], samples=3, steps=8, iterations=3)
     rows = run_attack(req, tmp_path / "a")
-    models = _models()[0]
+    models = embedded_models()[0]
     labels, x_T, originals = correct_samples(models, 3, 8, 0)
     for row in rows:
         run = attack(models, labels, x_T, originals, row["method"], "plain", TUNED_LR[(row["method"], "plain")],

@@ -21,7 +21,14 @@ from torch.nn import functional as F
 from ..checks import UsageError, check_finite, check_prompts, reading
 from .image import GramStyle
 
-__all__ = ["AestheticScore", "CLIPGramStyle", "CLIPTextSimilarity", "ClipPreprocess", "clip_hidden_states"]
+__all__ = [
+    "AestheticScore",
+    "CLIPGramStyle",
+    "CLIPTextSimilarity",
+    "ClipPreprocess",
+    "clip_hidden_states",
+    "encode_texts",
+]
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)  # OpenAI CLIP's image normalization
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -122,6 +129,17 @@ def _image_embeds(model, pixel_values: torch.Tensor) -> torch.Tensor:
     return F.normalize(out, dim=-1)
 
 
+def encode_texts(model, tokenizer, prompts: str | Sequence[str]) -> torch.Tensor:
+    """The normalized text embeddings of ``prompts`` (checked, truncated to the text tower's length), no graph."""
+    config = getattr(getattr(model, "config", None), "text_config", None)
+    limit = min(tokenizer.model_max_length, getattr(config, "max_position_embeddings", None) or 1 << 30)
+    prompts = check_prompts("prompt", prompts, tokenizer, limit)
+    tokens = tokenizer(prompts, padding=True, truncation=True, max_length=limit, return_tensors="pt")
+    with torch.no_grad():
+        out = model.get_text_features(**tokens.to(next(model.parameters()).device))
+    return F.normalize(getattr(out, "pooler_output", out), dim=-1)
+
+
 class CLIPTextSimilarity:
     """``1 - cos(E_img(x0), E_txt(prompt))`` per image (the CLIP term of Eq. 23), averaged over cutouts.
 
@@ -137,14 +155,7 @@ class CLIPTextSimilarity:
         if text_embeds is None:
             if tokenizer is None:
                 raise UsageError("prompts need the model's tokenizer")
-            config = getattr(getattr(model, "config", None), "text_config", None)
-            limit = min(tokenizer.model_max_length, getattr(config, "max_position_embeddings", None) or 1 << 30)
-            prompts = check_prompts("prompt", prompts, tokenizer, limit)
-            tokens = tokenizer(prompts, padding=True, truncation=True, max_length=limit, return_tensors="pt")
-            tokens = tokens.to(next(model.parameters()).device)
-            with torch.no_grad():
-                out = model.get_text_features(**tokens)
-            text_embeds = getattr(out, "pooler_output", out)
+            text_embeds = encode_texts(model, tokenizer, prompts)
         self.text_embeds = F.normalize(text_embeds.detach(), dim=-1)
 
     def __call__(self, x0: torch.Tensor) -> torch.Tensor:

@@ -18,10 +18,9 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
-from torch.nn import functional as F
 
 from ..checks import UsageError
-from .clip import AestheticScore, ClipPreprocess, _image_embeds
+from .clip import AestheticScore, ClipPreprocess, _image_embeds, encode_texts
 
 __all__ = ["REWARD_NAMES", "CLIPScore", "LaionAesthetic", "PickScore", "package_reward"]
 
@@ -52,11 +51,7 @@ class _CLIPReward:
     def _text(self, prompts: list[str]) -> torch.Tensor:
         missing = sorted({p for p in prompts if p not in self._texts})
         if missing:
-            limit = min(self.tokenizer.model_max_length, self.model.config.text_config.max_position_embeddings)
-            tokens = self.tokenizer(missing, padding=True, truncation=True, max_length=limit, return_tensors="pt")
-            with torch.no_grad():
-                out = self.model.get_text_features(**tokens.to(next(self.model.parameters()).device))
-            for prompt, embed in zip(missing, F.normalize(getattr(out, "pooler_output", out), dim=-1), strict=True):
+            for prompt, embed in zip(missing, encode_texts(self.model, self.tokenizer, missing), strict=True):
                 self._texts[prompt] = embed
         return torch.stack([self._texts[p] for p in prompts])
 

@@ -57,11 +57,11 @@ def run_attack(req: AttackRequest, out: Path, report: Callable[[dict], None] = l
     rows of the methods that finished, with their reported samples."""
     from .. import report as figures
     from ..recipes.attack import TUNED_LR, attack, correct_samples
-    from .edit import _models
+    from .edit import embedded_models
 
     check_attack(req)
     stop = stop or threading.Event()
-    models = _models(device)[0]
+    models = embedded_models(device)[0]
     labels, x_T, originals = correct_samples(models, req.samples, req.steps, req.seed, device)
     rows, grid = [], [("original", originals)]
     for method in req.methods:

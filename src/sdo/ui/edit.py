@@ -14,7 +14,7 @@ import torch
 
 from ..checks import UsageError, check_int, check_number, check_text
 
-__all__ = ["EditRequest", "check_edit", "digit_choices", "run_edit"]
+__all__ = ["EditRequest", "check_edit", "digit_choices", "embedded_models", "run_edit"]
 
 _MODELS: dict[str, tuple] = {}
 _LOCK = threading.Lock()
@@ -64,7 +64,7 @@ def check_edit(req: EditRequest, pipeline: bool = False) -> list:
     return strategies
 
 
-def _models(device: str = "cpu") -> tuple:
+def embedded_models(device: str = "cpu") -> tuple:
     """The embedded digits models and image-text model, loaded once per process (read only: runs share them)."""
     from ..embedded import load_digit_clip, load_digits
 
@@ -98,7 +98,7 @@ def run_edit(req: EditRequest, out: Path, report: Callable[[dict], None] = lambd
         pipe, clip_model, tokenizer = pipeline
         image = load_image(req.image, pipe.image_size)
     else:
-        models, clip = _models(device)
+        models, clip = embedded_models(device)
         image = (load_digit_image(req.image) if req.image is not None
                  else digit_choices(req.digit + 1)[req.digit : req.digit + 1])
     stop = stop or threading.Event()

@@ -12,7 +12,10 @@ import sys
 import threading
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:  # Python 3.10 has no typing.Self
+    from typing_extensions import Self
 
 __all__ = ["CommandJob", "Job"]
 
@@ -60,6 +63,14 @@ class Job:
         self.stop.set()
         self._thread.join(wait)
 
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        """Leaving a ``with`` block (a page handler that ended or was cancelled) stops the job if it still runs."""
+        if not self.done:
+            self.cancel()
+
 
 class CommandJob:
     """``CommandJob(["finetune", ...], log)``: ``python -m sdo <args>`` in a process of its own (the command line's
@@ -101,3 +112,10 @@ class CommandJob:
         if not self.wait(wait):
             self._process.kill()
             self._process.wait()
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        """As :meth:`Job.__exit__`: the command is interrupted if it still runs."""
+        self.cancel()

@@ -146,12 +146,11 @@ def build_app(output: Path, device: str = "cpu", model: str | None = None, clip:
         try:
             check_edit(req, pipeline is not None)
         except (UsageError, OSError, TypeError, ValueError) as err:
-            yield f"error: {' '.join(str(err).split())}", gr.skip(), gr.skip(), gr.skip(), gr.skip()
+            yield _one_line(err), gr.skip(), gr.skip(), gr.skip(), gr.skip()
             return
         folder = run_folder(output, "edit")
-        job = Job(editing, req, folder)
         points, pictures, rows = [], [], []
-        try:
+        with Job(editing, req, folder) as job:
             while True:
                 finished = job.done
                 for event in job.events(0.3 if not finished else 0.0):
@@ -164,7 +163,7 @@ def build_app(output: Path, device: str = "cpu", model: str | None = None, clip:
                           if latest else "inverting the digit…")
                 yield status, _curves(points), gr.skip(), gr.skip(), gr.skip()
             if job.error is not None:
-                yield f"error: {' '.join(str(job.error).split())}", _curves(points), gr.skip(), gr.skip(), gr.skip()
+                yield _one_line(job.error), _curves(points), gr.skip(), gr.skip(), gr.skip()
                 return
             for entry in job.result:
                 if not pictures:
@@ -173,9 +172,6 @@ def build_app(output: Path, device: str = "cpu", model: str | None = None, clip:
                 rows.append(_row(entry["strategy"], entry))
             yield (f"done: {len(rows)} strategies in {folder}", _curves(points), pictures, rows,
                    str(folder) + ".zip")
-        finally:
-            if not job.done:
-                job.cancel()
 
     def tune(method, target, regularizer, seconds, lr):
         folder = _fresh(output, "finetune")
@@ -185,8 +181,7 @@ def build_app(output: Path, device: str = "cpu", model: str | None = None, clip:
         except (UsageError, OSError, TypeError, ValueError) as err:
             yield _one_line(err), gr.skip(), gr.skip(), gr.skip()
             return
-        job = _command(output, folder, args)
-        try:
+        with _command(output, folder, args) as job:
             while not job.done:
                 job.wait(1.0)
                 try:
@@ -197,9 +192,6 @@ def build_app(output: Path, device: str = "cpu", model: str | None = None, clip:
                 yield _one_line(job.error), gr.skip(), gr.skip(), gr.skip()
                 return
             yield _run_view(folder)
-        finally:
-            if not job.done:
-                job.cancel()
 
     def adversarial(methods, rule, samples, iterations, tau):
         req = AttackRequest(list(methods or []), rule, int(samples), iterations=int(iterations), tau=float(tau))
@@ -209,9 +201,8 @@ def build_app(output: Path, device: str = "cpu", model: str | None = None, clip:
             yield _one_line(err), gr.skip(), gr.skip(), gr.skip()
             return
         folder = run_folder(output, "attack")
-        job = Job(run_attack, req, folder)
         points = []
-        try:
+        with Job(run_attack, req, folder) as job:
             while not job.done:
                 for event in job.events(0.3):
                     if "iteration" in event:
@@ -229,9 +220,6 @@ def build_app(output: Path, device: str = "cpu", model: str | None = None, clip:
                     for r in job.result]
             yield (f"done: {len(rows)} methods on {req.samples} samples in {folder}", _curves(points),
                    str(folder / "samples.png"), rows)
-        finally:
-            if not job.done:
-                job.cancel()
 
     def cost(strategies, steps, sweep, batch):
         folder = _fresh(output, "cost")
@@ -240,8 +228,7 @@ def build_app(output: Path, device: str = "cpu", model: str | None = None, clip:
         except (TypeError, ValueError) as err:
             yield _one_line(err), gr.skip(), gr.skip()
             return
-        job = _command(output, folder, args)
-        try:
+        with _command(output, folder, args) as job:
             while not job.done:
                 job.wait(1.0)
                 yield "measuring (sdo bench)…", gr.skip(), gr.skip()
@@ -250,9 +237,6 @@ def build_app(output: Path, device: str = "cpu", model: str | None = None, clip:
                 return
             found = read_bench(folder)
             yield f"done: {folder}", [str(p) for p in found["images"]], found["table"]
-        finally:
-            if not job.done:
-                job.cancel()
 
     def open_run(path):
         try:
