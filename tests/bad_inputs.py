@@ -525,6 +525,8 @@ CASES: list[Case] = [
     _cli("ui-output-holds-files", "ui", "--output", "{full}", names=["{full}", "--overwrite"]),
     _cli("ui-model-without-clip", "ui", "--model", "{pipe}", names=["--clip"]),
     _cli("ui-model-missing", "ui", "--model", "{missing}", "--clip", "{clip}", names=["{missing}"]),
+    _cli("ui-classifier-without-model", "ui", "--classifier", "{classifier}", names=["--model"]),
+    _cli("ui-classifier-missing", "ui", *_P, "--classifier", "{missing}", names=["{missing}"]),
     # sdo noise
     _cli("noise-reg-weight-without-regularizer", "noise", "--reg-weight", "0.1", *_OUT, names=["--reg-weight"]),
     _cli("noise-regularizer-unknown", "noise", "--regularizer", "kl", *_OUT, names=["--regularizer", "kl"]),

@@ -189,3 +189,79 @@ def test_edit_on_a_pipeline_writes_what_sdo_edit_model_writes(pipeline_folder, c
     assert _metrics(out / "sdo") == _metrics(tmp_path / "cli")
     with pytest.raises(sdo.UsageError, match="needs an image: upload one"):
         check_edit(EditRequest("a red square"), pipeline=True)
+
+
+def test_attack_on_a_pipeline_writes_what_sdo_adversarial_writes(pipeline_folder, classifier_folder, tmp_path):
+    """`sdo ui --model --classifier`: the Adversarial tab runs `sdo adversarial` on each seed's generation, per method
+    at one lr; each seed's folder has the command's metrics, and the row's success is over the seeds with its Wilson
+    interval. A pipeline attack needs a prompt; the digits attack takes none."""
+    from sdo import backbones
+    from sdo.recipes.attack import wilson
+    from sdo.ui.attack import AttackRequest, check_attack, run_attack
+
+    pipeline = (backbones.load_pipeline(pipeline_folder), backbones.ImageClassifier.from_folder(classifier_folder))
+    req = AttackRequest(["sdo", "full"], samples=2, steps=3, iterations=2, prompt="a red square", lr=0.1)
+    events = []
+    rows = run_attack(req, tmp_path / "ui", report=events.append, pipeline=pipeline)
+    assert [r["method"] for r in rows] == ["sdo", "full"]
+    assert [e["iteration"] for e in events if e.get("method") == "sdo" and "iteration" in e] == [0, 1, 2, 3]
+    for seed in (0, 1):
+        assert main(["adversarial", "a red square", "--model", str(pipeline_folder), "--classifier",
+                     str(classifier_folder), "--strategy", "full", "--steps", "3", "--iterations", "2", "--seed",
+                     str(seed), "--no-progress", "--output", str(tmp_path / f"cli-{seed}")]) == 0
+        assert _metrics(tmp_path / "ui" / "full" / f"seed-{seed}") == _metrics(tmp_path / f"cli-{seed}")
+    for row in rows:
+        success = [json.loads((tmp_path / "ui" / row["method"] / f"seed-{s}" / "metrics.json").read_text())
+                   ["success"][0] for s in (0, 1)]
+        assert row["success"] == sum(success) / 2 and row["interval"] == list(wilson(sum(success), 2))
+        assert row["reported"].shape[0] == 2 and row["lr"] == 0.1
+    assert (tmp_path / "ui" / "samples.png").is_file()
+    assert json.loads((tmp_path / "ui" / "results.json").read_text())["request"]["prompt"] == "a red square"
+    with pytest.raises(sdo.UsageError, match="prompt is empty"):
+        check_attack(AttackRequest(prompt=" "), pipeline=True)
+    with pytest.raises(sdo.UsageError, match="lr must be"):
+        check_attack(AttackRequest(prompt="a cat", lr=-1.0), pipeline=True)
+    with pytest.raises(sdo.UsageError, match="no prompt or lr"):
+        check_attack(AttackRequest(prompt="a cat"))
+
+
+def test_cost_on_a_pipeline_times_its_denoiser(pipeline_folder, tmp_path):
+    """`sdo ui --model`: the Cost tab runs `sdo bench` on the pipeline denoiser's config (random weights, the same
+    architecture); a folder that is not a pipeline is refused before any work."""
+    from sdo.ui.cost import CostRequest, bench_command, denoiser_config, read_bench
+
+    args = bench_command(CostRequest(["sdo", "full"], steps=3, sweep="2,3", batch=1, model=str(pipeline_folder)),
+                         tmp_path / "b")
+    assert args[1:3] == ["--model", str(pipeline_folder / "unet" / "config.json")]
+    assert main(args) == 0
+    found = read_bench(tmp_path / "b")
+    assert "x sdo" in found["table"] and "UNet2DConditionModel" in found["table"]
+    assert len(found["images"]) == 3
+    with pytest.raises(sdo.UsageError, match="neither unet/config.json nor transformer/config.json"):
+        denoiser_config(tmp_path)
+
+
+def test_tune_on_a_pipeline_runs_sdo_finetune_over_prompts(pipeline_folder, clip, tokenizer, tmp_path):
+    """`sdo ui --model --clip`: the Fine-tune tab runs `sdo finetune --model --prompts --reward clip`; its folder
+    holds the reward curve, the sample grids, the guard's checks and the final evaluation; bad prompts are refused
+    before any work."""
+    from sdo.ui.tune import TuneRequest, read_run, tune_command
+
+    clip.save_pretrained(tmp_path / "clip")
+    tokenizer.save_pretrained(tmp_path / "clip")
+    req = TuneRequest("sdo", None, 0.0, 1.0, 1e-4, sample_every=1, prompts=" a red square | a blue circle",
+                      steps=2, batch_size=2)
+    args = tune_command(req, tmp_path / "run", str(pipeline_folder), str(tmp_path / "clip"))
+    assert args[args.index("--prompts") + 1] == "a red square|a blue circle" and "--cpu" in args
+    assert main([*args, "--guard-every", "1"]) == 0
+    run = read_run(tmp_path / "run")
+    assert run["records"] and run["summary"]["updates"] == len(run["records"])
+    assert all(abs(r["reward_mean"]) <= 100 for r in run["records"])  # the CLIP score, 100 cos
+    assert run["samples"] is not None and run["guard"] is not None and run["checkpoint"]
+    assert set(run["summary"]["evaluation"]) == {"0", "1"}
+    for prompts, message in (("a cat||a dog", "prompts is empty"), (None, "prompts must be a string")):
+        with pytest.raises(sdo.UsageError, match=message):
+            tune_command(TuneRequest(target=None, prompts=prompts), tmp_path / "x", str(pipeline_folder), "clip")
+    with pytest.raises(sdo.UsageError, match="prompts are for a pipeline"):
+        tune_command(TuneRequest(prompts="a cat"), tmp_path / "x")
+    assert not (tmp_path / "x").exists()

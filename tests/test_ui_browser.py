@@ -236,26 +236,90 @@ def test_two_browser_tabs_run_their_own_edits(page):
         assert json.loads((folder / "sdo" / "metrics.json").read_text())["prompt"] == prompt
 
 
-def test_a_pipeline_page_edits_an_uploaded_image(pipeline_folder, clip, tokenizer, tmp_path):
-    """`sdo ui --model --clip`: the Edit tab edits an uploaded image with the tiny Stable Diffusion."""
-    import numpy as np
-    from PIL import Image
-
-    clip.save_pretrained(tmp_path / "clip")
-    tokenizer.save_pretrained(tmp_path / "clip")
-    picture = tmp_path / "in.png"
-    Image.fromarray(np.random.default_rng(0).integers(0, 256, (16, 16, 3), dtype=np.uint8)).save(picture)
-    driver, url, app = _serve(tmp_path / "ui", model=str(pipeline_folder), clip=str(tmp_path / "clip"))
+@pytest.fixture(scope="module")
+def pipeline_page(pipeline_folder, clip, tokenizer, classifier_folder, tmp_path_factory):
+    """`sdo ui --model --clip --classifier` on the tiny Stable Diffusion, CLIP and ViT classifier."""
+    root = tmp_path_factory.mktemp("pipeline-ui")
+    clip.save_pretrained(root / "clip")
+    tokenizer.save_pretrained(root / "clip")
+    driver, url, app = _serve(root / "ui", model=str(pipeline_folder), clip=str(root / "clip"),
+                              classifier=str(classifier_folder))
     try:
-        _open(driver, url)
-        driver.find_element(By.CSS_SELECTOR, "#edit-upload input[type=file]").send_keys(str(picture))
-        _wait(lambda: driver.find_elements(By.CSS_SELECTOR, "#edit-upload img"), 30, "the upload")
-        _type(driver, "#edit-iterations input", "2")
-        driver.find_element(By.ID, "edit-run").click()
-        _wait(lambda: _status(driver).startswith(("done", "error")), 300, "the edit")
-        assert _status(driver).startswith("done: 2 strategies"), _status(driver)
-        table = driver.find_element(By.ID, "edit-metrics").text
-        assert "sdo" in table and "full" in table
+        yield driver, url, root / "ui"
     finally:
         driver.quit()
         app.close()
+
+
+def test_a_pipeline_page_edits_an_uploaded_image(pipeline_page, tmp_path):
+    """The Edit tab edits an uploaded image with the tiny Stable Diffusion."""
+    import numpy as np
+    from PIL import Image
+
+    driver, url, _ = pipeline_page
+    picture = tmp_path / "in.png"
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (16, 16, 3), dtype=np.uint8)).save(picture)
+    _open(driver, url)
+    driver.find_element(By.CSS_SELECTOR, "#edit-upload input[type=file]").send_keys(str(picture))
+    _wait(lambda: driver.find_elements(By.CSS_SELECTOR, "#edit-upload img"), 30, "the upload")
+    _type(driver, "#edit-iterations input", "2")
+    driver.find_element(By.ID, "edit-run").click()
+    _wait(lambda: _status(driver).startswith(("done", "error")), 300, "the edit")
+    assert _status(driver).startswith("done: 2 strategies"), _status(driver)
+    table = driver.find_element(By.ID, "edit-metrics").text
+    assert "sdo" in table and "full" in table
+
+
+def test_a_pipeline_page_attacks_the_pipelines_generations(pipeline_page, tmp_path):
+    """Adversarial with --classifier: two methods on two seeds' generations of a prompt, success with its interval;
+    an empty prompt is refused with the command line's message."""
+    driver, url, _ = pipeline_page
+    _open(driver, url)
+    _tab(driver, "Adversarial")
+    status = lambda: driver.find_element(By.ID, "attack-status").text
+    _type(driver, "#attack-prompt textarea", "")
+    driver.find_element(By.ID, "attack-run").click()
+    _wait(lambda: status().startswith("error"), 60, "the prompt's message")
+    assert "prompt is empty" in status()
+    _type(driver, "#attack-prompt textarea", "a red square")
+    for field, value in (("samples", "2"), ("iterations", "2"), ("steps", "3")):
+        _type(driver, f"#attack-{field} input", value)
+    driver.find_element(By.ID, "attack-run").click()
+    _wait(lambda: status().startswith(("done", "error")), 300, "the attack to finish")
+    assert status().startswith("done: 2 methods on 2 samples"), status()
+    table = driver.find_element(By.ID, "attack-table").text
+    assert "sdo" in table and "full" in table and "[" in table
+    folder = Path(status().rsplit(" in ", 1)[1])
+    assert {p.name for p in (folder / "sdo").iterdir()} == {"seed-0", "seed-1"}
+    assert json.loads((folder / "results.json").read_text())["request"]["prompt"] == "a red square"
+    _shot(driver, "pipeline-adversarial", tmp_path)
+
+
+def test_a_pipeline_page_times_the_pipelines_denoiser(pipeline_page):
+    driver, url, _ = pipeline_page
+    _open(driver, url)
+    _tab(driver, "Cost")
+    _type(driver, "#cost-steps input", "3")
+    _type(driver, "#cost-sweep textarea", "2,3")
+    driver.find_element(By.ID, "cost-run").click()
+    status = lambda: driver.find_element(By.ID, "cost-status").text
+    _wait(lambda: status().startswith(("done", "error")), 300, "sdo bench to finish")
+    assert status().startswith("done:"), status()
+    assert "UNet2DConditionModel" in driver.find_element(By.ID, "cost-table").text
+
+
+def test_a_pipeline_page_fine_tunes_over_prompts(pipeline_page):
+    driver, url, _ = pipeline_page
+    _open(driver, url)
+    _tab(driver, "Fine-tune")
+    _type(driver, "#tune-prompts textarea", "a red square|a blue circle")
+    _type(driver, "#tune-seconds input", "3")
+    _type(driver, "#tune-steps input", "2")
+    driver.find_element(By.ID, "tune-start").click()
+    status = lambda: driver.find_element(By.ID, "tune-status").text
+    _wait(lambda: status().startswith(("done", "error")), 300, "the run to end")
+    assert status().startswith("done:"), status()
+    assert driver.find_elements(By.CSS_SELECTOR, "#tune-samples img")
+    folder = Path(status().split(" in ", 1)[1].split(";")[0])
+    command = json.loads((folder / "command.json").read_text())
+    assert command["prompts"] == "a red square|a blue circle" and command["reward"] == "clip"

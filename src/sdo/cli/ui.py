@@ -13,18 +13,23 @@ __all__ = ["add_ui_parser", "run_ui"]
 
 def add_ui_parser(sub) -> None:
     t = sub.add_parser("ui", help="a local web page: edit, attack, cost and fine-tune, the methods side by side, live",
-                       description="Serve sdo's page (Gradio) on this machine only, on the embedded digits models: "
-                       "Edit (several strategies side by side, live), Adversarial, Cost (sdo bench) and Fine-tune "
-                       "(a short run, live; Stop keeps the checkpoint). Needs the ui extra: pip install -e '.[ui]'.")
+                       description="Serve sdo's page (Gradio) on this machine only, on the embedded digits models "
+                       "or a local pipeline (--model --clip, and --classifier for Adversarial): Edit (several "
+                       "strategies side by side, live), Adversarial, Cost (sdo bench) and Fine-tune (a short run, "
+                       "live; Stop keeps the checkpoint). Needs the ui extra: pip install -e '.[ui]'.")
     t.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
     t.add_argument("--port", type=positive_int, default=7860, help="port (default 7860)")
     t.add_argument("--output", type=folder, default=None, help="folder the runs write into (default: a fresh "
                    "sdo-ui-<time>)")
     t.add_argument("--overwrite", action="store_true", help="use an --output that is not empty")
-    t.add_argument("--model", default=None, help="a local diffusers pipeline folder: the Edit tab edits an uploaded "
-                   "image with it, as sdo edit --model does (needs --clip); the other tabs stay on the digits")
+    t.add_argument("--model", default=None, help="a local diffusers pipeline folder (needs --clip): Edit edits an "
+                   "uploaded image with it (sdo edit --model), Cost times its denoiser (sdo bench on its config), "
+                   "Fine-tune tunes it over prompts on the CLIP score (sdo finetune --model --reward clip)")
     t.add_argument("--clip", default=None, help="with --model: a local transformers CLIPModel folder, with its "
                    "tokenizer")
+    t.add_argument("--classifier", default=None, help="with --model: a local transformers image-classification "
+                   "folder that Adversarial attacks the pipeline's generations against (sdo adversarial --model "
+                   "--classifier); without it Adversarial stays on the digits")
     t.add_argument("--device", type=device, default="cpu", help="torch device (default cpu)")
 
 
@@ -34,7 +39,10 @@ def run_ui(args) -> None:
     if (args.model is None) != (args.clip is None):
         raise UsageError("--model and --clip go together: the Edit tab edits with the pipeline and scores with CLIP",
                          "model" if args.model is None else "clip")
-    for name in ("model", "clip"):
+    if args.classifier is not None and args.model is None:
+        raise UsageError("--classifier needs --model: Adversarial attacks the pipeline's generations against it",
+                         "model")
+    for name in ("model", "clip", "classifier"):
         path = getattr(args, name)
         if path is not None and not Path(path).is_dir():
             raise FileNotFoundError(f"--{name} {path}: no such folder")
@@ -46,7 +54,7 @@ def run_ui(args) -> None:
     from ..ui.page import build_app
 
     out = output_folder(args, "sdo-ui")
-    app = build_app(out, args.device, args.model, args.clip)
+    app = build_app(out, args.device, args.model, args.clip, args.classifier)
     print(f"sdo ui: http://{args.host}:{args.port} (runs write into {out}); Ctrl-C stops it", flush=True)
     app.queue().launch(server_name=args.host, server_port=args.port, share=False, inbrowser=False,
                        show_error=True, quiet=True)

@@ -226,12 +226,13 @@ def adversarial(pipe: Pipeline, classifier, prompt: str, *, target: int | None =
                 start_t: int | None = None, steps: int = 30, guidance_scale: float = 1.0,
                 scheduler: str | None = None, strategy="sdo", iterations: int = 30, lr: float = 0.1,
                 optimizer: str = "sgd", step_rule: str = "plain", seed: int = 0, checkpoint_vae: bool = False,
-                progress: bool = True) -> TaskResult:
+                progress: bool = True, callback=None) -> TaskResult:
     """Adversarial generation (Sec. 5.1.4): change the latent (x_T, or the one nearest ``start_t``) within an
     L-infinity ball of radius ``tau`` so that ``classifier`` no longer gives the generation its own label
     (Carlini-Wagner margin), or, with ``target``, gives it that class (cross-entropy). The defaults are the paper's:
     30 DDIM steps, 30 steps of plain gradient descent at lr 0.1, the image clamped to [-1, 1] before the classifier.
-    ``step_rule="sign"`` steps on the gradient's sign (PGD, with ``optimizer="sgd"``)."""
+    ``step_rule="sign"`` steps on the gradient's sign (PGD, with ``optimizer="sgd"``).
+    ``callback(iteration, x0, loss)``: :func:`~sdo.optimize_latent`'s (True stops early)."""
     if target is not None:  # a classifier without num_labels (any callable) is checked by its own indexing
         classes = getattr(classifier, "num_labels", None)
         check_int("target", target, minimum=0, maximum=None if classes is None else classes - 1)
@@ -248,7 +249,8 @@ def adversarial(pipe: Pipeline, classifier, prompt: str, *, target: int | None =
     else:
         objective = Clamped(ClassifierCrossEntropy(classifier, torch.full_like(label, int(target))))
     after, result = _optimize(chain, latent, start, objective, decode, strategy, iterations, lr, progress,
-                              constraint=LinfBall(tau), generator=gen, optimizer=optimizer, step_rule=step_rule)
+                              constraint=LinfBall(tau), generator=gen, optimizer=optimizer, step_rule=step_rule,
+                              callback=callback)
     with torch.no_grad():
         label_after = classifier(after.clamp(-1, 1)).argmax(-1)
     success = label_after != label if target is None else label_after == int(target)

@@ -20,7 +20,7 @@ from ..finetuning.config import methods as tune_methods
 from ..gradients import strategy_classes
 from ..recipes.attack import METHODS as ATTACK_METHODS
 from .attack import AttackRequest, check_attack, run_attack
-from .cost import CostRequest, bench_command, read_bench
+from .cost import CostRequest, bench_command, denoiser_config, read_bench
 from .edit import EditRequest, check_edit, digit_choices, run_edit
 from .jobs import CommandJob, Job
 from .tune import TuneRequest, read_run, tune_command
@@ -124,19 +124,26 @@ def _run_view(folder: Path) -> tuple:
     return status, _rewards(records, folder.name), str(picture) if picture else None, signal
 
 
-def build_app(output: Path, device: str = "cpu", model: str | None = None, clip: str | None = None):
-    """The page: tabs Edit, Adversarial, Cost and Fine-tune (the embedded digits). ``output``: the folder the runs
-    write into. ``model`` and ``clip``: a local pipeline and CLIP folder, loaded once, that the Edit tab edits an
-    uploaded image with (as ``sdo edit --model --clip``); the other tabs stay on the digits."""
+def build_app(output: Path, device: str = "cpu", model: str | None = None, clip: str | None = None,
+              classifier: str | None = None):
+    """The page: tabs Edit, Adversarial, Cost and Fine-tune, on the embedded digits. ``output``: the folder the runs
+    write into. ``model`` and ``clip``: a local pipeline and CLIP folder, loaded once, and the page works on them:
+    Edit edits an uploaded image (``sdo edit --model --clip``), Cost times the pipeline's denoiser (``sdo bench``
+    on its config) and Fine-tune tunes it over prompts on the CLIP score (``sdo finetune --model --reward clip``).
+    ``classifier``: with ``model``, an image classifier folder that Adversarial attacks the pipeline's generations
+    against (``sdo adversarial --model --classifier``); without it Adversarial stays on the digits."""
     import functools
 
     output = Path(output)
-    pipeline = None
+    pipeline = attacked = None  # (pipe, clip, tokenizer); (pipe, image classifier)
     if model is not None:
         from .. import backbones
 
         pipeline = (backbones.load_pipeline(model, device), *backbones.load_clip(clip, device))
+        if classifier is not None:
+            attacked = (pipeline[0], backbones.ImageClassifier.from_folder(classifier, device))
     editing = functools.partial(run_edit, device=device, pipeline=pipeline)
+    attacking_with = functools.partial(run_attack, device=device, pipeline=attacked)
     choices = digit_choices()
 
     def edit(digit, upload, prompt, strategies, iterations, lr, lam, start_t):
@@ -173,11 +180,13 @@ def build_app(output: Path, device: str = "cpu", model: str | None = None, clip:
             yield (f"done: {len(rows)} strategies in {folder}", _curves(points), pictures, rows,
                    str(folder) + ".zip")
 
-    def tune(method, target, regularizer, seconds, lr):
+    def tune(method, target, regularizer, seconds, lr, prompts, steps, batch):
         folder = _fresh(output, "finetune")
         try:
-            args = tune_command(TuneRequest(method, int(target), float(regularizer), float(seconds), float(lr)),
-                                folder)
+            task = ({"target": int(target)} if pipeline is None else
+                    {"target": None, "prompts": prompts or "", "steps": int(steps), "batch_size": int(batch)})
+            req = TuneRequest(method, regularizer=float(regularizer), seconds=float(seconds), lr=float(lr), **task)
+            args = tune_command(req, folder, model, clip, device)
         except (UsageError, OSError, TypeError, ValueError) as err:
             yield _one_line(err), gr.skip(), gr.skip(), gr.skip()
             return
@@ -193,25 +202,27 @@ def build_app(output: Path, device: str = "cpu", model: str | None = None, clip:
                 return
             yield _run_view(folder)
 
-    def adversarial(methods, rule, samples, iterations, tau):
-        req = AttackRequest(list(methods or []), rule, int(samples), iterations=int(iterations), tau=float(tau))
+    def adversarial(methods, rule, samples, iterations, tau, prompt, attack_lr, steps):
         try:
-            check_attack(req)
+            given = {} if attacked is None else {"prompt": prompt or "", "lr": float(attack_lr), "steps": int(steps)}
+            req = AttackRequest(list(methods or []), rule, int(samples), iterations=int(iterations), tau=float(tau),
+                                **given)
+            check_attack(req, attacked is not None)
         except (UsageError, TypeError, ValueError) as err:
             yield _one_line(err), gr.skip(), gr.skip(), gr.skip()
             return
         folder = run_folder(output, "attack")
         points = []
-        with Job(run_attack, req, folder) as job:
+        total = req.iterations * (req.samples if attacked is not None else 1)  # a pipeline's seeds, one after another
+        with Job(attacking_with, req, folder) as job:
             while not job.done:
                 for event in job.events(0.3):
                     if "iteration" in event:
                         points.append({"strategy": event["method"], "iteration": event["iteration"],
                                        "loss": event["loss"]})
                 latest = points[-1] if points else None
-                yield (f"attacking with {latest['strategy']}: iteration {latest['iteration'] + 1} of "
-                       f"{req.iterations}" if latest else "sampling correctly read digits…"), _curves(points), \
-                    gr.skip(), gr.skip()
+                yield (f"attacking with {latest['strategy']}: iteration {latest['iteration'] + 1} of {total}"
+                       if latest else "sampling…"), _curves(points), gr.skip(), gr.skip()
             if job.error is not None:
                 yield _one_line(job.error), gr.skip(), gr.skip(), gr.skip()
                 return
@@ -224,8 +235,9 @@ def build_app(output: Path, device: str = "cpu", model: str | None = None, clip:
     def cost(strategies, steps, sweep, batch):
         folder = _fresh(output, "cost")
         try:
-            args = bench_command(CostRequest(list(strategies or []), int(steps), str(sweep), int(batch)), folder)
-        except (TypeError, ValueError) as err:
+            args = bench_command(CostRequest(list(strategies or []), int(steps), str(sweep), int(batch), model), folder,
+                                 device)
+        except (UsageError, TypeError, ValueError) as err:
             yield _one_line(err), gr.skip(), gr.skip()
             return
         with _command(output, folder, args) as job:
@@ -246,7 +258,9 @@ def build_app(output: Path, device: str = "cpu", model: str | None = None, clip:
 
     with gr.Blocks(title="sdo") as app:
         where = ("the embedded digits models" if pipeline is None else
-                 f"the pipeline {model} with CLIP {clip} (Edit: upload an image), the embedded digits (the other tabs)")
+                 f"the pipeline `{model}` with CLIP `{clip}` (Edit: upload an image)" +
+                 (f" and the classifier `{classifier}`" if attacked is not None else
+                  "; Adversarial on the embedded digits (no --classifier)"))
         gr.Markdown("# sdo: backpropagation through diffusion sampling\nLocal and offline: " + where + ". Each run "
                     "writes a folder of its own under `" + str(output) + "`.")
         with gr.Tab("Edit", elem_id="tab-edit"):
@@ -276,14 +290,21 @@ def build_app(output: Path, device: str = "cpu", model: str | None = None, clip:
             table = gr.Dataframe(headers=_METRICS, label="metrics", elem_id="edit-metrics", interactive=False)
             download = gr.File(label="the result folder (as sdo edit writes it)", elem_id="edit-download")
         with gr.Tab("Adversarial", elem_id="tab-attack"):
+            on_pipeline = attacked is not None
+            attack_prompt = gr.Textbox("a photo of a cat", label="prompt of the generations", visible=on_pipeline,
+                                       elem_id="attack-prompt")
             with gr.Row():
                 attack_methods = gr.CheckboxGroup(list(ATTACK_METHODS), value=["sdo", "full"], label="methods",
                                                   elem_id="attack-methods")
-                rule = gr.Radio(["plain", "sign"], value="plain", label="step rule (each method at its tuned lr)",
-                                elem_id="attack-rule")
-                samples = gr.Number(8, label="samples", precision=0, elem_id="attack-samples")
+                rule = gr.Radio(["plain", "sign"], value="plain", elem_id="attack-rule",
+                                label="step rule" + ("" if on_pipeline else " (each method at its tuned lr)"))
+                samples = gr.Number(4 if on_pipeline else 8, label="samples (seeds)" if on_pipeline else "samples",
+                                    precision=0, elem_id="attack-samples")
                 attack_iterations = gr.Number(30, label="iterations", precision=0, elem_id="attack-iterations")
                 tau = gr.Number(0.1, label="tau (L-inf radius on x_T)", elem_id="attack-tau")
+                attack_lr = gr.Number(0.1, label="lr (every method)", visible=on_pipeline, elem_id="attack-lr")
+                attack_steps = gr.Number(30, label="sampling steps", precision=0, visible=on_pipeline,
+                                         elem_id="attack-steps")
             with gr.Row():
                 attack_run = gr.Button("Attack", variant="primary", elem_id="attack-run")
                 attack_cancel = gr.Button("Cancel", elem_id="attack-cancel")
@@ -296,12 +317,18 @@ def build_app(output: Path, device: str = "cpu", model: str | None = None, clip:
                                                  "seconds"], label="success", elem_id="attack-table",
                                         interactive=False)
         with gr.Tab("Cost", elem_id="tab-cost"):
+            if pipeline is not None:
+                gr.Markdown(f"The denoiser of `{model}`, built from `{denoiser_config(model)}` with random weights "
+                            "(`sdo bench --model` on that config): a gradient costs what it costs with the trained "
+                            "weights. The objective is the mean square of x0, in latent space.")
             with gr.Row():
                 cost_strategies = gr.CheckboxGroup(_STRATEGIES, value=["sdo", "full", "adjoint"],
                                                    label="strategies", elem_id="cost-strategies")
-                cost_steps = gr.Number(20, label="N (steps)", precision=0, elem_id="cost-steps")
-                cost_sweep = gr.Textbox("5,10,20", label="sweep over N", elem_id="cost-sweep")
-                cost_batch = gr.Number(2, label="batch", precision=0, elem_id="cost-batch")
+                cost_steps = gr.Number(20 if pipeline is None else 10, label="N (steps)", precision=0,
+                                       elem_id="cost-steps")
+                cost_sweep = gr.Textbox("5,10,20" if pipeline is None else "5,10", label="sweep over N",
+                                        elem_id="cost-sweep")
+                cost_batch = gr.Number(2 if pipeline is None else 1, label="batch", precision=0, elem_id="cost-batch")
             with gr.Row():
                 cost_run = gr.Button("Measure", variant="primary", elem_id="cost-run")
                 cost_cancel = gr.Button("Cancel", elem_id="cost-cancel")
@@ -310,13 +337,21 @@ def build_app(output: Path, device: str = "cpu", model: str | None = None, clip:
                                      object_fit="contain", height=380, elem_id="cost-images")
             cost_table = gr.Markdown("", elem_id="cost-table")
         with gr.Tab("Fine-tune", elem_id="tab-tune"):
+            on_pipeline = pipeline is not None
+            prompts = gr.Textbox("a photo of a cat|a watercolor of a lighthouse", visible=on_pipeline,
+                                 label="prompts, separated by | (the reward: CLIP score, 100 cos, with --clip)",
+                                 elem_id="tune-prompts")
             with gr.Row():
                 method = gr.Dropdown(list(tune_methods()), value="sdo", label="method (--strategy)",
                                      elem_id="tune-method")
-                target = gr.Number(3, label="target digit", precision=0, elem_id="tune-target")
-                regularizer = gr.Number(30, label="DRaFT+ penalty weight", elem_id="tune-regularizer")
-                seconds = gr.Number(60, label="seconds of updates", elem_id="tune-seconds")
-                tune_lr = gr.Number(3e-3, label="lr", elem_id="tune-lr")
+                target = gr.Number(3, label="target digit", precision=0, visible=not on_pipeline, elem_id="tune-target")
+                regularizer = gr.Number(0 if on_pipeline else 30, label="DRaFT+ penalty weight",
+                                        elem_id="tune-regularizer")
+                seconds = gr.Number(120 if on_pipeline else 60, label="seconds of updates", elem_id="tune-seconds")
+                tune_lr = gr.Number(1e-4 if on_pipeline else 3e-3, label="lr", elem_id="tune-lr")
+                tune_steps = gr.Number(20, label="sampling steps", precision=0, visible=on_pipeline,
+                                       elem_id="tune-steps")
+                tune_batch = gr.Number(2, label="batch", precision=0, visible=on_pipeline, elem_id="tune-batch")
             with gr.Row():
                 start = gr.Button("Start", variant="primary", elem_id="tune-start")
                 stop = gr.Button("Stop (keeps the checkpoint)", elem_id="tune-stop")
@@ -336,13 +371,14 @@ def build_app(output: Path, device: str = "cpu", model: str | None = None, clip:
         started = run.click(edit, [digit, upload, prompt, strategies, iterations, lr, lam, start_t],
                             [status, curves, images, table, download])
         cancel.click(lambda: "cancelled", None, status, cancels=[started])
-        attacking = attack_run.click(adversarial, [attack_methods, rule, samples, attack_iterations, tau],
+        attacking = attack_run.click(adversarial, [attack_methods, rule, samples, attack_iterations, tau,
+                                                   attack_prompt, attack_lr, attack_steps],
                                      [attack_status, attack_curves, attack_images, attack_table])
         attack_cancel.click(lambda: "cancelled", None, attack_status, cancels=[attacking])
         measuring = cost_run.click(cost, [cost_strategies, cost_steps, cost_sweep, cost_batch],
                                    [cost_status, cost_images, cost_table])
         cost_cancel.click(lambda: "cancelled", None, cost_status, cancels=[measuring])
-        training = start.click(tune, [method, target, regularizer, seconds, tune_lr],
+        training = start.click(tune, [method, target, regularizer, seconds, tune_lr, prompts, tune_steps, tune_batch],
                                [tune_status, reward_plot, grid, guard])
         stop.click(lambda: "stopped: the last update's checkpoint is kept", None, tune_status, cancels=[training])
         open_button.click(open_run, folder_box, [tune_status, reward_plot, grid, guard])
