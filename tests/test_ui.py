@@ -3,6 +3,7 @@ bad input with the command line's messages before any work, stops when cancelled
 own folders."""
 
 import json
+import signal
 import threading
 import time
 
@@ -65,7 +66,7 @@ def test_cancel_stops_the_run_at_its_next_iteration(tmp_path):
               EditRequest("a thick 8", ["sdo", "full"], iterations=500), out)
     assert seen.wait(120)
     job.cancel()
-    assert job.done and job.error is None
+    assert job.done and job.error is None and job.returncode == 130  # interrupted as Ctrl-C does, not killed
     iterations = [e["iteration"] for e in job.events(0) if "iteration" in e]
     assert max(iterations) <= 3 and job.result == []
     assert not (tmp_path / "run.zip").exists() and not (out / "full").exists()
@@ -96,21 +97,26 @@ def test_tune_command_checks_its_options_before_any_work(tmp_path):
 
 
 def test_a_stopped_training_keeps_its_checkpoint_and_resumes(tmp_path):
-    """`sdo finetune` run by the page's CommandJob, interrupted after its second update as Ctrl-C does: the process
-    ends, the checkpoint of its last update is on disk, read_run reads the folder, and `--resume` continues it."""
+    """`sdo finetune` run by the page's CommandJob, interrupted after its second update as Ctrl-C does, even from a
+    page that ignores Ctrl-C itself (started in the background): the process ends, the checkpoint of its last
+    update is on disk, read_run reads the folder, and `--resume` continues it."""
     from sdo.ui.jobs import CommandJob
     from sdo.ui.tune import TuneRequest, read_run, tune_command
 
     folder = tmp_path / "run"
-    job = CommandJob([*tune_command(TuneRequest(seconds=600.0, sample_every=1), folder), "--steps", "10"],
-                     tmp_path / "run.log")
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)  # a page started in the background (`sdo ui &`)
+    try:
+        job = CommandJob([*tune_command(TuneRequest(seconds=600.0, sample_every=1), folder), "--steps", "10"],
+                         tmp_path / "run.log")
+    finally:
+        signal.signal(signal.SIGINT, previous)
     deadline = time.monotonic() + 180
     while not (folder / "metrics.jsonl").is_file() or len(read_run(folder)["records"]) < 2:
         assert not job.done, (tmp_path / "run.log").read_text()[-2000:]
         assert time.monotonic() < deadline
         job.wait(0.5)
     job.cancel()
-    assert job.done and job.error is None
+    assert job.done and job.error is None and job.returncode == 130  # interrupted as Ctrl-C does, not killed
     run = read_run(folder)
     assert run["checkpoint"] and run["summary"] is None and run["samples"] is not None
     updates = len(run["records"])
@@ -265,3 +271,38 @@ def test_tune_on_a_pipeline_runs_sdo_finetune_over_prompts(pipeline_folder, clip
     with pytest.raises(sdo.UsageError, match="prompts are for a pipeline"):
         tune_command(TuneRequest(prompts="a cat"), tmp_path / "x")
     assert not (tmp_path / "x").exists()
+
+
+def test_the_command_serves_the_page_on_this_machine_and_ctrl_c_stops_it(tmp_path):
+    """`sdo ui` itself, as a user starts it: it says where the page is, serves its four tabs on 127.0.0.1 with
+    analytics off and writes nothing into --output until a run does; Ctrl-C (SIGINT) ends it."""
+    import signal
+    import socket
+    import subprocess
+    import sys
+    import urllib.request
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    process = subprocess.Popen([sys.executable, "-m", "sdo", "ui", "--port", str(port), "--output",
+                                str(tmp_path / "runs")], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        line = process.stdout.readline()
+        assert line.startswith(f"sdo ui: http://127.0.0.1:{port} (runs write into {tmp_path / 'runs'})"), line
+        for _ in range(120):
+            try:
+                config = json.loads(urllib.request.urlopen(f"http://127.0.0.1:{port}/config", timeout=5).read())
+                break
+            except OSError:
+                time.sleep(0.5)
+        else:
+            raise AssertionError("the page never answered")
+        assert config["title"] == "sdo" and config["analytics_enabled"] is False
+        tabs = [c["props"]["label"] for c in config["components"] if c["type"] in ("tab", "tabitem")]
+        assert tabs == ["Edit", "Adversarial", "Cost", "Fine-tune"], tabs
+        assert not any((tmp_path / "runs").iterdir())
+    finally:
+        process.send_signal(signal.SIGINT)
+        process.wait(60)
+    assert process.returncode is not None

@@ -72,18 +72,30 @@ class Job:
             self.cancel()
 
 
+# `python -m sdo ARGS` with Ctrl-C's handler restored first: a page started in the background (`sdo ui &`, nohup)
+# ignores SIGINT, and a child inherits that, so that cancel's interrupt would do nothing
+_RUN = ("import signal, sys; signal.signal(signal.SIGINT, signal.default_int_handler); "
+        "from sdo.cli.app import main; sys.exit(main())")
+
+
 class CommandJob:
-    """``CommandJob(["finetune", ...], log)``: ``python -m sdo <args>`` in a process of its own (the command line's
-    own code, its files written as it writes them), its output to the file ``log``. :meth:`cancel` interrupts it as
-    Ctrl-C does (the command stops cleanly), then kills it if it has not ended; :attr:`error` is the last line it
-    printed when it failed (its one-line message, without the ``sdo <command>: error:`` prefix)."""
+    """``CommandJob(["finetune", ...], log)``: ``python -m sdo <args>`` (as :data:`_RUN`) in a process of its own
+    (the command line's own code, its files written as it writes them), its output to the file ``log``.
+    :meth:`cancel` interrupts it as Ctrl-C does (the command stops cleanly), then kills it if it has not ended;
+    :attr:`error` is the last line it printed when it failed (its one-line message, without the ``sdo <command>:
+    error:`` prefix)."""
 
     def __init__(self, args: list[str], log):
         self.log = log
         with open(log, "w") as out:
-            self._process = subprocess.Popen([sys.executable, "-m", "sdo", *args], stdout=out,
+            self._process = subprocess.Popen([sys.executable, "-c", _RUN, *args], stdout=out,
                                              stderr=subprocess.STDOUT)
         self.cancelled = False
+
+    @property
+    def returncode(self) -> int | None:
+        """The command's exit code (130 when Ctrl-C stopped it; minus the signal when it was killed), or None."""
+        return self._process.poll()
 
     @property
     def done(self) -> bool:
