@@ -13,7 +13,7 @@ from test_task_backbones import PROMPT, _run
 import sdo
 from sdo import backbones
 from sdo.backbones.families import flow_schedule
-from sdo.recipes import latent_tasks as tasks
+from sdo.recipes.runs import task_chain
 from sdo.sampling import sample
 
 BUILDERS = {"sdxl": tiny.save_sdxl, "sd3": tiny.save_sd3, "flux": tiny.save_flux}
@@ -51,7 +51,7 @@ def test_the_chain_is_the_diffusers_pipeline(folders, name, guided):
 
     pipe = backbones.load_pipeline(folders[name])
     scale = GUIDANCE[name] if guided else 1.0
-    chain = tasks._chain(pipe, PROMPT, 4, scale, None)
+    chain = task_chain(pipe, PROMPT, 4, scale, None)
     assert chain.denoiser.guided == (guided and name != "flux")  # FLUX-dev embeds its guidance, runs no CFG
     x = _latent(pipe)
     with torch.no_grad():
@@ -109,7 +109,7 @@ def test_sdo_gradient_equals_a_hand_written_loop_over_the_pipeline(folders, name
 
     pipe = backbones.load_pipeline(folders[name], dtype=torch.float64)
     source = DiffusionPipeline.from_pretrained(folders[name], local_files_only=True, torch_dtype=torch.float64)
-    chain = tasks._chain(pipe, PROMPT, STEPS, GUIDANCE[name], None)
+    chain = task_chain(pipe, PROMPT, STEPS, GUIDANCE[name], None)
     weight = torch.randn(_latent(pipe).shape, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
     params = [p for p in pipe.denoiser.parameters()][-3:]  # the output layers: their gradient exists at any step
     for p in params:
@@ -285,7 +285,7 @@ def test_flux_true_cfg_is_the_pipelines_and_only_flux_takes_it(folders):
     from sdo.recipes.finetune_tasks import pipeline_task
 
     pipe = backbones.load_pipeline(folders["flux"], true_cfg_scale=2.0)
-    chain = tasks._chain(pipe, PROMPT, STEPS, GUIDANCE["flux"], None)
+    chain = task_chain(pipe, PROMPT, STEPS, GUIDANCE["flux"], None)
     assert chain.denoiser.guided and chain.denoiser.guidance_scale == 2.0
     x = _latent(pipe)
     with torch.no_grad():
@@ -330,7 +330,7 @@ def test_sdxl_with_another_scheduler_is_the_pipeline_with_it(folders, scheduler)
     from diffusers import DiffusionPipeline
 
     pipe = backbones.load_pipeline(folders["sdxl"])
-    chain = tasks._chain(pipe, PROMPT, STEPS, GUIDANCE["sdxl"], scheduler)
+    chain = task_chain(pipe, PROMPT, STEPS, GUIDANCE["sdxl"], scheduler)
     x = _latent(pipe)
     with torch.no_grad():
         ours = sample(chain, x * chain.init_noise_sigma)
@@ -349,7 +349,7 @@ def test_flux_schnell_takes_no_guidance_and_is_its_pipeline(tmp_path):
     pipe = backbones.load_pipeline(folder)
     cond = backbones.text_conditioning(pipe, PROMPT, 3.5)
     assert set(cond) == {"cond"} and "guidance" not in cond["cond"]
-    chain = tasks._chain(pipe, PROMPT, STEPS, 3.5, None)
+    chain = task_chain(pipe, PROMPT, STEPS, 3.5, None)
     x = _latent(pipe)
     with torch.no_grad():
         ours = sample(chain, x)
@@ -390,7 +390,7 @@ def test_sd3_without_its_t5_is_its_pipeline(folders, tmp_path):
     pipe.pipeline.save_pretrained(tmp_path / "sd3-no-t5")
     for folder in (folders["sd3"], tmp_path / "sd3-no-t5"):
         pipe = backbones.load_pipeline(folder, drop_t5=True)
-        chain = tasks._chain(pipe, PROMPT, STEPS, GUIDANCE["sd3"], None)
+        chain = task_chain(pipe, PROMPT, STEPS, GUIDANCE["sd3"], None)
         x = _latent(pipe)
         with torch.no_grad():
             ours = sample(chain, x)

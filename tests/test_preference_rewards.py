@@ -145,6 +145,18 @@ def test_load_reward_sums_weighted_rewards_from_folders(clip_folder, head):
     torch.testing.assert_close(reward(x, ["a cat"]), expected)
 
 
+def test_a_folder_named_twice_is_read_once(clip_folder):
+    """A CLIP folder given as both --clip and --pickscore, or named by a reward and its judge (one `models` dict), is
+    read once and its model shared; a fresh dict reads it again."""
+    reward = load_reward("clip,pickscore", clip=clip_folder, pickscore=clip_folder)
+    assert reward.terms[0][0].model is reward.terms[1][0].model
+    models = {}
+    tuned = load_reward("pickscore", pickscore=clip_folder, models=models)
+    judge = load_reward("clip", clip=clip_folder, models=models)
+    assert len(models) == 1 and judge.terms[0][0].model is tuned.terms[0][0].model
+    assert load_reward("clip", clip=clip_folder).terms[0][0].model is not tuned.terms[0][0].model
+
+
 def test_reward_specs():
     assert parse_rewards("pickscore:1, clip:0.5,aesthetic", ("clip", "pickscore", "aesthetic")) == [
         ("pickscore", 1.0), ("clip", 0.5), ("aesthetic", 1.0)]

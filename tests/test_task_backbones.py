@@ -11,6 +11,7 @@ import torch
 
 from sdo import backbones
 from sdo.recipes import latent_tasks as tasks
+from sdo.recipes.runs import task_chain
 from sdo.sampling import sample
 
 PROMPT = "a thick seven"
@@ -113,7 +114,7 @@ def test_pixart_folder_loads_and_its_chain_is_the_diffusers_pipeline(pixart_fold
     assert cond["encoder_attention_mask"][0].tolist() == [1] * 12 + [0] * 4  # 11 pieces and </s>, then padding
     assert uncond["encoder_attention_mask"][0].tolist() == [1] + [0] * 15  # the empty prompt: </s> only
     assert cond["added_cond_kwargs"] == {"resolution": None, "aspect_ratio": None}
-    chain = tasks._chain(pipe, PROMPT, 4, 2.0, None)
+    chain = task_chain(pipe, PROMPT, 4, 2.0, None)
     assert type(chain.solver).__name__ == "DPMSolverPP" and chain.denoiser.guided
 
     x = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(0))
@@ -141,7 +142,7 @@ def test_pixart_micro_conditions_where_the_transformer_uses_them(pixart_folder):
     for branch in (kwargs["cond"], kwargs["uncond"]):
         micro = branch["added_cond_kwargs"]
         assert micro["resolution"].tolist() == [[16.0, 16.0]] and micro["aspect_ratio"].tolist() == [[1.0]]
-    chain = tasks._chain(pipe, PROMPT, 4, 2.0, None)
+    chain = task_chain(pipe, PROMPT, 4, 2.0, None)
     with torch.no_grad():
         x0 = sample(chain, torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(0)))
     assert x0.shape == (2, 4, 8, 8) and torch.isfinite(x0).all()
@@ -229,7 +230,7 @@ def test_lcm_distilled_unet_embeds_guidance_instead_of_running_it(lcm_folder, cl
     assert out.metrics["solver"] == "LCMSolver"
     assert not torch.allclose(out.before, other.before, atol=1e-4)
 
-    chain = tasks._chain(pipe, PROMPT, 4, 4.0, None)
+    chain = task_chain(pipe, PROMPT, 4, 4.0, None)
     assert not chain.denoiser.guided
     x = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():

@@ -56,19 +56,22 @@ def check_reward(spec: str, *, clip=None, pickscore=None, head=None) -> list[tup
 
 
 def load_reward(spec: str, *, clip: str | Path | None = None, pickscore: str | Path | None = None,
-                head: str | Path | None = None, device="cpu") -> WeightedReward:
+                head: str | Path | None = None, device="cpu", models: dict | None = None) -> WeightedReward:
     """The weighted sum of the rewards named in ``spec`` (``"pickscore:1,aesthetic:0.1"``; see
     :data:`~sdo.objectives.preference.REWARD_NAMES`), each model read once from its folder or file: ``clip`` (CLIP
     score; the CLIP ViT-L/14 of the aesthetic predictor), ``pickscore``, ``head`` (the LAION v2 MLP). Every name and
-    path is checked before anything loads."""
+    path is checked before anything loads. ``models``: a dict of the CLIP folders read so far (by their resolved path
+    and the device), filled as folders are read; pass the same one to load a reward and its judge, and a folder they
+    both name is read once and its (frozen) model shared. Two options naming one folder read it once either way."""
     terms = check_reward(spec, clip=clip, pickscore=pickscore, head=head)
     given = {"clip": clip, "pickscore": pickscore, "head": head}
-    parts: dict[str, tuple] = {}
+    models = {} if models is None else models
 
     def loaded(option: str) -> tuple:
-        if option not in parts:
-            parts[option] = load_clip_reward_parts(given[option], device)
-        return parts[option]
+        key = (str(Path(given[option]).resolve()), str(device))
+        if key not in models:
+            models[key] = load_clip_reward_parts(given[option], device)
+        return models[key]
 
     rewards = []
     for name, weight in terms:

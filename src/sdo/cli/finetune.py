@@ -281,8 +281,10 @@ def _task(options: dict, cfg):
 
     pipe = backbones.load_pipeline(options["model"], device)
     folders = {"clip": options.get("clip"), "pickscore": options.get("pickscore"), "head": options.get("head")}
-    reward = backbones.load_reward(options.get("reward", "clip"), device=device, **folders)
-    judge = backbones.load_reward(options["judge"], device=device, **folders) if options.get("judge") else None
+    models: dict = {}  # a folder the reward and the judge both name is read once
+    reward = backbones.load_reward(options.get("reward", "clip"), device=device, models=models, **folders)
+    judge = (backbones.load_reward(options["judge"], device=device, models=models, **folders) if options.get("judge")
+             else None)
     gs = cfg.guidance_scale if cfg.guidance_scale is not None else 1.0
     few_step = backbones.load_denoiser(pipe, options["few_step"]) if options.get("few_step") else None
     return pipeline_task(pipe, _prompts(options["prompts"]), reward, guidance_scale=gs, few_step=few_step,

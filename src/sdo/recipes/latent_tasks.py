@@ -16,22 +16,20 @@ a real image, invert the image with the sampler, which needs a deterministic one
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
-from ..backbones.conditioning import task_scheduler, text_conditioning
-from ..backbones.families import flow_schedule
+from ..backbones.conditioning import task_scheduler
 from ..backbones.pipeline import Pipeline, load_image
-from ..backbones.vae import VAEDecoder, decoded
+from ..backbones.vae import VAEDecoder
 from ..chain import Chain, step_range
 from ..checks import UsageError, check_int
 from ..inversion import check_ode, invert
-from ..latent import LatentResult, LinfBall, optimize_latent
+from ..latent import LinfBall
 from ..objectives.clip import AestheticScore, CLIPGramStyle, CLIPTextSimilarity
 from ..objectives.image import Clamped, ClassifierCrossEntropy, ClassifierMargin, Fidelity, WeightedSum
-from ..sampling import sample
+from .runs import TaskResult, noise_latent, optimize_decoded, replay, sample_before, step_at, task_chain, where
 
 __all__ = [
     "TaskResult",
@@ -43,51 +41,6 @@ __all__ = [
     "step_at",
     "style",
 ]
-
-
-def step_at(chain: Chain, t: int) -> int:
-    """The index of the chain's step whose timestep is nearest to ``t`` (the paper gives start points as t), a
-    whole number within the model's training schedule, 0 to ``num_train_timesteps``."""
-    t = check_int("start_t", t, minimum=0, maximum=chain.solver.num_train_timesteps)
-    return int((chain.timesteps.float() - float(t)).abs().argmin())
-
-
-@dataclass
-class TaskResult:
-    before: torch.Tensor  # images in [-1, 1], (B, 3, H, W)
-    after: torch.Tensor
-    optimization: LatentResult
-    metrics: dict = field(default_factory=dict)
-
-    def save(self, out: Path, command: str, title: str, curve: str, settings: dict) -> dict:
-        """Write what a task command writes into the folder ``out``: ``before_after.png`` (titled ``title``),
-        ``loss.png`` (the loss curve, labelled ``curve``) and ``metrics.json`` (the metrics, the losses, the seconds
-        and ``settings``); returns those metrics."""
-        import json
-
-        from .. import report
-
-        report.save_grid([("before", self.before), ("after", self.after)], out / "before_after.png", title=title)
-        report.plot_curves({curve: self.optimization.losses}, out / "loss.png", f"sdo {command}", "iteration", "loss")
-        metrics = {"command": command, "prompt": title, **self.metrics, "losses": self.optimization.losses,
-                   "seconds": self.optimization.seconds, "settings": settings}
-        if self.optimization.picard_runs:
-            metrics["picard_sweeps"] = [sweeps for sweeps, _ in self.optimization.picard_runs]
-        (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
-        return metrics
-
-
-def _chain(pipe: Pipeline, prompt: str, steps: int, guidance_scale: float, scheduler: str | None) -> Chain:
-    """The task's chain: ``scheduler`` (see :func:`sdo.backbones.task_scheduler`) over the pipeline's backbone,
-    conditioned on ``prompt`` as its pipeline does (:func:`sdo.backbones.text_conditioning`)."""
-    chosen = task_scheduler(pipe.scheduler, scheduler)
-    return Chain.from_diffusers(pipe.denoiser, chosen, steps, **text_conditioning(pipe, prompt, guidance_scale),
-                                **flow_schedule(pipe, steps, chosen))
-
-
-def _where(chain: Chain, start: int) -> dict:
-    """The metrics that say where the optimization ran: its start step and timestep, and the sampler."""
-    return {"start_step": start, "start_t": int(chain.timesteps[start]), "solver": type(chain.solver).__name__}
 
 
 def _invert(chain: Chain, latents: torch.Tensor, start: int, task: str) -> torch.Tensor:
@@ -107,45 +60,6 @@ def _encoded(pipe: Pipeline, decode: VAEDecoder, image: torch.Tensor) -> torch.T
     return decode.encode(image).to(next(pipe.denoiser.parameters()).dtype)
 
 
-def _replay(generator: torch.Generator) -> torch.Generator:
-    """A copy of ``generator`` at its current state: the unoptimized sample then draws the same solver noise as
-    every optimization iteration (stochastic schedulers such as LCM), so 'before' is iteration 0's sample."""
-    copy = torch.Generator()
-    copy.set_state(generator.get_state())
-    return copy
-
-
-def _before(chain, latent, start, decode, generator=None) -> tuple[torch.Tensor, torch.Tensor]:
-    """The unoptimized sample: in latent space, and decoded."""
-    with torch.no_grad():
-        x0 = sample(chain, latent, start=start, generator=generator)
-        return x0, decode(x0).float()
-
-
-def _optimize(chain, latent, start, objective, decode, strategy, iterations, lr, progress, constraint=None,
-              generator=None, **options) -> tuple:
-    """(decoded best sample, the optimization) of ``objective`` on decoded images; ``options``: optimize_latent's
-    optimizer and step_rule."""
-    result = optimize_latent(chain, latent, decoded(objective, decode), strategy=strategy, start=start,
-                             iterations=iterations, lr=lr, constraint=constraint, progress=progress,
-                             generator=generator, **options)
-    with torch.no_grad():
-        return decode(result.best_sample).float(), result
-
-
-def _noise_latent(pipe: Pipeline, chain: Chain, start: int, generator: torch.Generator) -> torch.Tensor:
-    """Noise run (without a graph) from x_T to step ``start``: the latent the generation tasks optimize. x_T,
-    then the noise of stochastic steps before ``start``, come from ``generator``."""
-    channels = pipe.denoiser.config.in_channels
-    side = pipe.image_size // 2 ** (len(pipe.vae.config.block_out_channels) - 1)
-    dtype = next(pipe.denoiser.parameters()).dtype
-    x = (torch.randn(1, channels, side, side, generator=generator) * chain.init_noise_sigma).to(pipe.device, dtype)
-    if start == 0:
-        return x
-    with torch.no_grad():
-        return sample(chain, x, stop=start, generator=generator)
-
-
 def edit(pipe: Pipeline, clip, clip_tokenizer, image: torch.Tensor, prompt: str, *, lam: float = 0.7,
          start_t: int = 600, steps: int = 50, guidance_scale: float = 1.0, scheduler: str | None = None,
          strategy="sdo", iterations: int = 50, lr: float = 0.01, checkpoint_vae: bool = False,
@@ -154,7 +68,7 @@ def edit(pipe: Pipeline, clip, clip_tokenizer, image: torch.Tensor, prompt: str,
     ``CLIP(x0, prompt) + lam * |x0 - image|_1`` over that latent. The inversion needs a deterministic one-step
     scheduler: a ValueError says to pass ``scheduler="ddim"`` for LCM or 2nd-order DPM-Solver++.
     ``callback(iteration, x0, loss)``: :func:`~sdo.optimize_latent`'s (True stops early)."""
-    chain = _chain(pipe, prompt, steps, guidance_scale, scheduler)
+    chain = task_chain(pipe, prompt, steps, guidance_scale, scheduler)
     start = step_at(chain, start_t)
     decode = VAEDecoder(pipe.vae, checkpoint=checkpoint_vae)
     image = image.to(pipe.device)
@@ -162,12 +76,12 @@ def edit(pipe: Pipeline, clip, clip_tokenizer, image: torch.Tensor, prompt: str,
     latent = _invert(chain, latents, start, "edit")
     clip_term = CLIPTextSimilarity(clip, prompt, clip_tokenizer)
     objective = WeightedSum([(1.0, clip_term), (lam, Fidelity(image.float()))])
-    x0_before, before = _before(chain, latent, start, decode)
-    after, result = _optimize(chain, latent, start, objective, decode, strategy, iterations, lr, progress,
-                              callback=callback)
+    x0_before, before = sample_before(chain, latent, start, decode)
+    after, result = optimize_decoded(chain, latent, start, objective, decode, strategy, iterations, lr, progress,
+                                     callback=callback)
     round_trip = (x0_before - latents).flatten(1).norm(dim=1) / latents.flatten(1).norm(dim=1)
     metrics = {
-        **_where(chain, start),
+        **where(chain, start),
         "inversion_round_trip_error": float(round_trip.max()),  # as sdo.round_trip_error, in latent space
         "clip_similarity_before": float(1 - clip_term(before).mean()),
         "clip_similarity_after": float(1 - clip_term(after).mean()),
@@ -183,16 +97,16 @@ def style(pipe: Pipeline, clip, reference: torch.Tensor, prompt: str, *, layer: 
           progress: bool = True) -> TaskResult:
     """Style-guided generation (Eq. 24): from the latent at the step nearest ``start_t`` of a generation for
     ``prompt``, minimize the Gram-matrix distance to ``reference`` on CLIP's ``layer``-th vision layer."""
-    chain = _chain(pipe, prompt, steps, guidance_scale, scheduler)
+    chain = task_chain(pipe, prompt, steps, guidance_scale, scheduler)
     start = step_at(chain, start_t)
     decode = VAEDecoder(pipe.vae, checkpoint=checkpoint_vae)
     objective = CLIPGramStyle(clip, reference.to(pipe.device).float(), layer=layer)
     gen = torch.Generator().manual_seed(seed)
-    latent = _noise_latent(pipe, chain, start, gen)
-    _, before = _before(chain, latent, start, decode, _replay(gen))
-    after, result = _optimize(chain, latent, start, objective, decode, strategy, iterations, lr, progress,
-                              generator=gen)
-    metrics = {**_where(chain, start),
+    latent = noise_latent(pipe, chain, start, gen)
+    _, before = sample_before(chain, latent, start, decode, replay(gen))
+    after, result = optimize_decoded(chain, latent, start, objective, decode, strategy, iterations, lr, progress,
+                                     generator=gen)
+    metrics = {**where(chain, start),
                "style_loss_before": float(objective(before).mean()), "style_loss_after": float(objective(after).mean())}
     return TaskResult(before, after, result, metrics)
 
@@ -204,19 +118,19 @@ def aesthetic(pipe: Pipeline, clip, head: str | Path, prompt: str, *, image: tor
     """Aesthetic enhancement (Eq. 25): minimize ``|a(x0) - 10|`` for a LAION-style head on CLIP, from a
     generation for ``prompt`` or from a real ``image`` inverted to the step nearest ``start_t`` (which needs a
     deterministic one-step scheduler, as :func:`edit` does)."""
-    chain = _chain(pipe, prompt, steps, guidance_scale, scheduler)
+    chain = task_chain(pipe, prompt, steps, guidance_scale, scheduler)
     start = step_at(chain, start_t)
     decode = VAEDecoder(pipe.vae, checkpoint=checkpoint_vae)
     scorer = AestheticScore.from_file(clip, head)
     gen = torch.Generator().manual_seed(seed)
     if image is None:
-        latent = _noise_latent(pipe, chain, start, gen)
+        latent = noise_latent(pipe, chain, start, gen)
     else:
         latent = _invert(chain, _encoded(pipe, decode, image.to(pipe.device)), start, "aesthetic")
-    _, before = _before(chain, latent, start, decode, _replay(gen))
-    after, result = _optimize(chain, latent, start, scorer, decode, strategy, iterations, lr, progress,
-                              generator=gen)
-    metrics = {**_where(chain, start),
+    _, before = sample_before(chain, latent, start, decode, replay(gen))
+    after, result = optimize_decoded(chain, latent, start, scorer, decode, strategy, iterations, lr, progress,
+                                     generator=gen)
+    metrics = {**where(chain, start),
                "aesthetic_before": float(scorer.score(before).mean()),
                "aesthetic_after": float(scorer.score(after).mean())}
     return TaskResult(before, after, result, metrics)
@@ -236,25 +150,25 @@ def adversarial(pipe: Pipeline, classifier, prompt: str, *, target: int | None =
     if target is not None:  # a classifier without num_labels (any callable) is checked by its own indexing
         classes = getattr(classifier, "num_labels", None)
         check_int("target", target, minimum=0, maximum=None if classes is None else classes - 1)
-    chain = _chain(pipe, prompt, steps, guidance_scale, scheduler)
+    chain = task_chain(pipe, prompt, steps, guidance_scale, scheduler)
     start = 0 if start_t is None else step_at(chain, start_t)
     decode = VAEDecoder(pipe.vae, checkpoint=checkpoint_vae)
     gen = torch.Generator().manual_seed(seed)
-    latent = _noise_latent(pipe, chain, start, gen)
-    _, before = _before(chain, latent, start, decode, _replay(gen))
+    latent = noise_latent(pipe, chain, start, gen)
+    _, before = sample_before(chain, latent, start, decode, replay(gen))
     with torch.no_grad():
         label = classifier(before.clamp(-1, 1)).argmax(-1)
     if target is None:
         objective = Clamped(ClassifierMargin(classifier, label))
     else:
         objective = Clamped(ClassifierCrossEntropy(classifier, torch.full_like(label, int(target))))
-    after, result = _optimize(chain, latent, start, objective, decode, strategy, iterations, lr, progress,
-                              constraint=LinfBall(tau), generator=gen, optimizer=optimizer, step_rule=step_rule,
-                              callback=callback)
+    after, result = optimize_decoded(chain, latent, start, objective, decode, strategy, iterations, lr, progress,
+                                     constraint=LinfBall(tau), generator=gen, optimizer=optimizer, step_rule=step_rule,
+                                     callback=callback)
     with torch.no_grad():
         label_after = classifier(after.clamp(-1, 1)).argmax(-1)
     success = label_after != label if target is None else label_after == int(target)
-    metrics = {**_where(chain, start), "label_before": label.tolist(),
+    metrics = {**where(chain, start), "label_before": label.tolist(),
                "label_after": label_after.tolist(), "success": success.tolist(),
                "max_abs_latent_change": float((result.latent - latent).abs().max())}
     return TaskResult(before, after, result, metrics)
@@ -297,15 +211,15 @@ def edit_digits(image: torch.Tensor, prompt: str | Sequence[str], *, lam: float 
     fidelity = Fidelity(image)
     objective = WeightedSum([(1.0, clip_term), (lam, fidelity)])
     identity = lambda x: x
-    before_x0, before = _before(chain, latent, start, identity)
-    after, result = _optimize(chain, latent, start, objective, identity, strategy, iterations, lr, progress,
-                              callback=callback)
+    before_x0, before = sample_before(chain, latent, start, identity)
+    after, result = optimize_decoded(chain, latent, start, objective, identity, strategy, iterations, lr, progress,
+                                     callback=callback)
     with torch.no_grad():
         labels = {name: models.classifier(x.clamp(-1, 1)).argmax(-1).tolist()
                   for name, x in (("image", image), ("before", before), ("after", after))}
     stats = {name: ink_statistics(x.cpu()) for name, x in (("image", image), ("before", before), ("after", after))}
     metrics = {
-        **_where(chain, start), "lambda": lam,
+        **where(chain, start), "lambda": lam,
         "inversion_round_trip_error": float(((before_x0 - image).flatten(1).norm(dim=1)
                                              / image.flatten(1).norm(dim=1)).max()),
         "clip_similarity_before": (1 - clip_term(before)).tolist(),

@@ -20,7 +20,7 @@ from ..chain import Chain
 from ..checks import UsageError, check_int, check_number
 from ..latent import NormPrior, ProbabilityRegularizer
 from ..objectives.rewards import digits_reward
-from .latent_tasks import TaskResult, _before, _chain, _noise_latent, _optimize, _replay
+from .runs import TaskResult, noise_latent, optimize_decoded, replay, sample_before, task_chain
 
 __all__ = ["REGULARIZERS", "noise_regularizer", "noise_statistics", "optimize_noise", "optimize_noise_digits"]
 
@@ -88,9 +88,9 @@ def optimize_noise_digits(reward: str = "class", target: int = 3, *, count: int 
         return -score(x0, [models.null_class] * x0.shape[0])
 
     identity = lambda x: x
-    _, before = _before(chain, noise, 0, identity)
-    after, result = _optimize(chain, noise, 0, objective, identity, strategy, iterations, lr, progress,
-                              regularizer=penalty)
+    _, before = sample_before(chain, noise, 0, identity)
+    after, result = optimize_decoded(chain, noise, 0, objective, identity, strategy, iterations, lr, progress,
+                                     regularizer=penalty)
     with torch.no_grad():
         metrics = {"reward": reward, "target": target, "steps": steps, **_settings(regularizer, weight)}
         for name, images in (("before", before), ("after", after)):
@@ -114,19 +114,19 @@ def optimize_noise(pipe: Pipeline, reward: Callable, prompt: str, *, steps: int 
     in the graph. Metrics: the reward of the first sample and of the best one, and :func:`noise_statistics` of the
     noise before the first update and after the last."""
     _common(iterations, lr, 1)
-    chain = _chain(pipe, prompt, check_int("steps", steps, minimum=1), guidance_scale, scheduler)
+    chain = task_chain(pipe, prompt, check_int("steps", steps, minimum=1), guidance_scale, scheduler)
     scale = float(chain.init_noise_sigma)
     penalty = noise_regularizer(regularizer, weight, scale)
     generator = torch.Generator().manual_seed(seed)
-    noise = _noise_latent(pipe, chain, 0, generator)
+    noise = noise_latent(pipe, chain, 0, generator)
     decode = VAEDecoder(pipe.vae, checkpoint=checkpoint_vae)
 
     def objective(images):
         return -reward(images, [prompt] * images.shape[0]).float()
 
-    _, before = _before(chain, noise, 0, decode, _replay(generator))
-    after, result = _optimize(chain, noise, 0, objective, decode, strategy, iterations, lr, progress,
-                              generator=generator, regularizer=penalty)
+    _, before = sample_before(chain, noise, 0, decode, replay(generator))
+    after, result = optimize_decoded(chain, noise, 0, objective, decode, strategy, iterations, lr, progress,
+                                     generator=generator, regularizer=penalty)
     with torch.no_grad():
         metrics = {"steps": steps, **_settings(regularizer, weight),
                    "reward_before": reward(before, [prompt]).tolist(), "reward_after": reward(after, [prompt]).tolist()}
