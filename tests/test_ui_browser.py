@@ -83,6 +83,10 @@ def _shot(driver, name, tmp_path):
 def test_an_edit_by_two_strategies_shows_both_results(page, tmp_path):
     driver, url, out = page
     _open(driver, url)
+    digit = lambda: driver.find_element(By.CSS_SELECTOR, "#edit-digit input").get_attribute("value")
+    _wait(lambda: len(driver.find_elements(By.CSS_SELECTOR, "#edit-gallery img")) == 40, 30, "the gallery")
+    driver.find_elements(By.CSS_SELECTOR, "#edit-gallery img")[5].click()  # picks held-out digit 5
+    _wait(lambda: digit() == "5", 30, "the picked digit")
     _type(driver, "#edit-iterations input", "3")
     driver.find_element(By.ID, "edit-run").click()
     _wait(lambda: _status(driver).startswith("running"), 120, "the run to report progress")
@@ -93,6 +97,7 @@ def test_an_edit_by_two_strategies_shows_both_results(page, tmp_path):
     assert "sdo" in table and "full" in table
     runs = sorted(out.glob("edit-*.zip"))
     assert runs and {p.name for p in runs[-1].with_suffix("").iterdir()} == {"sdo", "full"}
+    assert json.loads((runs[-1].with_suffix("") / "sdo" / "metrics.json").read_text())["settings"]["digit"] == 5
     _shot(driver, "edit", tmp_path)
 
 
@@ -260,6 +265,7 @@ def test_a_pipeline_page_edits_an_uploaded_image(pipeline_page, tmp_path):
     picture = tmp_path / "in.png"
     Image.fromarray(np.random.default_rng(0).integers(0, 256, (16, 16, 3), dtype=np.uint8)).save(picture)
     _open(driver, url)
+    assert not driver.find_elements(By.ID, "edit-gallery")  # the digits are not offered: a pipeline edits an upload
     driver.find_element(By.CSS_SELECTOR, "#edit-upload input[type=file]").send_keys(str(picture))
     _wait(lambda: driver.find_elements(By.CSS_SELECTOR, "#edit-upload img"), 30, "the upload")
     _type(driver, "#edit-iterations input", "2")

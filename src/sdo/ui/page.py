@@ -268,8 +268,9 @@ def build_app(output: Path, device: str = "cpu", model: str | None = None, clip:
                 with gr.Column(scale=1):
                     gallery = gr.Gallery([(_picture(choices[i : i + 1], 4), str(i)) for i in range(len(choices))],
                                          label="held-out digits (click one)", columns=8, height=260,
-                                         elem_id="edit-gallery", allow_preview=False)
-                    digit = gr.Number(3, label="held-out digit (0-296)", precision=0, elem_id="edit-digit")
+                                         elem_id="edit-gallery", allow_preview=False, visible=pipeline is None)
+                    digit = gr.Number(3, label="held-out digit (0-296)", precision=0, elem_id="edit-digit",
+                                      visible=pipeline is None)  # a pipeline edits an uploaded image
                     upload = gr.Image(type="filepath", label="or upload an image", elem_id="edit-upload", height=160)
                 with gr.Column(scale=1):
                     prompt = gr.Textbox("a thick 8", label="the edit", elem_id="edit-prompt")
