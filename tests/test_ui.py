@@ -245,6 +245,9 @@ def test_cost_on_a_pipeline_times_its_denoiser(pipeline_folder, tmp_path):
     assert len(found["images"]) == 3
     with pytest.raises(sdo.UsageError, match="neither unet/config.json nor transformer/config.json"):
         denoiser_config(tmp_path)
+    (tmp_path / "sd3" / "transformer").mkdir(parents=True)  # SD3, PixArt and FLUX folders hold a transformer
+    (tmp_path / "sd3" / "transformer" / "config.json").write_text("{}")
+    assert denoiser_config(tmp_path / "sd3") == tmp_path / "sd3" / "transformer" / "config.json"
 
 
 def test_tune_on_a_pipeline_runs_sdo_finetune_over_prompts(pipeline_folder, clip, tokenizer, tmp_path):
