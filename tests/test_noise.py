@@ -118,7 +118,8 @@ def test_sdo_noise_on_the_digits(tmp_path, regularizer):
     assert all(a >= b - 1e-5 for a, b in zip(metrics["reward_after"], metrics["reward_before"], strict=True))
     for key in ("judge_target", "judge_rejected", "classifier_target", "norm_ratio", "dno_penalty", "reno_penalty"):
         assert f"{key}_before" in metrics and f"{key}_after" in metrics
-    assert len(metrics["penalties"]) == (3 if regularizer == "dno" else 0)
+    assert len(metrics.get("penalties", [])) == (3 if regularizer == "dno" else 0)  # written when a penalty ran
+    assert metrics["command"] == "noise" and "prompt" not in metrics  # the digits take no prompt
     assert metrics["reg_weight"] == (1.0 if regularizer == "dno" else 0.0)
 
 
@@ -131,3 +132,4 @@ def test_sdo_noise_on_a_pipeline_with_weighted_rewards(pipeline_folder, clip, to
                     "--iterations", "2", "--regularizer", "reno"], tmp_path)
     assert metrics["reward_after"][0] >= metrics["reward_before"][0] - 1e-4
     assert len(metrics["penalties"]) == 2 and metrics["reg_weight"] == 0.01
+    assert metrics["prompt"] == "a red square"

@@ -126,12 +126,17 @@ def test_a_stopped_training_keeps_its_checkpoint_and_resumes(tmp_path):
 
 
 def test_read_run_refuses_a_folder_that_is_not_a_run(tmp_path):
+    """A missing folder and one that holds no run are refused; a run's partial last record is not read."""
     from sdo.ui.tune import read_run
 
     with pytest.raises(sdo.UsageError, match="no such run folder"):
         read_run(tmp_path / "missing")
     with pytest.raises(sdo.UsageError, match="holds no sdo finetune run"):
         read_run(tmp_path)
+    # a run being written: the last line is not complete yet, and is left for the next read
+    (tmp_path / "metrics.jsonl").write_text('{"update": 1, "reward_mean": 0.5}\n{"update": 2, "rew')
+    with pytest.warns(UserWarning, match="line 2: dropped a partial record"):
+        assert [r["update"] for r in read_run(tmp_path)["records"]] == [1]
 
 
 def test_attack_rows_match_the_recipe_and_cancel_skips_the_rest(tmp_path):
@@ -308,4 +313,4 @@ def test_the_command_serves_the_page_on_this_machine_and_ctrl_c_stops_it(tmp_pat
     finally:
         process.send_signal(signal.SIGINT)
         process.wait(60)
-    assert process.returncode is not None
+    assert process.returncode == 0  # Gradio closes the server on Ctrl-C and the command returns

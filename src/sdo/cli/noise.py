@@ -100,7 +100,7 @@ def _check(args):
 def run_noise(args) -> None:
     import torch
 
-    from .. import backbones, report
+    from .. import backbones
     from ..recipes.noise import optimize_noise, optimize_noise_digits
 
     strategy = _check(args)
@@ -118,18 +118,9 @@ def run_noise(args) -> None:
         result = optimize_noise(pipe, reward, args.prompt, steps=args.steps or 4, guidance_scale=args.guidance_scale,
                                 scheduler=args.scheduler, checkpoint_vae=args.checkpoint_vae, **common)
         title = args.prompt
-    out = args.output
-    report.save_grid([("before", result.before), ("after", result.after)], out / "before_after.png",
-                     title=f"{title}, regularizer {args.regularizer}")
-    curves = {"loss (minus the reward)": result.optimization.losses}
-    if result.optimization.penalties:
-        curves[f"{args.regularizer} penalty"] = result.optimization.penalties
-    report.plot_curves(curves, out / "loss.png", "sdo noise", "iteration", "value")
-    metrics = {"command": "noise", **result.metrics, "losses": result.optimization.losses,
-               "penalties": result.optimization.penalties, "seconds": result.optimization.seconds,
-               "settings": {k: getattr(args, k) for k in ("reward", "target", "count", "model", "prompt", "steps",
-                                                          "iterations", "lr", "strategy", "regularizer",
-                                                          "reg_weight", "seed")}}
-    (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+    settings = {k: getattr(args, k) for k in ("reward", "target", "count", "model", "prompt", "steps", "iterations",
+                                               "lr", "strategy", "regularizer", "reg_weight", "seed")}
+    metrics = result.save(args.output, "noise", args.prompt, "loss (minus the reward)", settings,
+                          title=f"{title}, regularizer {args.regularizer}")
     print(json.dumps({k: v for k, v in metrics.items() if k not in ("losses", "penalties")}, indent=2))
-    print(f"wrote {out}/before_after.png, loss.png and metrics.json")
+    print(f"wrote {args.output}/before_after.png, loss.png and metrics.json")

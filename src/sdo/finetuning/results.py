@@ -30,8 +30,8 @@ def run_files(output) -> list[str]:
 
 
 def read_metrics(path: Path, upto: int) -> list[dict]:
-    """The records of ``path`` up to update ``upto``. A partial last line (a kill while writing it) is dropped
-    with a warning; any other line that is not a record is a :class:`UsageError`."""
+    """The records of ``path`` up to update ``upto``. A partial last line (a kill while writing it, or a run still
+    writing it) is dropped with a warning; any other line that is not a record is a :class:`UsageError`."""
     if not path.is_file():
         return []
     lines = [(n, line) for n, line in enumerate(path.read_text(errors="replace").splitlines(), 1) if line.strip()]
@@ -41,8 +41,8 @@ def read_metrics(path: Path, upto: int) -> list[dict]:
             record = json.loads(line)
         except json.JSONDecodeError as error:
             if n == lines[-1][0]:
-                warnings.warn(f"{path}, line {n}: dropped a partial record (a run killed while writing it)",
-                              stacklevel=2)
+                warnings.warn(f"{path}, line {n}: dropped a partial record (a run killed while writing it, or "
+                              "still writing it)", stacklevel=2)
                 continue
             raise UsageError(f"{path}, line {n}: not a JSON record ({error.msg}); fix or delete the line") from None
         if not isinstance(record, dict) or not isinstance(record.get("update"), int):

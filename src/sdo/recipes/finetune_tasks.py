@@ -122,6 +122,7 @@ def pipeline_task(pipe, prompts: Sequence[str], reward, guidance_scale: float = 
     channels = pipe.denoiser.config.in_channels
     side = pipe.image_size // 2 ** (len(pipe.vae.config.block_out_channels) - 1)
     chosen = task_scheduler(pipe.scheduler, scheduler)
+
     def describe(images: torch.Tensor, batch: list) -> dict:
         with torch.no_grad():
             return {"judge_reward": float(judge(images, list(batch)).float().mean())}

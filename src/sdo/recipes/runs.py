@@ -38,20 +38,26 @@ class TaskResult:
     optimization: LatentResult
     metrics: dict = field(default_factory=dict)
 
-    def save(self, out: Path, command: str, title: str, curve: str, settings: dict) -> dict:
-        """Write what a task command writes into the folder ``out``: ``before_after.png`` (titled ``title``),
-        ``loss.png`` (the loss curve, labelled ``curve``) and ``metrics.json`` (the metrics, the losses, the seconds
+    def save(self, out: Path, command: str, prompt: str | None, curve: str, settings: dict,
+             title: str | None = None) -> dict:
+        """Write what a task command writes into the folder ``out``: ``before_after.png`` (titled ``title``, by
+        default ``prompt``), ``loss.png`` (the loss curve, labelled ``curve``, and a regularizer's penalty beside it)
+        and ``metrics.json`` (the prompt if there is one, the metrics, the losses, the penalties if any, the seconds
         and ``settings``); returns those metrics."""
         import json
 
         from .. import report
 
-        report.save_grid([("before", self.before), ("after", self.after)], out / "before_after.png", title=title)
-        report.plot_curves({curve: self.optimization.losses}, out / "loss.png", f"sdo {command}", "iteration", "loss")
-        metrics = {"command": command, "prompt": title, **self.metrics, "losses": self.optimization.losses,
-                   "seconds": self.optimization.seconds, "settings": settings}
-        if self.optimization.picard_runs:
-            metrics["picard_sweeps"] = [sweeps for sweeps, _ in self.optimization.picard_runs]
+        run = self.optimization
+        report.save_grid([("before", self.before), ("after", self.after)], out / "before_after.png",
+                         title=title or prompt)
+        curves = {curve: run.losses, **({"penalty (the regularizer)": run.penalties} if run.penalties else {})}
+        report.plot_curves(curves, out / "loss.png", f"sdo {command}", "iteration", "loss")
+        metrics = {"command": command, **({"prompt": prompt} if prompt is not None else {}), **self.metrics,
+                   "losses": run.losses, **({"penalties": run.penalties} if run.penalties else {}),
+                   "seconds": run.seconds, "settings": settings}
+        if run.picard_runs:
+            metrics["picard_sweeps"] = [sweeps for sweeps, _ in run.picard_runs]
         (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
         return metrics
 

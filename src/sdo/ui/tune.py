@@ -6,11 +6,13 @@ every update, so that stopping keeps the last one), and what a run folder holds,
 from __future__ import annotations
 
 import json
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
 from ..checks import UsageError, check_int, check_text
 from ..finetuning.config import FinetuneConfig, methods
+from ..finetuning.results import read_metrics, run_files
 
 __all__ = ["PIPELINE_COUNTS", "TARGET_MODULES", "TuneRequest", "read_run", "tune_command"]
 
@@ -76,19 +78,12 @@ def read_run(folder: str | Path) -> dict:
     folder = Path(folder)
     if not folder.is_dir():
         raise UsageError(f"{folder}: no such run folder", "folder")
-    metrics = folder / "metrics.jsonl"
-    records = []
-    if metrics.is_file():
-        for line in metrics.read_text().splitlines():
-            try:
-                records.append(json.loads(line))
-            except ValueError:  # a line being written
-                break
+    if not run_files(folder):
+        raise UsageError(f"{folder} holds no sdo finetune run (no checkpoints, metrics.jsonl, config.json, "
+                         "summary.json or lora)", "folder")
+    records = read_metrics(folder / "metrics.jsonl", sys.maxsize)  # all of them; a line being written is dropped
     grids = sorted((folder / "samples").glob("step-*.png")) if (folder / "samples").is_dir() else []
     summary = folder / "summary.json"
-    if not records and not (folder / "config.json").is_file() and not summary.is_file():
-        raise UsageError(f"{folder} holds no sdo finetune run (no metrics.jsonl, config.json or summary.json)",
-                         "folder")
     guard = next((r["guard"] for r in reversed(records) if "guard" in r), None)
     return {"records": records, "samples": grids[-1] if grids else None, "guard": guard,
             "summary": json.loads(summary.read_text()) if summary.is_file() else None,
